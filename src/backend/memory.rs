@@ -1,0 +1,219 @@
+//! Locks in this process's memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Acquire, BackendFuture, Extend, LockBackend, LockName, LockToken, Release};
+
+/// In-process locks with the same semantics as [`RedisBackend`](super::RedisBackend): random
+/// tokens, expiry, compare-and-delete, compare-and-expire and fencing tokens.
+///
+/// For single-instance apps, demos, and your own tests. Clones share the same locks. Expired locks
+/// are purged as the map grows, so memory stays proportional to the locks actually held. Fencing
+/// tokens come from one counter for the whole backend, so they only grow, per key and overall,
+/// for as long as the process lives.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use tower_lock::backend::{Acquire, LockBackend, LockToken, MemoryBackend};
+///
+/// let backend = MemoryBackend::new();
+/// let name = tower_lock::LockLayer::new(backend.clone(), tower_lock::key::Global::new("job"))
+///     .lock_name(&tower_lock::key::LockKey::new("job"));
+/// let first = backend.acquire(&name, LockToken::random(), Duration::from_secs(5)).await.unwrap();
+/// assert!(matches!(first, Acquire::Acquired { .. }));
+/// let second = backend.acquire(&name, LockToken::random(), Duration::from_secs(5)).await.unwrap();
+/// assert!(matches!(second, Acquire::Held { .. }));
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MemoryBackend {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    locks: HashMap<LockName, Entry>,
+    last_fencing_token: u64,
+    purge_at: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    token: LockToken,
+    expires_at: Instant,
+}
+
+/// Purge expired entries once the map reaches this size, then at twice the live count.
+const MIN_PURGE_AT: usize = 1024;
+
+impl MemoryBackend {
+    /// An empty backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many locks are held now (expired ones are not counted).
+    pub fn held(&self) -> usize {
+        let now = Instant::now();
+        self.with_state(|state| state.locks.values().filter(|e| e.expires_at > now).count())
+    }
+
+    /// How many entries the map stores, expired ones included (for memory-bound tests).
+    #[doc(hidden)]
+    pub fn stored(&self) -> usize {
+        self.with_state(|state| state.locks.len())
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        // A panic cannot leave `State` inconsistent (every update is a single insert or remove),
+        // so a poisoned mutex is still safe to use.
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl State {
+    fn live(&mut self, name: &LockName, now: Instant) -> Option<&mut Entry> {
+        self.locks
+            .get_mut(name)
+            .filter(|entry| entry.expires_at > now)
+    }
+
+    fn purge_if_due(&mut self, now: Instant) {
+        if self.locks.len() >= self.purge_at.max(MIN_PURGE_AT) {
+            self.locks.retain(|_, entry| entry.expires_at > now);
+            self.purge_at = self.locks.len().saturating_mul(2);
+        }
+    }
+}
+
+/// `now + ttl`, saturating at a year from now.
+fn far_future(now: Instant, ttl: Duration) -> Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now.checked_add(ttl.min(YEAR)).unwrap_or(now)
+}
+
+fn ready<T: Send + 'static>(value: T) -> BackendFuture<T> {
+    Box::pin(std::future::ready(Ok(value)))
+}
+
+impl LockBackend for MemoryBackend {
+    fn acquire(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Acquire> {
+        let now = Instant::now();
+        let outcome = self.with_state(|state| {
+            if let Some(holder) = state.live(name, now) {
+                return Acquire::Held {
+                    remaining: Some(holder.expires_at.saturating_duration_since(now)),
+                };
+            }
+            state.purge_if_due(now);
+            let expires_at = far_future(now, ttl);
+            state
+                .locks
+                .insert(name.clone(), Entry { token, expires_at });
+            state.last_fencing_token = state.last_fencing_token.saturating_add(1);
+            Acquire::Acquired {
+                fencing_token: state.last_fencing_token,
+            }
+        });
+        ready(outcome)
+    }
+
+    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
+        let now = Instant::now();
+        let outcome = self.with_state(|state| match state.live(name, now) {
+            Some(entry) if entry.token == token => {
+                state.locks.remove(name);
+                Release::Released
+            }
+            Some(_) => Release::HeldByOther,
+            None => {
+                state.locks.remove(name);
+                Release::Expired
+            }
+        });
+        ready(outcome)
+    }
+
+    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
+        let now = Instant::now();
+        let outcome = self.with_state(|state| match state.live(name, now) {
+            Some(entry) if entry.token == token => {
+                entry.expires_at = far_future(now, ttl);
+                Extend::Extended
+            }
+            _ => Extend::Lost,
+        });
+        ready(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(key: &str) -> LockName {
+        LockName::new("t:", key)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_locks_can_be_taken_and_are_not_released_by_their_old_holder() {
+        let backend = MemoryBackend::new();
+        let (old, new) = (LockToken::random(), LockToken::random());
+        let ttl = Duration::from_millis(100);
+        assert!(matches!(
+            backend.acquire(&name("a"), old, ttl).await.unwrap(),
+            Acquire::Acquired { fencing_token: 1 }
+        ));
+        tokio::time::advance(Duration::from_millis(150)).await;
+        assert_eq!(
+            backend.extend(&name("a"), old, ttl).await.unwrap(),
+            Extend::Lost
+        );
+        assert!(matches!(
+            backend.acquire(&name("a"), new, ttl).await.unwrap(),
+            Acquire::Acquired { fencing_token: 2 }
+        ));
+        assert_eq!(
+            backend.release(&name("a"), old).await.unwrap(),
+            Release::HeldByOther
+        );
+        assert_eq!(
+            backend.release(&name("a"), new).await.unwrap(),
+            Release::Released
+        );
+        assert_eq!(
+            backend.release(&name("a"), new).await.unwrap(),
+            Release::Expired
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_purged_so_memory_stays_bounded() {
+        let backend = MemoryBackend::new();
+        for i in 0..10_000 {
+            let key = format!("k{i}");
+            backend
+                .acquire(&name(&key), LockToken::random(), Duration::from_millis(10))
+                .await
+                .unwrap();
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert!(backend.stored() <= 2 * MIN_PURGE_AT, "{}", backend.stored());
+    }
+
+    #[tokio::test]
+    async fn huge_ttl_does_not_overflow() {
+        let backend = MemoryBackend::new();
+        let outcome = backend
+            .acquire(&name("a"), LockToken::random(), Duration::MAX)
+            .await
+            .unwrap();
+        assert!(matches!(outcome, Acquire::Acquired { .. }));
+        assert_eq!(backend.held(), 1);
+    }
+}

@@ -1,0 +1,225 @@
+//! Where locks live: the [`LockBackend`] trait and its implementations.
+//!
+//! - [`RedisBackend`]: one Redis primary, one shared multiplexed connection, one round trip per
+//!   acquire and per release.
+//! - [`MemoryBackend`]: in-process, same semantics; for single-instance apps, demos and tests.
+//!
+//! Every backend implements the same contract:
+//!
+//! - `acquire(name, token, ttl)` stores `token` under `name` only if nobody holds it, with expiry
+//!   `ttl`, and bumps the fencing counter of `name`; if someone holds it, it reports for how long.
+//! - `release(name, token)` deletes the lock only if it still holds `token` (compare-and-delete).
+//! - `extend(name, token, ttl)` resets the expiry only if it still holds `token`
+//!   (compare-and-expire).
+//!
+//! A backend failure is an `Err(BackendError)`, never confused with "held by someone else".
+//!
+//! The trait is designed to grow without breaking implementations: waiting for a release (pub/sub
+//! wake-ups), multi-key and counted (semaphore) locks will arrive as provided methods.
+
+mod memory;
+mod redis;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::memory::MemoryBackend;
+pub use self::redis::RedisBackend;
+
+/// The boxed future every backend operation returns. `'static` so that a release can be spawned
+/// from a `Drop`.
+pub type BackendFuture<T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'static>>;
+
+/// A store of locks. See the [module docs](self) for the contract.
+pub trait LockBackend: Clone + Send + Sync + 'static {
+    /// Tries to take `name` for `token` for `ttl`. One round trip on networked backends.
+    fn acquire(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Acquire>;
+
+    /// Releases `name` if (and only if) it still holds `token`.
+    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release>;
+
+    /// Resets the expiry of `name` to `ttl` if (and only if) it still holds `token`.
+    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend>;
+}
+
+/// The outcome of [`LockBackend::acquire`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acquire {
+    /// The lock is ours. `fencing_token` is larger than every token handed out before for this
+    /// name (see the README's "Fencing" section for when that holds).
+    Acquired {
+        /// The fencing token of this acquisition.
+        fencing_token: u64,
+    },
+    /// Someone else holds the lock.
+    Held {
+        /// How long the holder's lease has left, when the backend knows (`None` for a lock stored
+        /// without expiry by someone else).
+        remaining: Option<Duration>,
+    },
+}
+
+/// The outcome of [`LockBackend::release`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Our lock was deleted.
+    Released,
+    /// The lock had already expired; nothing was deleted.
+    Expired,
+    /// The lock had expired and someone else took it; theirs was left alone.
+    HeldByOther,
+}
+
+/// The outcome of [`LockBackend::extend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extend {
+    /// Our lease was extended.
+    Extended,
+    /// The lock is gone or held by someone else: our lease is lost.
+    Lost,
+}
+
+/// The full name of a lock in a backend: namespace, hash-tagged key, and the name of its fencing
+/// counter. Cheap to clone.
+///
+/// For key `account:42` in namespace `tower-lock:` the lock is `tower-lock:{account:42}` and its
+/// fencing counter `tower-lock:{account:42}:fence`: both in the same Redis Cluster hash slot.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LockName(Arc<Names>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct Names {
+    lock: String,
+    fence: String,
+}
+
+impl LockName {
+    /// The name for `key` (already escaped and bounded) in `namespace`.
+    pub(crate) fn new(namespace: &str, key: &str) -> Self {
+        let lock = format!("{namespace}{{{key}}}");
+        let fence = format!("{lock}:fence");
+        Self(Arc::new(Names { lock, fence }))
+    }
+
+    /// The name of the lock itself.
+    pub fn lock_key(&self) -> &str {
+        &self.0.lock
+    }
+
+    /// The name of the lock's fencing counter.
+    pub fn fence_key(&self) -> &str {
+        &self.0.fence
+    }
+
+    /// A short, stable fingerprint of the name, for logs that must not carry key material.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.0.lock.as_bytes());
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for LockName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LockName")
+            .field(&self.fingerprint())
+            .finish()
+    }
+}
+
+/// 128 random bits identifying one acquisition. Only the holder of the token can release or
+/// extend the lock.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LockToken(u128);
+
+impl LockToken {
+    /// A fresh token from the thread-local CSPRNG.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// The token as 32 lowercase hex digits, as stored in Redis.
+    pub fn to_hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print a full token: it is a capability to release someone's lock.
+        write!(f, "LockToken({:08x}…)", (self.0 >> 96) as u32)
+    }
+}
+
+/// A backend failure: unreachable, timed out, or an unexpected reply. Distinct from "held".
+#[derive(Debug, Clone)]
+pub struct BackendError {
+    kind: BackendErrorKind,
+    message: Arc<str>,
+}
+
+/// What kind of failure a [`BackendError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// The operation did not finish within its timeout.
+    Timeout,
+    /// The backend could not be reached or answered with an error.
+    Unavailable,
+    /// The backend answered something this crate does not understand.
+    Protocol,
+}
+
+impl BackendError {
+    /// A new error of `kind`.
+    pub fn new(kind: BackendErrorKind, message: impl fmt::Display) -> Self {
+        Self {
+            kind,
+            message: message.to_string().into(),
+        }
+    }
+
+    pub(crate) fn timeout(what: &str, after: Duration) -> Self {
+        Self::new(
+            BackendErrorKind::Timeout,
+            format_args!("{what} timed out after {after:?}"),
+        )
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> BackendErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_and_fence_share_a_hash_tag() {
+        let name = LockName::new("tower-lock:", "account:42");
+        assert_eq!(name.lock_key(), "tower-lock:{account:42}");
+        assert_eq!(name.fence_key(), "tower-lock:{account:42}:fence");
+    }
+
+    #[test]
+    fn tokens_are_unique_and_hex() {
+        let a = LockToken::random();
+        let b = LockToken::random();
+        assert_ne!(a, b);
+        assert_eq!(a.to_hex().len(), 32);
+        assert!(!format!("{a:?}").contains(&a.to_hex()));
+    }
+}

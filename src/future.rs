@@ -1,0 +1,363 @@
+//! [`ResponseFuture`]: acquire, call the inner service, release.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::runtime::Handle;
+use tokio::time::{Instant, Timeout};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tower_service::Service;
+
+use crate::backend::{
+    Acquire, BackendError, BackendErrorKind, BackendFuture, LockBackend, LockName, LockToken,
+    Release,
+};
+use crate::body::LockBody;
+use crate::guard::{LockGuard, report_release};
+use crate::key::{KeyRejection, LockKey};
+use crate::layer::{Core, LeaseLostPolicy};
+use crate::lease::{LockLease, Plan};
+use crate::response::Rejection;
+
+pin_project! {
+    /// The response future of [`LockService`](crate::LockService).
+    ///
+    /// Acquiring → calling the inner service → releasing. The lock is owned by a guard inside this
+    /// future (or, in hold-through-body mode, inside the response body), so it is released however
+    /// the future ends: completion, error, panic, or drop.
+    pub struct ResponseFuture<S, ReqB, B>
+    where
+        S: Service<Request<ReqB>>,
+        B: LockBackend,
+    {
+        core: Arc<Core<B>>,
+        #[pin]
+        state: State<S, ReqB, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqB, B>
+    where
+        S: Service<Request<ReqB>>,
+        B: LockBackend,
+    {
+        Acquiring {
+            #[pin]
+            acquire: Timeout<BackendFuture<Acquire>>,
+            pending: Option<Pending<S, ReqB>>,
+        },
+        Calling {
+            #[pin]
+            future: S::Future,
+            guard: Option<LockGuard<B>>,
+            // Set under `LeaseLostPolicy::Abort`: completes when the lease is lost.
+            #[pin]
+            lost: Option<WaitForCancellationFutureOwned>,
+        },
+        Releasing {
+            #[pin]
+            release: Timeout<BackendFuture<Release>>,
+            guard: Option<LockGuard<B>>,
+            output: Option<Outcome<S::Response, S::Error>>,
+        },
+        Rejected {
+            rejection: Option<Rejection>,
+        },
+        Done,
+    }
+}
+
+/// What an acquiring request carries until the lock is held.
+struct Pending<S, ReqB> {
+    inner: S,
+    request: Request<ReqB>,
+    name: LockName,
+    token: LockToken,
+    started: Instant,
+    runtime: Handle,
+}
+
+enum Outcome<R, E> {
+    Inner(Result<R, E>),
+    Rejected(Rejection),
+}
+
+impl<S, ReqB, B> ResponseFuture<S, ReqB, B>
+where
+    S: Service<Request<ReqB>>,
+    B: LockBackend,
+{
+    pub(crate) fn new(
+        core: Arc<Core<B>>,
+        key: Result<Option<LockKey>, KeyRejection>,
+        mut inner: S,
+        request: Request<ReqB>,
+    ) -> Self {
+        let state = match key {
+            Ok(None) => State::Calling {
+                future: inner.call(request),
+                guard: None,
+                lost: None,
+            },
+            Err(rejection) => {
+                tracing::debug!(%rejection, "request rejected: no lock key");
+                State::Rejected {
+                    rejection: Some(Rejection::InvalidKey(rejection)),
+                }
+            }
+            Ok(Some(key)) => match Handle::try_current() {
+                Ok(runtime) => {
+                    let name = core.config.lock_name(&key);
+                    let token = LockToken::random();
+                    let started = Instant::now();
+                    let acquire = tokio::time::timeout(
+                        core.config.acquire_timeout,
+                        core.backend.acquire(&name, token, core.config.ttl),
+                    );
+                    State::Acquiring {
+                        acquire,
+                        pending: Some(Pending {
+                            inner,
+                            request,
+                            name,
+                            token,
+                            started,
+                            runtime,
+                        }),
+                    }
+                }
+                Err(_) => State::Rejected {
+                    rejection: Some(Rejection::BackendUnavailable(BackendError::new(
+                        BackendErrorKind::Unavailable,
+                        "no Tokio runtime to run the lock backend on",
+                    ))),
+                },
+            },
+        };
+        Self { core, state }
+    }
+}
+
+impl<S, ReqB, ResB, B> Future for ResponseFuture<S, ReqB, B>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    B: LockBackend,
+{
+    type Output = Result<Response<LockBody<ResB>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let core: &Arc<Core<B>> = this.core;
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Acquiring { acquire, pending } => {
+                    let outcome = ready!(acquire.poll(cx));
+                    let Some(pending) = pending.take() else {
+                        unreachable!("the acquiring state always carries its request");
+                    };
+                    let next = acquired(core, pending, outcome);
+                    this.state.set(next);
+                }
+                StateProj::Calling {
+                    future,
+                    guard,
+                    lost,
+                } => {
+                    if let Some(lost) = lost.as_pin_mut()
+                        && lost.poll(cx).is_ready()
+                    {
+                        // Abort: drop the inner future, release (never touching another
+                        // holder's lock), then answer 503.
+                        let rejection = Rejection::LeaseLost;
+                        let next = match guard.take() {
+                            Some(guard) => release(guard, Outcome::Rejected(rejection)),
+                            None => State::Rejected {
+                                rejection: Some(rejection),
+                            },
+                        };
+                        this.state.set(next);
+                        continue;
+                    }
+                    let output = ready!(future.poll(cx));
+                    let Some(guard) = guard.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(output.map(|r| r.map(LockBody::inner)));
+                    };
+                    match output {
+                        Ok(response) if core.config.hold_through_body => {
+                            this.state.set(State::Done);
+                            let response =
+                                response.map(|body| LockBody::holding(body, Box::new(guard)));
+                            return Poll::Ready(Ok(response));
+                        }
+                        output if core.config.release_in_background => {
+                            drop(guard); // spawns the release
+                            this.state.set(State::Done);
+                            return Poll::Ready(output.map(|r| r.map(LockBody::inner)));
+                        }
+                        output => {
+                            let next = release(guard, Outcome::Inner(output));
+                            this.state.set(next);
+                        }
+                    }
+                }
+                StateProj::Releasing {
+                    release,
+                    guard,
+                    output,
+                } => {
+                    let released = ready!(release.poll(cx));
+                    if let Some(guard) = guard.take() {
+                        report_release(
+                            guard.lease(),
+                            released.map_err(|_| core.config.release_timeout),
+                        );
+                        guard.disarm();
+                    }
+                    let output = output.take();
+                    this.state.set(State::Done);
+                    return Poll::Ready(match output {
+                        Some(Outcome::Inner(output)) => output.map(|r| r.map(LockBody::inner)),
+                        Some(Outcome::Rejected(rejection)) => Ok(respond(core, rejection)),
+                        None => unreachable!("the releasing state always carries its output"),
+                    });
+                }
+                StateProj::Rejected { rejection } => {
+                    let rejection = rejection.take();
+                    this.state.set(State::Done);
+                    let Some(rejection) = rejection else {
+                        unreachable!("the rejected state always carries its rejection");
+                    };
+                    return Poll::Ready(Ok(respond(core, rejection)));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// The state after an acquire attempt finished.
+fn acquired<S, ReqB, B>(
+    core: &Arc<Core<B>>,
+    pending: Pending<S, ReqB>,
+    outcome: Result<Result<Acquire, BackendError>, tokio::time::error::Elapsed>,
+) -> State<S, ReqB, B>
+where
+    S: Service<Request<ReqB>>,
+    B: LockBackend,
+{
+    let config = &core.config;
+    let lock = || pending.name.fingerprint();
+    let error = match outcome {
+        Ok(Ok(Acquire::Acquired { fencing_token })) => {
+            return locked(core, pending, fencing_token);
+        }
+        Ok(Ok(Acquire::Held { remaining })) => {
+            tracing::debug!(lock = %lock(), ?remaining, "lock held by another request");
+            return State::Rejected {
+                rejection: Some(Rejection::Conflict { remaining }),
+            };
+        }
+        Ok(Err(error)) => error,
+        Err(_) => {
+            // The SET may have landed after we stopped waiting: delete it if it is ours.
+            let cleanup = core.backend.release(&pending.name, pending.token);
+            let timeout = config.release_timeout;
+            pending.runtime.spawn(async move {
+                let _ = tokio::time::timeout(timeout, cleanup).await;
+            });
+            BackendError::timeout("lock acquire", config.acquire_timeout)
+        }
+    };
+    if config.fail_open {
+        tracing::warn!(lock = %lock(), %error, "lock backend failed; calling the service unlocked (fail-open)");
+        let Pending {
+            mut inner, request, ..
+        } = pending;
+        return State::Calling {
+            future: inner.call(request),
+            guard: None,
+            lost: None,
+        };
+    }
+    tracing::warn!(lock = %lock(), %error, "lock backend failed; answering 503");
+    State::Rejected {
+        rejection: Some(Rejection::BackendUnavailable(error)),
+    }
+}
+
+/// The lock is ours: check its validity, start renewal, and call the inner service.
+fn locked<S, ReqB, B>(
+    core: &Arc<Core<B>>,
+    pending: Pending<S, ReqB>,
+    fencing_token: u64,
+) -> State<S, ReqB, B>
+where
+    S: Service<Request<ReqB>>,
+    B: LockBackend,
+{
+    let config = &core.config;
+    let Pending {
+        mut inner,
+        mut request,
+        name,
+        token,
+        started,
+        runtime,
+    } = pending;
+    let lease = LockLease::new(name, token, fencing_token);
+    let guard = LockGuard::new(core.clone(), lease.clone(), runtime.clone());
+    let validity = config.ttl.saturating_sub(started.elapsed());
+    if validity < config.min_validity() {
+        tracing::warn!(lock = %lease.name().fingerprint(), ?validity, "lock acquired with too little validity; releasing");
+        return release(
+            guard,
+            Outcome::Rejected(Rejection::InsufficientValidity { validity }),
+        );
+    }
+    tracing::debug!(lock = %lease.name().fingerprint(), fencing_token, "lock acquired");
+    let every = config.renewal_interval();
+    core.renewer.watch(
+        lease.clone(),
+        Plan {
+            ttl: config.ttl,
+            every,
+            renew_until: config.max_hold.and_then(|max| started.checked_add(max)),
+            valid_until: started + config.ttl,
+            timeout: config.acquire_timeout,
+        },
+        &runtime,
+    );
+    let lost = (config.lease_lost == LeaseLostPolicy::Abort).then(|| lease.lost_owned());
+    request.extensions_mut().insert(lease);
+    State::Calling {
+        future: inner.call(request),
+        guard: Some(guard),
+        lost,
+    }
+}
+
+fn release<S, ReqB, B>(
+    guard: LockGuard<B>,
+    output: Outcome<S::Response, S::Error>,
+) -> State<S, ReqB, B>
+where
+    S: Service<Request<ReqB>>,
+    B: LockBackend,
+{
+    State::Releasing {
+        release: guard.release(),
+        guard: Some(guard),
+        output: Some(output),
+    }
+}
+
+fn respond<B, ResB>(core: &Core<B>, rejection: Rejection) -> Response<LockBody<ResB>> {
+    core.config.respond(rejection).map(LockBody::rejection)
+}

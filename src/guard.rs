@@ -1,0 +1,98 @@
+//! The guard that owns a held lock and releases it on every way a request can end.
+
+use std::sync::Arc;
+
+use tokio::runtime::Handle;
+use tokio::time::Timeout;
+
+use crate::backend::{BackendError, BackendFuture, LockBackend, Release};
+use crate::layer::Core;
+use crate::lease::LockLease;
+
+/// Owns one held lock. Dropping it without [`LockGuard::disarm`] spawns the release on the
+/// runtime captured at acquisition (never `block_on`): that covers panics, dropped response
+/// futures (client disconnects, outer timeouts) and dropped response bodies.
+pub(crate) struct LockGuard<B: LockBackend> {
+    core: Arc<Core<B>>,
+    lease: LockLease,
+    runtime: Handle,
+    armed: bool,
+}
+
+impl<B: LockBackend> LockGuard<B> {
+    pub(crate) fn new(core: Arc<Core<B>>, lease: LockLease, runtime: Handle) -> Self {
+        Self {
+            core,
+            lease,
+            runtime,
+            armed: true,
+        }
+    }
+
+    pub(crate) fn lease(&self) -> &LockLease {
+        &self.lease
+    }
+
+    /// The compare-and-delete call, bounded by the release timeout. Stops renewal.
+    pub(crate) fn release(&self) -> Timeout<BackendFuture<Release>> {
+        self.lease.end();
+        tokio::time::timeout(
+            self.core.config.release_timeout,
+            self.core
+                .backend
+                .release(self.lease.name(), self.lease.token()),
+        )
+    }
+
+    /// The release has completed: nothing left to do on drop.
+    pub(crate) fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl<B: LockBackend> Drop for LockGuard<B> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.lease.end();
+        // Built here (no timer: `Drop` may run outside the runtime), awaited with its timeout on
+        // the runtime. If the runtime is shutting down, the lock expires with its TTL.
+        let release = self
+            .core
+            .backend
+            .release(self.lease.name(), self.lease.token());
+        let lease = self.lease.clone();
+        let timeout = self.core.config.release_timeout;
+        self.runtime.spawn(async move {
+            let outcome = tokio::time::timeout(timeout, release).await;
+            report_release(&lease, outcome.map_err(|_| timeout));
+        });
+    }
+}
+
+/// Traces what a release did.
+pub(crate) fn report_release(
+    lease: &LockLease,
+    outcome: Result<Result<Release, BackendError>, std::time::Duration>,
+) {
+    let lock = lease.name().fingerprint();
+    match outcome {
+        Ok(Ok(Release::Released)) => tracing::debug!(%lock, "lock released"),
+        Ok(Ok(Release::Expired)) => {
+            tracing::warn!(%lock, "lock had already expired when released")
+        }
+        Ok(Ok(Release::HeldByOther)) => tracing::warn!(
+            %lock,
+            "lock had expired and was taken by another request; left it alone"
+        ),
+        Ok(Err(error)) => {
+            tracing::warn!(%lock, %error, "lock release failed; it will expire with its TTL")
+        }
+        Err(after) => tracing::warn!(
+            %lock,
+            ?after,
+            "lock release timed out; it will expire with its TTL"
+        ),
+    }
+}

@@ -1,0 +1,222 @@
+//! Lock keys: what a request is locked on, and how it is extracted.
+//!
+//! A [`KeyExtractor`] looks at a request's head (method, URI, headers, extensions) and answers:
+//!
+//! - `Ok(Some(key))`: lock on `key` before calling the inner service;
+//! - `Ok(None)`: this request needs no lock, call the inner service directly;
+//! - `Err(rejection)`: the request cannot be keyed, answer **400** with a problem+json body.
+//!
+//! Closures with the right signature are extractors, and the built-ins in this module cover the
+//! usual sources: [`Header`], [`Query`], [`PathParam`], [`PathSegment`] and [`Global`], combined
+//! with [`KeyExtractorExt::and`].
+//!
+//! # Key hygiene
+//!
+//! User-controlled material (a header value, a query parameter) goes through [`LockKey::new`],
+//! which percent-escapes every byte that is not printable ASCII and every byte that has a meaning
+//! in our key layout (`%`, `:`, `{`, `}`, `#`). So material is binary-safe, two different inputs
+//! never produce the same key, and braces in user input can never choose a Redis Cluster hash slot.
+//! The layer adds the namespace (default `tower-lock:`) and replaces keys longer than its bound
+//! (default 256 bytes) with a SHA-256 digest.
+//!
+//! ```
+//! use tower_lock::key::{KeyExtractor, KeyExtractorExt, Header, PathSegment, LockKey};
+//!
+//! let extractor = Header::new("x-tenant-id").and(PathSegment::new(1));
+//! let req = http::Request::post("/accounts/42/deposit")
+//!     .header("x-tenant-id", "acme")
+//!     .body(())
+//!     .unwrap();
+//! let (parts, _) = req.into_parts();
+//! let key = extractor.extract(&parts).unwrap().unwrap();
+//! assert_eq!(key.as_str(), "acme:42");
+//! ```
+
+mod extract;
+
+use std::borrow::Cow;
+use std::fmt;
+
+pub use extract::{And, Global, Header, PathParam, PathSegment, Query};
+
+/// Extracts the lock key from a request's head.
+///
+/// Implemented by the built-ins of this module and by every closure
+/// `Fn(&http::request::Parts) -> Result<Option<LockKey>, KeyRejection>`.
+///
+/// ```
+/// use tower_lock::key::{KeyExtractor, KeyRejection, LockKey};
+///
+/// // Lock on the `:id` of `/jobs/:id`, but only for `PUT`.
+/// let jobs = |parts: &http::request::Parts| -> Result<Option<LockKey>, KeyRejection> {
+///     if parts.method != http::Method::PUT {
+///         return Ok(None);
+///     }
+///     match parts.uri.path().strip_prefix("/jobs/") {
+///         Some(id) if !id.is_empty() => Ok(Some(LockKey::new(id))),
+///         _ => Err(KeyRejection::new("the path has no job id")),
+///     }
+/// };
+/// let (parts, _) = http::Request::put("/jobs/7").body(()).unwrap().into_parts();
+/// assert_eq!(jobs.extract(&parts).unwrap().unwrap().as_str(), "7");
+/// ```
+pub trait KeyExtractor: Clone + Send + Sync + 'static {
+    /// Returns the key to lock on, `None` for no lock, or a rejection (answered with 400).
+    fn extract(&self, parts: &http::request::Parts) -> Result<Option<LockKey>, KeyRejection>;
+}
+
+impl<F> KeyExtractor for F
+where
+    F: Fn(&http::request::Parts) -> Result<Option<LockKey>, KeyRejection>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    fn extract(&self, parts: &http::request::Parts) -> Result<Option<LockKey>, KeyRejection> {
+        self(parts)
+    }
+}
+
+/// Combinators for every [`KeyExtractor`].
+pub trait KeyExtractorExt: KeyExtractor + Sized {
+    /// Locks on both keys joined with `:`; if either gives no key, the request is not locked.
+    fn and<O: KeyExtractor>(self, other: O) -> And<Self, O> {
+        And::new(self, other)
+    }
+}
+
+impl<K: KeyExtractor> KeyExtractorExt for K {}
+
+/// A lock key: escaped user material, joined from one or more parts.
+///
+/// The text of a key never contains `{`, `}`, `#`, control bytes or non-ASCII bytes: they are
+/// percent-escaped by [`LockKey::new`]. Parts are joined with `:`, which is escaped inside parts,
+/// so `("a:b", "c")` and `("a", "b:c")` are different keys.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LockKey(String);
+
+impl LockKey {
+    /// A key from user-controlled material (any bytes), escaped as described above.
+    pub fn new(material: impl AsRef<[u8]>) -> Self {
+        let material = material.as_ref();
+        let mut text = String::with_capacity(material.len());
+        escape_into(&mut text, material);
+        Self(text)
+    }
+
+    /// Appends another part, separated by `:`.
+    pub fn join(mut self, other: &LockKey) -> Self {
+        self.0.reserve(other.0.len() + 1);
+        self.0.push(':');
+        self.0.push_str(&other.0);
+        self
+    }
+
+    /// Appends escaped user material as another part, separated by `:`.
+    pub fn push(&mut self, material: impl AsRef<[u8]>) {
+        self.0.push(':');
+        escape_into(&mut self.0, material.as_ref());
+    }
+
+    /// The escaped text of the key (without namespace).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Length of the escaped key in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the key is empty (an empty header value, say). Empty keys are valid.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys are user material: show them only when the user asks for Debug explicitly.
+        f.debug_tuple("LockKey").field(&self.0).finish()
+    }
+}
+
+fn escape_into(out: &mut String, material: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &byte in material {
+        let plain = byte.is_ascii_graphic() && !matches!(byte, b'%' | b':' | b'{' | b'}' | b'#');
+        if plain {
+            out.push(byte as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(byte >> 4)] as char);
+            out.push(HEX[usize::from(byte & 0x0f)] as char);
+        }
+    }
+}
+
+/// Why a request could not be keyed; answered with **400** and a problem+json body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRejection {
+    detail: Cow<'static, str>,
+}
+
+impl KeyRejection {
+    /// A rejection with the given human-readable detail (it is sent to the client).
+    pub fn new(detail: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            detail: detail.into(),
+        }
+    }
+
+    /// A rejection for a required request part that is missing, e.g. `missing("header `x-id`")`.
+    pub fn missing(part: impl fmt::Display) -> Self {
+        Self::new(format!(
+            "the request has no {part}, which the lock key needs"
+        ))
+    }
+
+    /// The detail sent to the client.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+}
+
+impl fmt::Display for KeyRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+impl std::error::Error for KeyRejection {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_is_injective_over_separators_and_braces() {
+        assert_eq!(LockKey::new("a:b").as_str(), "a%3Ab");
+        assert_ne!(
+            LockKey::new("a:b").join(&LockKey::new("c")),
+            LockKey::new("a").join(&LockKey::new("b:c"))
+        );
+        assert_eq!(LockKey::new("{slot}").as_str(), "%7Bslot%7D");
+        assert_eq!(LockKey::new("100%").as_str(), "100%25");
+        assert_eq!(LockKey::new("#x").as_str(), "%23x");
+    }
+
+    #[test]
+    fn binary_material_is_escaped() {
+        assert_eq!(LockKey::new([0u8, 255, b' ']).as_str(), "%00%FF%20");
+        assert_eq!(LockKey::new("é").as_str(), "%C3%A9");
+    }
+
+    #[test]
+    fn push_appends_an_escaped_part() {
+        let mut key = LockKey::new("tenant");
+        key.push("a:b");
+        assert_eq!(key.as_str(), "tenant:a%3Ab");
+    }
+}

@@ -1,0 +1,293 @@
+//! [`LockLayer`]: the configuration, applied to services with [`tower_layer::Layer`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use sha2::Digest;
+use tower_layer::Layer;
+
+use crate::backend::{LockBackend, LockName};
+use crate::key::{KeyExtractor, LockKey};
+use crate::lease::Renewer;
+use crate::response::Rejection;
+use crate::service::LockService;
+
+/// What the handler's request does when its lease is lost while it runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseLostPolicy {
+    /// The handler keeps running; [`LockLease::is_lost`](crate::LockLease::is_lost) and
+    /// [`LockLease::lost`](crate::LockLease::lost) tell it, and a warning is traced.
+    #[default]
+    Signal,
+    /// The inner future is dropped and the client gets 503 problem+json.
+    Abort,
+}
+
+type RejectionHandler = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
+
+/// The layer's settings. See the builder methods of [`LockLayer`] for each.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) namespace: Arc<str>,
+    pub(crate) ttl: Duration,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) release_timeout: Duration,
+    pub(crate) fail_open: bool,
+    pub(crate) release_in_background: bool,
+    pub(crate) max_key_len: usize,
+    pub(crate) on_rejection: Option<RejectionHandler>,
+    /// `None`: a third of the TTL. `Some(Duration::ZERO)`: no renewal.
+    pub(crate) renew_every: Option<Duration>,
+    pub(crate) max_hold: Option<Duration>,
+    /// `None`: a tenth of the TTL.
+    pub(crate) min_validity: Option<Duration>,
+    pub(crate) lease_lost: LeaseLostPolicy,
+    pub(crate) hold_through_body: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            namespace: "tower-lock:".into(),
+            ttl: Duration::from_secs(10),
+            acquire_timeout: Duration::from_millis(500),
+            release_timeout: Duration::from_millis(500),
+            fail_open: false,
+            release_in_background: false,
+            max_key_len: 256,
+            on_rejection: None,
+            renew_every: None,
+            max_hold: None,
+            min_validity: None,
+            lease_lost: LeaseLostPolicy::Signal,
+            hold_through_body: false,
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn lock_name(&self, key: &LockKey) -> LockName {
+        if key.len() <= self.max_key_len {
+            LockName::new(&self.namespace, key.as_str())
+        } else {
+            let digest = sha2::Sha256::digest(key.as_str().as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            LockName::new(&self.namespace, &format!("#{hex}"))
+        }
+    }
+
+    /// How often to renew, or `None` when renewal is off.
+    pub(crate) fn renewal_interval(&self) -> Option<Duration> {
+        match self.renew_every {
+            None => Some((self.ttl / 3).max(Duration::from_millis(1))),
+            Some(Duration::ZERO) => None,
+            Some(every) => Some(every),
+        }
+    }
+
+    pub(crate) fn min_validity(&self) -> Duration {
+        self.min_validity.unwrap_or(self.ttl / 10)
+    }
+
+    pub(crate) fn respond(&self, rejection: Rejection) -> Response<Bytes> {
+        match &self.on_rejection {
+            Some(handler) => handler(rejection),
+            None => rejection.into_response(),
+        }
+    }
+}
+
+/// What every service and response of one layer shares: backend, settings, renewal task.
+pub(crate) struct Core<B> {
+    pub(crate) backend: B,
+    pub(crate) config: Config,
+    pub(crate) renewer: Renewer<B>,
+}
+
+impl<B: LockBackend> Clone for Core<B> {
+    fn clone(&self) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            config: self.config.clone(),
+            renewer: self.renewer.clone(),
+        }
+    }
+}
+
+/// Locks each request on a key before calling the inner service.
+///
+/// Configuration only; cheap to clone. Applied to a service it makes a [`LockService`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_lock::{LockLayer, MemoryBackend, key::Header};
+///
+/// let layer = LockLayer::new(MemoryBackend::new(), Header::new("idempotency-key"))
+///     .ttl(Duration::from_secs(30))
+///     .namespace("orders:");
+/// ```
+#[derive(Clone)]
+pub struct LockLayer<K, B> {
+    extractor: K,
+    core: Arc<Core<B>>,
+}
+
+impl<K, B: LockBackend> LockLayer<K, B> {
+    /// Locks on the key `extractor` finds, in `backend`, with the default settings: TTL 10 s
+    /// renewed every 3.3 s, acquire and release timeouts 500 ms, fail-closed (503), release awaited
+    /// before the response is returned, namespace `tower-lock:`.
+    pub fn new(backend: B, extractor: K) -> Self {
+        Self {
+            extractor,
+            core: Arc::new(Core {
+                renewer: Renewer::new(backend.clone()),
+                backend,
+                config: Config::default(),
+            }),
+        }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(&mut Arc::make_mut(&mut self.core).config);
+        self
+    }
+
+    /// The prefix of every key this layer stores (default `tower-lock:`). It is not escaped: a
+    /// `{...}` in it would put every lock of the layer in one Redis Cluster hash slot.
+    pub fn namespace(self, namespace: &str) -> Self {
+        let namespace = namespace.into();
+        self.with(|c| c.namespace = namespace)
+    }
+
+    /// The lease of each lock (default 10 s): how long it outlives a crashed holder. Renewal keeps
+    /// it alive while the request runs. Values under 1 ms are raised to 1 ms.
+    pub fn ttl(self, ttl: Duration) -> Self {
+        self.with(|c| c.ttl = ttl.max(Duration::from_millis(1)))
+    }
+
+    /// How long an acquire may take before the request is answered 503 (default 500 ms).
+    pub fn acquire_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.acquire_timeout = timeout)
+    }
+
+    /// How long a release may take (default 500 ms); after that the lock expires with its TTL.
+    pub fn release_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.release_timeout = timeout)
+    }
+
+    /// When the backend fails, call the inner service without a lock (and trace a warning)
+    /// instead of answering 503. Default: `false` (fail closed).
+    pub fn fail_open(self, fail_open: bool) -> Self {
+        self.with(|c| c.fail_open = fail_open)
+    }
+
+    /// Return the response without waiting for the release round trip; the release runs on the
+    /// runtime. Saves one backend round trip of latency, at the price that a client which sends
+    /// its next same-key request right after reading the response may meet its own lock (409).
+    /// Default: `false`.
+    pub fn release_in_background(self, background: bool) -> Self {
+        self.with(|c| c.release_in_background = background)
+    }
+
+    /// Keys longer than this many bytes (after escaping) are replaced by their SHA-256 digest
+    /// (default 256).
+    pub fn max_key_len(self, max: usize) -> Self {
+        self.with(|c| c.max_key_len = max)
+    }
+
+    /// Answers rejections (409, 400, 503) with your own response instead of problem+json.
+    ///
+    /// ```
+    /// use tower_lock::{LockLayer, MemoryBackend, Rejection, key::Global};
+    ///
+    /// let layer = LockLayer::new(MemoryBackend::new(), Global::new("report"))
+    ///     .on_rejection(|rejection: Rejection| {
+    ///         http::Response::builder()
+    ///             .status(rejection.status())
+    ///             .body(format!("busy: {}", rejection.status()))
+    ///             .unwrap()
+    ///     });
+    /// ```
+    pub fn on_rejection<F, T>(self, handler: F) -> Self
+    where
+        F: Fn(Rejection) -> Response<T> + Send + Sync + 'static,
+        T: Into<Bytes>,
+    {
+        let handler: RejectionHandler = Arc::new(move |r| handler(r).map(Into::into));
+        self.with(|c| c.on_rejection = Some(handler))
+    }
+
+    /// Renew the lease this often while the request runs (default: a third of the TTL).
+    pub fn renew_every(self, every: Duration) -> Self {
+        self.with(|c| c.renew_every = Some(every.max(Duration::from_millis(1))))
+    }
+
+    /// Never renew: the lock lasts one TTL at most, and the handler is told when it has run out.
+    pub fn no_renewal(self) -> Self {
+        self.with(|c| c.renew_every = Some(Duration::ZERO))
+    }
+
+    /// Stop renewing this long after acquiring (default: renew for as long as the request runs;
+    /// bound requests with an outer timeout). The lock then expires within one TTL, and the
+    /// handler's lease reports it lost.
+    pub fn max_hold(self, max_hold: Duration) -> Self {
+        self.with(|c| c.max_hold = Some(max_hold))
+    }
+
+    /// Refuse (503) a lock that has less than this validity left once acquired, e.g. after a slow
+    /// acquire (default: a tenth of the TTL).
+    pub fn min_validity(self, min: Duration) -> Self {
+        self.with(|c| c.min_validity = Some(min))
+    }
+
+    /// What happens when the lease is lost while the handler runs (default
+    /// [`LeaseLostPolicy::Signal`]).
+    pub fn on_lease_lost(self, policy: LeaseLostPolicy) -> Self {
+        self.with(|c| c.lease_lost = policy)
+    }
+
+    /// Keep the lock (and its renewal) until the response body has been sent or dropped, not just
+    /// until the handler returns. For streaming responses. Default: `false`.
+    pub fn hold_through_body(self, hold: bool) -> Self {
+        self.with(|c| c.hold_through_body = hold)
+    }
+
+    /// The backend name this layer uses for `key` (namespace, hash tag, digest of long keys).
+    pub fn lock_name(&self, key: &LockKey) -> LockName {
+        self.core.config.lock_name(key)
+    }
+}
+
+impl<S, K, B> Layer<S> for LockLayer<K, B>
+where
+    K: KeyExtractor,
+    B: LockBackend,
+{
+    type Service = LockService<S, K, B>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LockService::new(inner, self.extractor.clone(), self.core.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_keys_are_replaced_by_a_digest() {
+        let config = Config {
+            max_key_len: 8,
+            ..Config::default()
+        };
+        let short = config.lock_name(&LockKey::new("12345678"));
+        assert_eq!(short.lock_key(), "tower-lock:{12345678}");
+        let long = config.lock_name(&LockKey::new("123456789"));
+        assert!(long.lock_key().starts_with("tower-lock:{#"));
+        assert_eq!(long.lock_key().len(), "tower-lock:{#}".len() + 64);
+        assert_ne!(long, config.lock_name(&LockKey::new("123456780")));
+    }
+}

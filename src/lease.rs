@@ -1,0 +1,249 @@
+//! The lease a request holds: what the handler sees ([`LockLease`]), and the renewal task that
+//! keeps it alive.
+//!
+//! One renewal task per layer, started on the first lock, drives every in-flight lease of that
+//! layer from one timer wheel ([`DelayQueue`]); no task is spawned per request. The task ends when
+//! the layer and every service and response made from it are dropped.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::time::DelayQueue;
+
+use crate::backend::{Extend, LockBackend, LockName, LockToken};
+
+/// The lock a request holds, inserted into the request's extensions before the inner service is
+/// called.
+///
+/// ```
+/// use tower_lock::LockLease;
+///
+/// async fn handler(req: http::Request<String>) -> Result<http::Response<String>, std::convert::Infallible> {
+///     let lease = req.extensions().get::<LockLease>().cloned();
+///     if let Some(lease) = lease {
+///         // Pass the fencing token to the storage you write to; it refuses stale tokens.
+///         let _token = lease.fencing_token();
+///         tokio::select! {
+///             _ = lease.lost() => return Ok(http::Response::new("lease lost, gave up".into())),
+///             _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+///         }
+///     }
+///     Ok(http::Response::new("done".into()))
+/// }
+/// ```
+#[derive(Clone)]
+pub struct LockLease(Arc<Shared>);
+
+struct Shared {
+    name: LockName,
+    token: LockToken,
+    fencing_token: u64,
+    lost: CancellationToken,
+    ended: AtomicBool,
+}
+
+impl LockLease {
+    pub(crate) fn new(name: LockName, token: LockToken, fencing_token: u64) -> Self {
+        Self(Arc::new(Shared {
+            name,
+            token,
+            fencing_token,
+            lost: CancellationToken::new(),
+            ended: AtomicBool::new(false),
+        }))
+    }
+
+    /// The backend name of the lock (namespace and escaped key; it contains request material).
+    pub fn key(&self) -> &str {
+        self.0.name.lock_key()
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &LockName {
+        &self.0.name
+    }
+
+    /// The fencing token of this acquisition: larger than every token handed out before it for the
+    /// same key. Pass it to the resource you write to and let the resource refuse smaller ones.
+    pub fn fencing_token(&self) -> u64 {
+        self.0.fencing_token
+    }
+
+    /// Whether the lease is known to be lost: a renewal found the lock gone or taken, or renewals
+    /// failed until the lease's validity ran out.
+    pub fn is_lost(&self) -> bool {
+        self.0.lost.is_cancelled()
+    }
+
+    /// Completes when the lease is lost (immediately if it already is). Use it in `select!`.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.0.lost.clone().cancelled_owned()
+    }
+
+    pub(crate) fn lost_owned(&self) -> WaitForCancellationFutureOwned {
+        self.0.lost.clone().cancelled_owned()
+    }
+
+    pub(crate) fn token(&self) -> LockToken {
+        self.0.token
+    }
+
+    /// Marks the request over: renewal stops at its next tick.
+    pub(crate) fn end(&self) {
+        self.0.ended.store(true, Ordering::Release);
+    }
+
+    fn has_ended(&self) -> bool {
+        self.0.ended.load(Ordering::Acquire)
+    }
+
+    fn mark_lost(&self, why: &'static str) {
+        if !self.has_ended() && !self.is_lost() {
+            tracing::warn!(lock = %self.0.name.fingerprint(), why, "lock lease lost");
+        }
+        self.0.lost.cancel();
+    }
+}
+
+impl std::fmt::Debug for LockLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockLease")
+            .field("name", &self.0.name)
+            .field("fencing_token", &self.0.fencing_token)
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+/// How a lease is to be kept alive.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    pub(crate) ttl: Duration,
+    /// Renew every this long; `None`: never renew (the lease is only watched for expiry).
+    pub(crate) every: Option<Duration>,
+    /// Stop renewing after this instant.
+    pub(crate) renew_until: Option<Instant>,
+    /// When the lease expires on the server, at the latest, unless renewed.
+    pub(crate) valid_until: Instant,
+    /// Timeout of one extend call.
+    pub(crate) timeout: Duration,
+}
+
+struct Entry {
+    lease: LockLease,
+    plan: Plan,
+}
+
+/// Registers leases with the layer's renewal task, starting it when needed.
+pub(crate) struct Renewer<B> {
+    backend: B,
+    sender: Mutex<Option<mpsc::UnboundedSender<Entry>>>,
+}
+
+impl<B: LockBackend> Renewer<B> {
+    pub(crate) fn new(backend: B) -> Self {
+        Self {
+            backend,
+            sender: Mutex::new(None),
+        }
+    }
+
+    /// Starts watching `lease`. Costs one channel message; the timer lives in the shared task.
+    pub(crate) fn watch(&self, lease: LockLease, plan: Plan, runtime: &Handle) {
+        let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut entry = Entry { lease, plan };
+        if let Some(open) = sender.as_ref() {
+            match open.send(entry) {
+                Ok(()) => return,
+                // The task's runtime has shut down: start a new task on this one.
+                Err(mpsc::error::SendError(returned)) => entry = returned,
+            }
+        }
+        let (new_sender, receiver) = mpsc::unbounded_channel();
+        // Cannot fail: we hold the receiver.
+        let _ = new_sender.send(entry);
+        runtime.spawn(run(self.backend.clone(), receiver));
+        *sender = Some(new_sender);
+    }
+}
+
+impl<B: Clone> Clone for Renewer<B> {
+    /// A clone is a new, idle renewer for the same backend (a reconfigured layer gets its own).
+    fn clone(&self) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            sender: Mutex::new(None),
+        }
+    }
+}
+
+async fn run<B: LockBackend>(backend: B, mut receiver: mpsc::UnboundedReceiver<Entry>) {
+    let mut timers: DelayQueue<Entry> = DelayQueue::new();
+    let mut extending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            registered = receiver.recv() => match registered {
+                Some(entry) => {
+                    let first = entry.plan.every.map_or(entry.plan.valid_until, |every| Instant::now() + every);
+                    let first = first.min(entry.plan.valid_until);
+                    timers.insert_at(entry, first);
+                }
+                // The layer and everything made from it are gone, so no request holds a lease.
+                None => break,
+            },
+            Some(due) = timers.next() => {
+                let entry = due.into_inner();
+                if entry.lease.has_ended() {
+                    continue;
+                }
+                let now = Instant::now();
+                if now >= entry.plan.valid_until {
+                    entry.lease.mark_lost("lease validity ran out before it could be renewed");
+                    continue;
+                }
+                let renewing = entry.plan.every.is_some()
+                    && entry.plan.renew_until.is_none_or(|until| now < until);
+                if !renewing {
+                    let at = entry.plan.valid_until;
+                    timers.insert_at(entry, at);
+                    continue;
+                }
+                let call = tokio::time::timeout(
+                    entry.plan.timeout,
+                    backend.extend(entry.lease.name(), entry.lease.token(), entry.plan.ttl),
+                );
+                extending.push(async move { (entry, now, call.await) });
+            },
+            Some((mut entry, sent_at, outcome)) = extending.next() => {
+                if entry.lease.has_ended() {
+                    continue;
+                }
+                let every = entry.plan.every.unwrap_or(entry.plan.ttl);
+                match outcome {
+                    Ok(Ok(Extend::Extended)) => {
+                        entry.plan.valid_until = sent_at + entry.plan.ttl;
+                        let next = Instant::now() + every;
+                        timers.insert_at(entry, next);
+                    }
+                    Ok(Ok(Extend::Lost)) => {
+                        entry.lease.mark_lost("the lock was gone or held by another request");
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::debug!(lock = %entry.lease.name().fingerprint(), "lease renewal failed, retrying");
+                        let retry = Instant::now() + (every / 3).max(Duration::from_millis(10));
+                        let at = retry.min(entry.plan.valid_until);
+                        timers.insert_at(entry, at);
+                    }
+                }
+            },
+        }
+    }
+}

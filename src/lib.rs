@@ -1,0 +1,66 @@
+//! Per-request distributed locks for Tower stacks (axum, hyper, tonic, plain
+//! `tower::Service`s), on Redis or in process.
+//!
+//! A [`LockLayer`] extracts a lock key from each request ([`key`]), acquires a lock in a
+//! [`backend`] before calling the inner service, answers **409 Conflict** with `Retry-After` and
+//! an RFC 9457 problem+json body when another request holds it, and releases the lock when the
+//! response future completes — on success, on error, on panic and when the future is dropped.
+//!
+//! | situation | response |
+//! |---|---|
+//! | lock acquired | inner service called; lock released after its response future completes |
+//! | key held by another request | **409**, `Retry-After` (holder's remaining lease, rounded up, ≥ 1 s), problem+json |
+//! | extractor rejects the request | **400**, problem+json |
+//! | backend unreachable / timed out | **503**, `Retry-After: 1`, problem+json (or the inner service, unlocked, with [`LockLayer::fail_open`]) |
+//! | custom rejection | [`LockLayer::on_rejection`] overrides any of the above |
+//!
+//! Rejections are responses, never errors: `Error` stays the inner service's, so axum's
+//! `Infallible` routers take the layer without `HandleErrorLayer`.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response, StatusCode};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_lock::{LockLayer, MemoryBackend, key::Header};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let backend = MemoryBackend::new();
+//! let mut service = ServiceBuilder::new()
+//!     .layer(LockLayer::new(backend.clone(), Header::new("idempotency-key")))
+//!     .service_fn(|_req: Request<()>| async {
+//!         Ok::<_, Infallible>(Response::new(String::from("done")))
+//!     });
+//!
+//! let request = || Request::post("/orders").header("idempotency-key", "k1").body(()).unwrap();
+//! let response = service.ready().await.unwrap().call(request()).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(backend.held(), 0); // released before the response was returned
+//!
+//! let no_key = Request::post("/orders").body(()).unwrap();
+//! let response = service.ready().await.unwrap().call(no_key).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+//! # }
+//! ```
+//!
+//! The lease, its renewal, lease loss and fencing tokens are described on [`LockLease`].
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod backend;
+mod body;
+mod future;
+mod guard;
+pub mod key;
+mod layer;
+mod lease;
+mod response;
+mod service;
+
+pub use crate::backend::{LockBackend, MemoryBackend, RedisBackend};
+pub use crate::body::LockBody;
+pub use crate::future::ResponseFuture;
+pub use crate::layer::{LeaseLostPolicy, LockLayer};
+pub use crate::lease::LockLease;
+pub use crate::response::{Rejection, problem_response};
+pub use crate::service::LockService;

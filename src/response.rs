@@ -1,0 +1,183 @@
+//! Rejections and their RFC 9457 `application/problem+json` responses.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::backend::BackendError;
+use crate::key::KeyRejection;
+
+/// Why the layer answered instead of the inner service.
+///
+/// Each rejection has a default response ([`Rejection::into_response`]); replace it with
+/// [`LockLayer::on_rejection`](crate::LockLayer::on_rejection).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// Another request holds the lock: **409 Conflict**.
+    Conflict {
+        /// How long the holder's lease has left, if known.
+        remaining: Option<Duration>,
+    },
+    /// The key extractor rejected the request: **400 Bad Request**.
+    InvalidKey(KeyRejection),
+    /// The backend failed or timed out (fail-closed): **503 Service Unavailable**.
+    BackendUnavailable(BackendError),
+    /// The lock was acquired, but with less validity left than the configured minimum:
+    /// **503 Service Unavailable**.
+    InsufficientValidity {
+        /// The validity that was left.
+        validity: Duration,
+    },
+    /// The lease was lost while the handler ran, and the layer's policy is
+    /// [`LeaseLostPolicy::Abort`](crate::LeaseLostPolicy::Abort): **503 Service Unavailable**.
+    LeaseLost,
+}
+
+impl Rejection {
+    /// The status code of the default response.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::InvalidKey(_) => StatusCode::BAD_REQUEST,
+            Self::BackendUnavailable(_) | Self::InsufficientValidity { .. } | Self::LeaseLost => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The `Retry-After` the default response carries, in whole seconds.
+    ///
+    /// For a conflict: the holder's remaining lease rounded up, at least 1. For a backend failure
+    /// or lost lease: 1. For a bad key: none (retrying will not help).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::Conflict {
+                remaining: Some(remaining),
+            } => Some(ceil_secs(*remaining).max(1)),
+            Self::Conflict { remaining: None } => Some(1),
+            Self::InvalidKey(_) => None,
+            Self::BackendUnavailable(_) | Self::InsufficientValidity { .. } | Self::LeaseLost => {
+                Some(1)
+            }
+        }
+    }
+
+    fn problem(&self) -> (&'static str, &'static str, String) {
+        match self {
+            Self::Conflict { .. } => (
+                "urn:tower-lock:lock-held",
+                "The resource is locked by another request",
+                "Another request holds the lock for this resource; retry after it finishes."
+                    .to_owned(),
+            ),
+            Self::InvalidKey(rejection) => (
+                "urn:tower-lock:invalid-lock-key",
+                "The request cannot be locked",
+                rejection.detail().to_owned(),
+            ),
+            Self::BackendUnavailable(_) => (
+                "urn:tower-lock:backend-unavailable",
+                "The lock service is unavailable",
+                // The backend error itself goes to the logs, not to clients.
+                "The lock could not be acquired because the lock store did not answer in time."
+                    .to_owned(),
+            ),
+            Self::InsufficientValidity { validity } => (
+                "urn:tower-lock:insufficient-validity",
+                "The lock was acquired too late to be safe",
+                format!(
+                    "The lock had only {} ms of validity left after acquiring it.",
+                    validity.as_millis()
+                ),
+            ),
+            Self::LeaseLost => (
+                "urn:tower-lock:lease-lost",
+                "The lock was lost while the request was processed",
+                "The request's lock expired or was taken over before it finished; its work was \
+                 abandoned."
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// The default response: the status, `Retry-After` where retrying helps, and an RFC 9457
+    /// problem+json body with `type`, `title`, `status` and `detail`.
+    pub fn into_response(self) -> Response<Bytes> {
+        let status = self.status();
+        let (kind, title, detail) = self.problem();
+        problem_response(status, kind, title, &detail, self.retry_after_secs())
+    }
+}
+
+/// Builds an RFC 9457 problem+json response.
+pub fn problem_response(
+    status: StatusCode,
+    kind: &str,
+    title: &str,
+    detail: &str,
+    retry_after_secs: Option<u64>,
+) -> Response<Bytes> {
+    let body = serde_json::json!({
+        "type": kind,
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut response = Response::new(Bytes::from(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(secs) = retry_after_secs {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+fn ceil_secs(duration: Duration) -> u64 {
+    duration
+        .as_secs()
+        .saturating_add(u64::from(duration.subsec_nanos() > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_the_holders_lease_up_and_is_at_least_one() {
+        let conflict = |ms| Rejection::Conflict {
+            remaining: Some(Duration::from_millis(ms)),
+        };
+        assert_eq!(conflict(0).retry_after_secs(), Some(1));
+        assert_eq!(conflict(1).retry_after_secs(), Some(1));
+        assert_eq!(conflict(1000).retry_after_secs(), Some(1));
+        assert_eq!(conflict(1001).retry_after_secs(), Some(2));
+        assert_eq!(
+            Rejection::InvalidKey(KeyRejection::new("x")).retry_after_secs(),
+            None
+        );
+    }
+
+    #[test]
+    fn conflict_is_problem_json() {
+        let response = Rejection::Conflict {
+            remaining: Some(Duration::from_millis(2500)),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["status"], 409);
+        assert!(body["title"].is_string() && body["type"].is_string());
+        assert!(body["detail"].is_string());
+    }
+}

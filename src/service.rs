@@ -1,0 +1,81 @@
+//! [`LockService`]: the middleware made by [`LockLayer`](crate::LockLayer).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::backend::LockBackend;
+use crate::body::LockBody;
+use crate::future::ResponseFuture;
+use crate::key::KeyExtractor;
+use crate::layer::Core;
+
+/// Locks each request on its key, then calls the inner service. Made by
+/// [`LockLayer`](crate::LockLayer); see the crate docs for the semantics.
+pub struct LockService<S, K, B> {
+    inner: S,
+    extractor: K,
+    core: Arc<Core<B>>,
+}
+
+impl<S, K, B> LockService<S, K, B> {
+    pub(crate) fn new(inner: S, extractor: K, core: Arc<Core<B>>) -> Self {
+        Self {
+            inner,
+            extractor,
+            core,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, K: Clone, B> Clone for LockService<S, K, B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            extractor: self.extractor.clone(),
+            core: self.core.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, K: std::fmt::Debug, B> std::fmt::Debug for LockService<S, K, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockService")
+            .field("inner", &self.inner)
+            .field("extractor", &self.extractor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, B, ReqB, ResB> Service<Request<ReqB>> for LockService<S, K, B>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    K: KeyExtractor,
+    B: LockBackend,
+{
+    type Response = Response<LockBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // The service that was driven to readiness goes with this request (it is called once the
+        // lock is held); a fresh clone stays behind for the next `poll_ready`.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = request.into_parts();
+        let key = self.extractor.extract(&parts);
+        let request = Request::from_parts(parts, body);
+        ResponseFuture::new(self.core.clone(), key, inner, request)
+    }
+}
