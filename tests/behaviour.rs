@@ -15,54 +15,9 @@ use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_lock::backend::{Acquire, LockToken};
 use tower_lock::key::{Header, LockKey};
-use tower_lock::{LockBackend, LockBody, LockLayer, MemoryBackend, RedisBackend};
+use tower_lock::{LockBackend, LockBody, LockLayer};
 
-use common::{RedisServer, eventually};
-
-const NS: &str = "test-lock:";
-
-/// A backend under test and a way to count the locks it holds.
-trait Fixture: Sized + Send + Sync + 'static {
-    type Backend: LockBackend;
-    fn start() -> impl std::future::Future<Output = Self> + Send;
-    fn backend(&self) -> Self::Backend;
-    fn held(&self) -> impl std::future::Future<Output = usize> + Send;
-}
-
-struct Redis {
-    server: RedisServer,
-    backend: RedisBackend,
-}
-
-impl Fixture for Redis {
-    type Backend = RedisBackend;
-    async fn start() -> Self {
-        let server = RedisServer::start();
-        let backend = RedisBackend::connect(&server.url()).await.unwrap();
-        Self { server, backend }
-    }
-    fn backend(&self) -> RedisBackend {
-        self.backend.clone()
-    }
-    async fn held(&self) -> usize {
-        self.server.lock_keys(NS).await.len()
-    }
-}
-
-struct Memory(MemoryBackend);
-
-impl Fixture for Memory {
-    type Backend = MemoryBackend;
-    async fn start() -> Self {
-        Self(MemoryBackend::new())
-    }
-    fn backend(&self) -> MemoryBackend {
-        self.0.clone()
-    }
-    async fn held(&self) -> usize {
-        self.0.held()
-    }
-}
+use common::{Fixture, Memory, NS, Redis, eventually};
 
 type Svc = BoxCloneService<Request<String>, Response<LockBody<String>>, std::io::Error>;
 
@@ -117,7 +72,9 @@ fn send(
     service: &Svc,
     request: http::request::Builder,
 ) -> impl std::future::Future<Output = Response<LockBody<String>>> + Send + use<> {
-    let call = service.clone().oneshot(request.body(String::new()).unwrap());
+    let call = service
+        .clone()
+        .oneshot(request.body(String::new()).unwrap());
     async move { call.await.expect("handler error") }
 }
 
@@ -138,10 +95,7 @@ async fn until_held<F: Fixture>(fixture: &F, n: usize) {
 async fn contention_returns_409_with_retry_after<F: Fixture>() {
     let fixture = F::start().await;
     let probe = Arc::new(Probe::default());
-    let service = service(
-        layer(&fixture).ttl(Duration::from_secs(5)),
-        probe.clone(),
-    );
+    let service = service(layer(&fixture).ttl(Duration::from_secs(5)), probe.clone());
     let holder = tokio::spawn({
         let service = service.clone();
         async move { send(&service, request("k").header("x-gate", "1")).await }
@@ -164,7 +118,11 @@ async fn contention_returns_409_with_retry_after<F: Fixture>() {
     assert_eq!(problem["status"], 409);
     assert!(problem["type"].is_string() && problem["title"].is_string());
     assert!(problem["detail"].is_string());
-    assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "inner called for the 409");
+    assert_eq!(
+        probe.calls.load(Ordering::SeqCst),
+        1,
+        "inner called for the 409"
+    );
 
     probe.gate.notify_one();
     assert_eq!(holder.await.unwrap().status(), StatusCode::OK);
@@ -211,7 +169,12 @@ async fn lock_released_after_inner_error<F: Fixture>() {
     let service = service(layer(&fixture), Arc::default());
     let result = service
         .clone()
-        .oneshot(request("k").header("x-fail", "1").body(String::new()).unwrap())
+        .oneshot(
+            request("k")
+                .header("x-fail", "1")
+                .body(String::new())
+                .unwrap(),
+        )
         .await;
     assert!(result.is_err());
     assert_eq!(fixture.held().await, 0);
@@ -234,9 +197,12 @@ async fn response_future_drop_releases_lock<F: Fixture>() {
     let fixture = F::start().await;
     let probe = Arc::new(Probe::default());
     let service = service(layer(&fixture), probe.clone());
-    let mut future = service
-        .clone()
-        .oneshot(request("k").header("x-gate", "1").body(String::new()).unwrap());
+    let mut future = service.clone().oneshot(
+        request("k")
+            .header("x-gate", "1")
+            .body(String::new())
+            .unwrap(),
+    );
     // Drive it until the handler runs (the lock is held), then drop it like a disconnect would.
     let _ = tokio::time::timeout(Duration::from_millis(300), &mut future).await;
     assert_eq!(fixture.held().await, 1);
@@ -248,9 +214,7 @@ async fn response_future_drop_releases_lock<F: Fixture>() {
 
 async fn release_never_deletes_a_foreign_lock<F: Fixture>() {
     let fixture = F::start().await;
-    let layer = layer(&fixture)
-        .ttl(Duration::from_millis(300))
-        .no_renewal();
+    let layer = layer(&fixture).ttl(Duration::from_millis(300)).no_renewal();
     let name = layer.lock_name(&LockKey::new("k"));
     let probe = Arc::new(Probe::default());
     let service = service(layer, probe.clone());
@@ -272,7 +236,10 @@ async fn release_never_deletes_a_foreign_lock<F: Fixture>() {
     assert_eq!(a.await.unwrap().status(), StatusCode::OK);
     // A's release left the other holder's lock alone.
     assert_eq!(fixture.held().await, 1);
-    assert_eq!(send(&service, request("k")).await.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        send(&service, request("k")).await.status(),
+        StatusCode::CONFLICT
+    );
 }
 
 async fn extractor_rejection_returns_400<F: Fixture>() {
@@ -369,9 +336,7 @@ async fn no_lock_keys_left_after_run<F: Fixture>() {
                 0 => builder.header("x-fail", "1"),
                 _ => builder,
             };
-            let _ = service
-                .oneshot(builder.body(String::new()).unwrap())
-                .await;
+            let _ = service.oneshot(builder.body(String::new()).unwrap()).await;
         }));
     }
     // And a few abandoned mid-flight.
@@ -416,7 +381,11 @@ async fn inner_concurrency_limit_loses_no_request<F: Fixture>() {
             let service = service.clone();
             tokio::spawn(async move {
                 // Half the requests share a key, so some are rejected while holding a permit.
-                let key = if i % 2 == 0 { "shared".to_owned() } else { format!("k{i}") };
+                let key = if i % 2 == 0 {
+                    "shared".to_owned()
+                } else {
+                    format!("k{i}")
+                };
                 service
                     .oneshot(request(&key).body(String::new()).unwrap())
                     .await
@@ -465,7 +434,9 @@ async fn poll_ready_is_delegated_to_the_inner_service<F: Fixture>() {
         .service(inner);
     let mut other = service.clone();
     // `service` takes the only permit; `other` is not ready until that request is done.
-    std::future::poll_fn(|cx| service.poll_ready(cx)).await.unwrap();
+    std::future::poll_fn(|cx| service.poll_ready(cx))
+        .await
+        .unwrap();
     let waker = futures_noop_waker();
     let mut cx = std::task::Context::from_waker(&waker);
     assert!(other.poll_ready(&mut cx).is_pending());
@@ -547,8 +518,16 @@ mod redis_only {
         let started = std::time::Instant::now();
         let response = send(&service, request("k")).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(started.elapsed() < timeout * 3, "took {:?}", started.elapsed());
-        assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "fail-closed calls nothing");
+        assert!(
+            started.elapsed() < timeout * 3,
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            probe.calls.load(Ordering::SeqCst),
+            1,
+            "fail-closed calls nothing"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -573,9 +552,12 @@ mod redis_only {
         );
         fixture.server.restart();
         assert!(
-            eventually(Duration::from_secs(10), async || send(&service, request("k"))
-                .await
-                .status()
+            eventually(Duration::from_secs(10), async || send(
+                &service,
+                request("k")
+            )
+            .await
+            .status()
                 == StatusCode::OK)
             .await,
             "the shared connection did not come back after the restart"

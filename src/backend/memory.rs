@@ -63,6 +63,12 @@ impl MemoryBackend {
         self.with_state(|state| state.locks.values().filter(|e| e.expires_at > now).count())
     }
 
+    /// Deletes the lock `name` whoever holds it, as an operator's `DEL` would on Redis; the
+    /// holder's lease is then lost at its next renewal. For tests of lease loss.
+    pub fn remove(&self, name: &LockName) -> bool {
+        self.with_state(|state| state.locks.remove(name).is_some())
+    }
+
     /// How many entries the map stores, expired ones included (for memory-bound tests).
     #[doc(hidden)]
     pub fn stored(&self) -> usize {

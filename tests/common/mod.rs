@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tower_lock::backend::LockName;
+use tower_lock::{LockBackend, MemoryBackend, RedisBackend};
+
 pub struct RedisServer {
     port: u16,
     dir: PathBuf,
@@ -26,7 +29,14 @@ impl RedisServer {
 
     /// A fresh server with AOF persistence (`appendfsync always`), for restart tests.
     pub fn start_with_aof() -> Self {
-        Self::start_with(&["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+        Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
     }
 
     pub fn start_with(args: &[&str]) -> Self {
@@ -99,7 +109,9 @@ impl RedisServer {
     /// Kills the server (SIGKILL); the port stays reserved for `restart`.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -147,7 +159,9 @@ impl RedisServer {
             .query_async(&mut connection)
             .await
             .expect("KEYS");
-        keys.into_iter().filter(|k| !k.ends_with(":fence")).collect()
+        keys.into_iter()
+            .filter(|k| !k.ends_with(":fence"))
+            .collect()
     }
 
     /// How many times `command` (lower case, e.g. `evalsha`) has been called on the server.
@@ -211,5 +225,71 @@ pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) 
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub const NS: &str = "test-lock:";
+
+/// A backend under test and a way to count the locks it holds.
+pub trait Fixture: Sized + Send + Sync + 'static {
+    type Backend: LockBackend;
+    fn start() -> impl std::future::Future<Output = Self> + Send;
+    fn backend(&self) -> Self::Backend;
+    /// Another client of the same store (on Redis: its own connection).
+    fn new_client(&self) -> Self::Backend;
+    fn held(&self) -> impl std::future::Future<Output = usize> + Send;
+    /// Deletes a lock behind its holder's back (Redis `DEL`).
+    fn delete(&self, name: &LockName) -> impl std::future::Future<Output = ()> + Send;
+}
+
+pub struct Redis {
+    pub server: RedisServer,
+    pub backend: RedisBackend,
+}
+
+impl Fixture for Redis {
+    type Backend = RedisBackend;
+    async fn start() -> Self {
+        let server = RedisServer::start();
+        let backend = RedisBackend::connect(&server.url()).await.unwrap();
+        Self { server, backend }
+    }
+    fn backend(&self) -> RedisBackend {
+        self.backend.clone()
+    }
+    fn new_client(&self) -> RedisBackend {
+        RedisBackend::from_url(&self.server.url()).unwrap()
+    }
+    async fn held(&self) -> usize {
+        self.server.lock_keys(NS).await.len()
+    }
+    async fn delete(&self, name: &LockName) {
+        let mut connection = self.server.connection().await;
+        let _: i64 = redis::cmd("DEL")
+            .arg(name.lock_key())
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+}
+
+pub struct Memory(pub MemoryBackend);
+
+impl Fixture for Memory {
+    type Backend = MemoryBackend;
+    async fn start() -> Self {
+        Self(MemoryBackend::new())
+    }
+    fn backend(&self) -> MemoryBackend {
+        self.0.clone()
+    }
+    fn new_client(&self) -> MemoryBackend {
+        self.0.clone()
+    }
+    async fn held(&self) -> usize {
+        self.0.held()
+    }
+    async fn delete(&self, name: &LockName) {
+        self.0.remove(name);
     }
 }
