@@ -119,6 +119,30 @@ impl LockKey {
         escape_into(&mut self.0, material.as_ref());
     }
 
+    /// An empty key, to be built with [`LockKey::push_literal`] and [`LockKey::push_material`].
+    pub fn empty() -> Self {
+        Self(String::new())
+    }
+
+    /// Appends developer-written text (a template's literal part): escaped like material, except
+    /// that `:` is kept, so `account:` stays readable.
+    pub fn push_literal(&mut self, text: &str) {
+        for part in text.split_inclusive(':') {
+            match part.strip_suffix(':') {
+                Some(part) => {
+                    escape_into(&mut self.0, part.as_bytes());
+                    self.0.push(':');
+                }
+                None => escape_into(&mut self.0, part.as_bytes()),
+            }
+        }
+    }
+
+    /// Appends user-controlled material, escaped, with no separator.
+    pub fn push_material(&mut self, material: impl AsRef<[u8]>) {
+        escape_into(&mut self.0, material.as_ref());
+    }
+
     /// The escaped text of the key (without namespace).
     pub fn as_str(&self) -> &str {
         &self.0
@@ -211,6 +235,14 @@ mod tests {
     fn binary_material_is_escaped() {
         assert_eq!(LockKey::new([0u8, 255, b' ']).as_str(), "%00%FF%20");
         assert_eq!(LockKey::new("é").as_str(), "%C3%A9");
+    }
+
+    #[test]
+    fn literals_keep_colons_and_material_does_not() {
+        let mut key = LockKey::empty();
+        key.push_literal("account:{x}:");
+        key.push_material("a:b");
+        assert_eq!(key.as_str(), "account:%7Bx%7D:a%3Ab");
     }
 
     #[test]
