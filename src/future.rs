@@ -13,8 +13,8 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_service::Service;
 
 use crate::backend::{
-    Acquire, BackendError, BackendErrorKind, BackendFuture, LockBackend, LockName, LockToken,
-    Release,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, LockBackend, LockName,
+    LockToken, Release,
 };
 use crate::body::LockBody;
 use crate::guard::{LockGuard, report_release};
@@ -118,7 +118,11 @@ where
                     let started = Instant::now();
                     let acquire = tokio::time::timeout(
                         core.config.acquire_timeout,
-                        core.backend.acquire(&name, token, core.config.ttl),
+                        core.backend.acquire(
+                            &name,
+                            token,
+                            AcquireOptions::new(core.config.ttl).fencing(core.config.fencing),
+                        ),
                     );
                     State::Acquiring {
                         acquire,

@@ -46,6 +46,8 @@ pub(crate) struct Config {
     pub(crate) min_validity: Option<Duration>,
     pub(crate) lease_lost: LeaseLostPolicy,
     pub(crate) hold_through_body: bool,
+    pub(crate) fencing: bool,
+    pub(crate) log_keys: bool,
 }
 
 impl Default for Config {
@@ -64,6 +66,8 @@ impl Default for Config {
             min_validity: None,
             lease_lost: LeaseLostPolicy::Signal,
             hold_through_body: false,
+            fencing: true,
+            log_keys: false,
         }
     }
 }
@@ -253,6 +257,19 @@ impl<K, B: LockBackend> LockLayer<K, B> {
     /// until the handler returns. For streaming responses. Default: `false`.
     pub fn hold_through_body(self, hold: bool) -> Self {
         self.with(|c| c.hold_through_body = hold)
+    }
+
+    /// Hand out fencing tokens (default `true`). On Redis each lock key then has a counter key
+    /// that is kept forever (a few dozen bytes); turn fencing off for unbounded key spaces such as
+    /// idempotency keys, where [`LockLease::fencing_token`](crate::LockLease::fencing_token) is 0.
+    pub fn fencing(self, fencing: bool) -> Self {
+        self.with(|c| c.fencing = fencing)
+    }
+
+    /// Put the lock's key in traces instead of a short hash of it (default `false`: keys are
+    /// request material, such as account ids or idempotency keys).
+    pub fn log_keys(self, log_keys: bool) -> Self {
+        self.with(|c| c.log_keys = log_keys)
     }
 
     /// The backend name this layer uses for `key` (namespace, hash tag, digest of long keys).

@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use tokio::sync::Notify;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_lock::backend::{Acquire, LockToken};
+use tower_lock::backend::{Acquire, AcquireOptions, LockToken};
 use tower_lock::key::{Header, LockKey};
 use tower_lock::{LockBackend, LockBody, LockLayer};
 
@@ -228,7 +228,11 @@ async fn release_never_deletes_a_foreign_lock<F: Fixture>() {
     // Someone else takes the lock while A still runs.
     let other = fixture
         .backend()
-        .acquire(&name, LockToken::random(), Duration::from_secs(30))
+        .acquire(
+            &name,
+            LockToken::random(),
+            AcquireOptions::new(Duration::from_secs(30)),
+        )
         .await
         .unwrap();
     assert!(matches!(other, Acquire::Acquired { .. }));

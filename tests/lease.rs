@@ -13,7 +13,9 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_lock::backend::{Acquire, BackendFuture, Extend, LockName, LockToken, Release};
+use tower_lock::backend::{
+    Acquire, AcquireOptions, BackendFuture, Extend, LockName, LockToken, Release,
+};
 use tower_lock::key::{Header, LockKey};
 use tower_lock::{LeaseLostPolicy, LockBackend, LockBody, LockLayer, LockLease};
 
@@ -29,8 +31,13 @@ struct Counting<B> {
 }
 
 impl<B: LockBackend> LockBackend for Counting<B> {
-    fn acquire(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Acquire> {
-        self.inner.acquire(name, token, ttl)
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
+        self.inner.acquire(name, token, options)
     }
     fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
         self.inner.release(name, token)
@@ -184,7 +191,11 @@ async fn lease_lost_aborts_with_503_and_leaves_the_new_holder_alone<F: Fixture>(
     fixture.delete(&name).await;
     let other = fixture
         .backend()
-        .acquire(&name, LockToken::random(), Duration::from_secs(30))
+        .acquire(
+            &name,
+            LockToken::random(),
+            AcquireOptions::new(Duration::from_secs(30)),
+        )
         .await
         .unwrap();
     assert!(matches!(other, Acquire::Acquired { .. }));
@@ -439,7 +450,7 @@ mod redis_only {
             for _ in 0..10 {
                 let token = LockToken::random();
                 let Acquire::Acquired { fencing_token } = backend
-                    .acquire(&name, token, Duration::from_secs(5))
+                    .acquire(&name, token, AcquireOptions::new(Duration::from_secs(5)))
                     .await
                     .unwrap()
                 else {

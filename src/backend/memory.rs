@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Acquire, BackendFuture, Extend, LockBackend, LockName, LockToken, Release};
+use super::{
+    Acquire, AcquireOptions, BackendFuture, Extend, LockBackend, LockName, LockToken, Release,
+};
 
 /// In-process locks with the same semantics as [`RedisBackend`](super::RedisBackend): random
 /// tokens, expiry, compare-and-delete, compare-and-expire and fencing tokens.
@@ -19,14 +21,14 @@ use super::{Acquire, BackendFuture, Extend, LockBackend, LockName, LockToken, Re
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use std::time::Duration;
-/// use tower_lock::backend::{Acquire, LockBackend, LockToken, MemoryBackend};
+/// use tower_lock::backend::{Acquire, AcquireOptions, LockBackend, LockToken, MemoryBackend};
 ///
 /// let backend = MemoryBackend::new();
 /// let name = tower_lock::LockLayer::new(backend.clone(), tower_lock::key::Global::new("job"))
 ///     .lock_name(&tower_lock::key::LockKey::new("job"));
-/// let first = backend.acquire(&name, LockToken::random(), Duration::from_secs(5)).await.unwrap();
+/// let first = backend.acquire(&name, LockToken::random(), AcquireOptions::new(Duration::from_secs(5))).await.unwrap();
 /// assert!(matches!(first, Acquire::Acquired { .. }));
-/// let second = backend.acquire(&name, LockToken::random(), Duration::from_secs(5)).await.unwrap();
+/// let second = backend.acquire(&name, LockToken::random(), AcquireOptions::new(Duration::from_secs(5))).await.unwrap();
 /// assert!(matches!(second, Acquire::Held { .. }));
 /// # }
 /// ```
@@ -108,7 +110,12 @@ fn ready<T: Send + 'static>(value: T) -> BackendFuture<T> {
 }
 
 impl LockBackend for MemoryBackend {
-    fn acquire(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Acquire> {
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
         let now = Instant::now();
         let outcome = self.with_state(|state| {
             if let Some(holder) = state.live(name, now) {
@@ -117,10 +124,13 @@ impl LockBackend for MemoryBackend {
                 };
             }
             state.purge_if_due(now);
-            let expires_at = far_future(now, ttl);
+            let expires_at = far_future(now, options.ttl);
             state
                 .locks
                 .insert(name.clone(), Entry { token, expires_at });
+            if !options.fencing {
+                return Acquire::Acquired { fencing_token: 0 };
+            }
             state.last_fencing_token = state.last_fencing_token.saturating_add(1);
             Acquire::Acquired {
                 fencing_token: state.last_fencing_token,
@@ -172,7 +182,10 @@ mod tests {
         let (old, new) = (LockToken::random(), LockToken::random());
         let ttl = Duration::from_millis(100);
         assert!(matches!(
-            backend.acquire(&name("a"), old, ttl).await.unwrap(),
+            backend
+                .acquire(&name("a"), old, AcquireOptions::new(ttl))
+                .await
+                .unwrap(),
             Acquire::Acquired { fencing_token: 1 }
         ));
         tokio::time::advance(Duration::from_millis(150)).await;
@@ -181,7 +194,10 @@ mod tests {
             Extend::Lost
         );
         assert!(matches!(
-            backend.acquire(&name("a"), new, ttl).await.unwrap(),
+            backend
+                .acquire(&name("a"), new, AcquireOptions::new(ttl))
+                .await
+                .unwrap(),
             Acquire::Acquired { fencing_token: 2 }
         ));
         assert_eq!(
@@ -204,7 +220,11 @@ mod tests {
         for i in 0..10_000 {
             let key = format!("k{i}");
             backend
-                .acquire(&name(&key), LockToken::random(), Duration::from_millis(10))
+                .acquire(
+                    &name(&key),
+                    LockToken::random(),
+                    AcquireOptions::new(Duration::from_millis(10)),
+                )
                 .await
                 .unwrap();
             tokio::time::advance(Duration::from_millis(1)).await;
@@ -216,7 +236,11 @@ mod tests {
     async fn huge_ttl_does_not_overflow() {
         let backend = MemoryBackend::new();
         let outcome = backend
-            .acquire(&name("a"), LockToken::random(), Duration::MAX)
+            .acquire(
+                &name("a"),
+                LockToken::random(),
+                AcquireOptions::new(Duration::MAX),
+            )
             .await
             .unwrap();
         assert!(matches!(outcome, Acquire::Acquired { .. }));

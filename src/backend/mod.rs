@@ -35,8 +35,14 @@ pub type BackendFuture<T> = Pin<Box<dyn Future<Output = Result<T, BackendError>>
 
 /// A store of locks. See the [module docs](self) for the contract.
 pub trait LockBackend: Clone + Send + Sync + 'static {
-    /// Tries to take `name` for `token` for `ttl`. One round trip on networked backends.
-    fn acquire(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Acquire>;
+    /// Tries to take `name` for `token` for `options.ttl`, bumping the fencing counter of `name`
+    /// when `options.fencing` is set. One round trip on networked backends.
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire>;
 
     /// Releases `name` if (and only if) it still holds `token`.
     fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release>;
@@ -45,11 +51,34 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
     fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend>;
 }
 
+/// How to acquire a lock. New fields arrive with defaults, so build it with [`AcquireOptions::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AcquireOptions {
+    /// The lease: the lock expires this long after acquisition unless extended.
+    pub ttl: Duration,
+    /// Whether to hand out a fencing token (one counter key per lock key, kept forever on Redis).
+    pub fencing: bool,
+}
+
+impl AcquireOptions {
+    /// A lease of `ttl`, with fencing.
+    pub fn new(ttl: Duration) -> Self {
+        Self { ttl, fencing: true }
+    }
+
+    /// Whether to hand out a fencing token.
+    pub fn fencing(mut self, fencing: bool) -> Self {
+        self.fencing = fencing;
+        self
+    }
+}
+
 /// The outcome of [`LockBackend::acquire`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Acquire {
     /// The lock is ours. `fencing_token` is larger than every token handed out before for this
-    /// name (see the README's "Fencing" section for when that holds).
+    /// name (see the README's "Fencing" section for when that holds), or 0 without fencing.
     Acquired {
         /// The fencing token of this acquisition.
         fencing_token: u64,

@@ -7,16 +7,20 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
 use super::{
-    Acquire, BackendError, BackendErrorKind, BackendFuture, Extend, LockBackend, LockName,
-    LockToken, Release,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, LockBackend,
+    LockName, LockToken, Release,
 };
 
-/// `SET NX PX`; on success bump the fencing counter, else report the holder's PTTL. One round trip.
+/// `SET NX PX`; on success bump the fencing counter (when ARGV[3] is 1), else report the holder's
+/// PTTL. One round trip.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('INCR', KEYS[2])}
+  if ARGV[3] == '1' then
+    return {1, redis.call('INCR', KEYS[2])}
+  end
+  return {1, 0}
 end
 return {0, redis.call('PTTL', KEYS[1])}
 ",
@@ -128,13 +132,19 @@ fn unavailable(error: RedisError) -> BackendError {
 }
 
 impl LockBackend for RedisBackend {
-    fn acquire(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Acquire> {
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
         let mut connection = self.connection.clone();
         let mut invocation = ACQUIRE.key(name.lock_key());
         invocation
             .key(name.fence_key())
             .arg(token.to_hex())
-            .arg(millis(ttl));
+            .arg(millis(options.ttl))
+            .arg(u8::from(options.fencing));
         Box::pin(async move {
             let (acquired, value): (i64, i64) = invocation
                 .invoke_async(&mut connection)

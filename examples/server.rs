@@ -1,0 +1,93 @@
+//! The demo server: account deposits locked per account, an unlocked twin that loses updates, and
+//! a streaming route that holds its lock until the body is sent.
+//!
+//! ```text
+//! cargo run --example server                                   # in-process locks and balances
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example server # locks and balances in Redis
+//! ```
+//!
+//! Environment: `PORT` (default 3000), `REDIS_URL`, `LOCK_TTL_MS` (lock lease in ms, default
+//! 10000), `LOCK_NO_RENEWAL=1` (leases are not renewed, so a deposit held longer than the lease
+//! is refused by the fence), `RUST_LOG` (default `info`).
+//!
+//! ```text
+//! curl -i -X POST 'localhost:3000/accounts/42/deposit?amount=5&hold_ms=2000' &
+//! curl -i -X POST 'localhost:3000/accounts/42/deposit?amount=5'   # 409 while the first holds it
+//! curl -i localhost:3000/accounts/42
+//! curl -N 'localhost:3000/stream/42?ms=2000'
+//! ```
+
+#[path = "support/demo.rs"]
+mod demo;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let config = match demo::DemoConfig::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("tower-lock demo: {error}");
+            std::process::exit(2);
+        }
+    };
+    // The first line says which backend is used.
+    println!("tower-lock demo: {}", config.describe_backend());
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
+
+    let port: u16 = match std::env::var("PORT") {
+        Err(_) => 3000,
+        Ok(port) => match port.trim().parse() {
+            Ok(port) => port,
+            Err(_) => {
+                eprintln!("tower-lock demo: PORT must be a port number, got {port:?}");
+                std::process::exit(2);
+            }
+        },
+    };
+    println!("tower-lock demo: {}", config.describe_lease());
+
+    let router = match demo::app(config).await {
+        Ok(router) => router,
+        Err(error) => {
+            eprintln!("tower-lock demo: cannot connect to Redis: {error}");
+            std::process::exit(1);
+        }
+    };
+
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("tower-lock demo: cannot listen on {addr}: {error}");
+            std::process::exit(1);
+        }
+    };
+    let local = listener.local_addr().unwrap_or(addr);
+    println!("tower-lock demo: listening on http://{local}");
+    println!(
+        "tower-lock demo: try  curl -i -X POST 'http://127.0.0.1:{}/accounts/42/deposit?amount=5&hold_ms=2000'",
+        local.port()
+    );
+
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("tower-lock demo: shutting down");
+    };
+    if let Err(error) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        eprintln!("tower-lock demo: server error: {error}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,590 @@
+//! The demo application shared by `examples/server.rs`, `examples/contention.rs` and the tests.
+//!
+//! Include it with `#[path = "support/demo.rs"] mod demo;` (from an example) or
+//! `#[path = "../examples/support/demo.rs"] mod demo;` (from a test).
+//!
+//! | route | lock | what it does |
+//! |---|---|---|
+//! | `POST /accounts/{id}/deposit?amount=A&hold_ms=H` | on `id` | read balance, sleep `H` ms, **fenced** write of `balance + A` |
+//! | `POST /unlocked/accounts/{id}/deposit?amount=A&hold_ms=H` | none | the same read–sleep–write, unfenced: loses updates under concurrency |
+//! | `GET /accounts/{id}` | none | `{"account": id, "balance": b}` (0 when unknown) |
+//! | `GET /stream/{id}?ms=M` | on `id`, held until the body is sent | 5 text chunks spread over `M` ms (default 1000) |
+//!
+//! The deposit's write carries the request's [`LockLease::fencing_token`]; the store remembers the
+//! highest token it accepted per account and refuses smaller ones with **409**
+//! `urn:tower-lock-demo:stale-fencing-token`. Lock conflicts (409), bad keys (400) and backend
+//! failures (503) are answered by the [`LockLayer`] itself.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use redis::Script;
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use serde_json::json;
+use tower_lock::key::PathParam;
+use tower_lock::{LockLayer, LockLease, MemoryBackend, RedisBackend, problem_response};
+
+/// Default prefix of the lock keys (the layer's default namespace).
+pub const DEFAULT_NAMESPACE: &str = "tower-lock:";
+/// Default prefix of the balance records in Redis: `tower-lock-demo:balance:{id}`.
+pub const DEFAULT_BALANCE_PREFIX: &str = "tower-lock-demo:balance:";
+
+/// Problem type of a write refused by the fence.
+pub const STALE_TOKEN_TYPE: &str = "urn:tower-lock-demo:stale-fencing-token";
+/// Problem type of an invalid query string.
+pub const INVALID_QUERY_TYPE: &str = "urn:tower-lock-demo:invalid-query";
+/// Problem type of a balance store failure.
+pub const STORE_UNAVAILABLE_TYPE: &str = "urn:tower-lock-demo:store-unavailable";
+
+/// How the demo is set up.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    /// `None`: [`MemoryBackend`] and an in-process balance store. `Some(url)`: [`RedisBackend`]
+    /// and balances in that Redis.
+    pub redis_url: Option<String>,
+    /// The lock lease (TTL); `None` keeps the layer's default (10 s).
+    pub lock_ttl: Option<Duration>,
+    /// Prefix of the lock keys (default `tower-lock:`).
+    pub namespace: String,
+    /// Prefix of the balance hashes in Redis (default `tower-lock-demo:balance:`).
+    pub balance_prefix: String,
+    /// Renew leases while requests run (default `true`). With `false` a lock lasts one TTL at
+    /// most, so a slow deposit can outlive its lease and be refused by the fence.
+    pub renew_lease: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            lock_ttl: None,
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            balance_prefix: DEFAULT_BALANCE_PREFIX.to_owned(),
+            renew_lease: true,
+        }
+    }
+}
+
+impl DemoConfig {
+    /// From the environment: `REDIS_URL` (set and non-empty → Redis), `LOCK_TTL_MS` (lease in
+    /// milliseconds), `LOCK_NO_RENEWAL=1` (do not renew leases).
+    pub fn from_env() -> Result<Self, String> {
+        let mut config = Self {
+            redis_url: std::env::var("REDIS_URL")
+                .ok()
+                .filter(|url| !url.is_empty()),
+            ..Self::default()
+        };
+        if let Some(ms) = std::env::var("LOCK_TTL_MS").ok().filter(|v| !v.is_empty()) {
+            let ms: u64 = ms
+                .trim()
+                .parse()
+                .map_err(|_| format!("LOCK_TTL_MS must be a number of milliseconds, got {ms:?}"))?;
+            config.lock_ttl = Some(Duration::from_millis(ms));
+        }
+        if let Ok(value) = std::env::var("LOCK_NO_RENEWAL") {
+            config.renew_lease = !matches!(value.trim(), "1" | "true" | "yes");
+        }
+        Ok(config)
+    }
+
+    /// One line saying which backend is used, e.g. `backend=memory (set REDIS_URL to use Redis)`
+    /// or `backend=redis url=redis://127.0.0.1:6379/` (a password in the URL is masked).
+    pub fn describe_backend(&self) -> String {
+        match &self.redis_url {
+            None => "backend=memory (set REDIS_URL to use Redis)".to_owned(),
+            Some(url) => format!("backend=redis url={}", redact_url(url)),
+        }
+    }
+
+    /// The lease settings, for logs.
+    pub fn describe_lease(&self) -> String {
+        let ttl = match self.lock_ttl {
+            Some(ttl) => format!("{} ms (LOCK_TTL_MS)", ttl.as_millis()),
+            None => "10000 ms (default)".to_owned(),
+        };
+        let renewal = if self.renew_lease {
+            "renewed while the request runs"
+        } else {
+            "not renewed"
+        };
+        format!("lock ttl={ttl}, {renewal}")
+    }
+}
+
+/// `redis://user:secret@host/` → `redis://user:***@host/`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let masked = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{scheme}://{masked}{}", &rest[at..])
+}
+
+/// One account's balance and the highest fencing token a write to it carried.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// The balance.
+    pub balance: i64,
+    /// The highest fencing token accepted so far (0: none).
+    pub fence: u64,
+}
+
+/// The outcome of a fenced write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FencedWrite {
+    /// Written; the record's fence is now the write's token.
+    Accepted,
+    /// Refused: a write with the larger token `fence` was accepted before.
+    Stale {
+        /// The fence the record holds.
+        fence: u64,
+    },
+}
+
+/// Accept `token` if it is at least `fence`; tokens are decimal strings without leading zeros, so
+/// the comparison is exact for every `u64` (Lua numbers are doubles).
+static FENCED_WRITE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+local fence = redis.call('HGET', KEYS[1], 'fence') or '0'
+local token = ARGV[2]
+if #token < #fence or (#token == #fence and token < fence) then
+  return {0, fence}
+end
+redis.call('HSET', KEYS[1], 'balance', ARGV[1], 'fence', token)
+return {1, token}
+",
+    )
+});
+
+/// Where balances live.
+#[derive(Clone)]
+pub enum Store {
+    /// In this process.
+    Memory(Arc<Mutex<HashMap<String, Record>>>),
+    /// In Redis: one hash (`balance`, `fence`) per account under `prefix` + id.
+    Redis {
+        /// The shared connection.
+        connection: ConnectionManager,
+        /// Key prefix, default `tower-lock-demo:balance:`.
+        prefix: Arc<str>,
+    },
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory(_) => f.write_str("Store::Memory"),
+            Self::Redis { prefix, .. } => write!(f, "Store::Redis({prefix:?})"),
+        }
+    }
+}
+
+impl Store {
+    /// An empty in-process store.
+    pub fn memory() -> Self {
+        Self::Memory(Arc::default())
+    }
+
+    /// A store in the Redis at `url`; connects now.
+    pub async fn redis(url: &str, prefix: &str) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(url)?;
+        let connection = client
+            .get_connection_manager_with_config(RedisBackend::config())
+            .await?;
+        Ok(Self::Redis {
+            connection,
+            prefix: prefix.into(),
+        })
+    }
+
+    /// The Redis key of account `id`'s record (`None` for the in-process store).
+    pub fn redis_key(&self, id: &str) -> Option<String> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis { prefix, .. } => Some(format!("{prefix}{id}")),
+        }
+    }
+
+    fn map(
+        map: &Mutex<HashMap<String, Record>>,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
+        map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Account `id`'s record (the default, all zero, when unknown).
+    pub async fn record(&self, id: &str) -> redis::RedisResult<Record> {
+        match self {
+            Self::Memory(map) => Ok(Self::map(map).get(id).copied().unwrap_or_default()),
+            Self::Redis { connection, prefix } => {
+                let (balance, fence): (Option<i64>, Option<u64>) = redis::cmd("HMGET")
+                    .arg(format!("{prefix}{id}"))
+                    .arg("balance")
+                    .arg("fence")
+                    .query_async(&mut connection.clone())
+                    .await?;
+                Ok(Record {
+                    balance: balance.unwrap_or(0),
+                    fence: fence.unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    /// Account `id`'s balance (0 when unknown).
+    pub async fn balance(&self, id: &str) -> redis::RedisResult<i64> {
+        Ok(self.record(id).await?.balance)
+    }
+
+    /// Sets the balance if `token` is at least the highest token accepted for `id`, and remembers
+    /// `token`. Atomic in both stores.
+    pub async fn write_fenced(
+        &self,
+        id: &str,
+        balance: i64,
+        token: u64,
+    ) -> redis::RedisResult<FencedWrite> {
+        match self {
+            Self::Memory(map) => {
+                let mut map = Self::map(map);
+                let record = map.entry(id.to_owned()).or_default();
+                if token < record.fence {
+                    return Ok(FencedWrite::Stale {
+                        fence: record.fence,
+                    });
+                }
+                *record = Record {
+                    balance,
+                    fence: token,
+                };
+                Ok(FencedWrite::Accepted)
+            }
+            Self::Redis { connection, prefix } => {
+                let (accepted, fence): (i64, u64) = FENCED_WRITE
+                    .key(format!("{prefix}{id}"))
+                    .arg(balance)
+                    .arg(token)
+                    .invoke_async(&mut connection.clone())
+                    .await?;
+                Ok(if accepted == 1 {
+                    FencedWrite::Accepted
+                } else {
+                    FencedWrite::Stale { fence }
+                })
+            }
+        }
+    }
+
+    /// Sets the balance without any fence check (the unlocked route).
+    pub async fn write_unfenced(&self, id: &str, balance: i64) -> redis::RedisResult<()> {
+        match self {
+            Self::Memory(map) => {
+                Self::map(map).entry(id.to_owned()).or_default().balance = balance;
+                Ok(())
+            }
+            Self::Redis { connection, prefix } => {
+                redis::cmd("HSET")
+                    .arg(format!("{prefix}{id}"))
+                    .arg("balance")
+                    .arg(balance)
+                    .exec_async(&mut connection.clone())
+                    .await
+            }
+        }
+    }
+}
+
+/// The demo router and its balance store.
+pub struct Demo {
+    /// The router with every route.
+    pub router: Router,
+    /// The balances the router reads and writes.
+    pub store: Store,
+}
+
+/// The demo router. Fails only when `redis_url` is set and the balance store cannot connect.
+pub async fn app(config: DemoConfig) -> redis::RedisResult<Router> {
+    Ok(build(config).await?.router)
+}
+
+/// The demo router and the store it uses.
+pub async fn build(config: DemoConfig) -> redis::RedisResult<Demo> {
+    match &config.redis_url {
+        None => Ok(with_backend(MemoryBackend::new(), Store::memory(), &config)),
+        Some(url) => {
+            let backend = RedisBackend::from_url(url)?;
+            let store = Store::redis(url, &config.balance_prefix).await?;
+            Ok(with_backend(backend, store, &config))
+        }
+    }
+}
+
+/// The demo router on any lock backend and store.
+pub fn with_backend<B: tower_lock::LockBackend>(
+    backend: B,
+    store: Store,
+    config: &DemoConfig,
+) -> Demo {
+    let layer = |pattern: &str| {
+        // `PathParam::new("id")` would do with the crate's `axum` feature (it reads axum's
+        // `MatchedPath`); the explicit pattern also works without the feature.
+        let mut layer = LockLayer::new(backend.clone(), PathParam::with_pattern(pattern, "id"))
+            .namespace(&config.namespace);
+        if let Some(ttl) = config.lock_ttl {
+            layer = layer.ttl(ttl);
+        }
+        if !config.renew_lease {
+            layer = layer.no_renewal();
+        }
+        layer
+    };
+
+    let locked = Router::new()
+        .route("/accounts/{id}/deposit", post(deposit))
+        .route_layer(layer("/accounts/{id}/deposit"));
+    let streaming = Router::new()
+        .route("/stream/{id}", get(stream))
+        .route_layer(layer("/stream/{id}").hold_through_body(true));
+    let router = Router::new()
+        .route("/unlocked/accounts/{id}/deposit", post(deposit_unlocked))
+        .route("/accounts/{id}", get(balance))
+        .merge(locked)
+        .merge(streaming)
+        .with_state(store.clone());
+    Demo { router, store }
+}
+
+/// A demo server running on a task.
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its balances.
+    pub store: Store,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Builds the demo and serves it on an ephemeral port of 127.0.0.1, on a task of the current
+/// runtime. The server stops when the returned [`Running`] is dropped.
+pub async fn spawn(config: DemoConfig) -> std::io::Result<Running> {
+    let demo = build(config).await.map_err(std::io::Error::other)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, demo.router).await {
+            eprintln!("demo server failed: {error}");
+        }
+    });
+    Ok(Running {
+        addr,
+        store: demo.store,
+        task,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct DepositParams {
+    amount: Option<i64>,
+    hold_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamParams {
+    ms: Option<u64>,
+}
+
+fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> Response {
+    problem_response(status, kind, title, detail, None).map(axum::body::Body::from)
+}
+
+fn invalid_query(rejection: &QueryRejection) -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        INVALID_QUERY_TYPE,
+        "Invalid query string",
+        &rejection.body_text(),
+    )
+}
+
+fn store_failed(error: &redis::RedisError) -> Response {
+    tracing::error!(%error, "balance store failed");
+    problem_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        STORE_UNAVAILABLE_TYPE,
+        "The balance store is unavailable",
+        "The balance could not be read or written.",
+        Some(1),
+    )
+    .map(axum::body::Body::from)
+}
+
+fn overflow() -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        INVALID_QUERY_TYPE,
+        "Invalid amount",
+        "The deposit would overflow the balance.",
+    )
+}
+
+/// `POST /accounts/{id}/deposit`: read, hold, fenced write.
+async fn deposit(
+    State(store): State<Store>,
+    Path(id): Path<String>,
+    lease: Option<Extension<LockLease>>,
+    params: Result<Query<DepositParams>, QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(params) => params,
+        Err(rejection) => return invalid_query(&rejection),
+    };
+    let Some(Extension(lease)) = lease else {
+        // Only reachable if the layer let the request through unlocked (fail-open).
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "urn:tower-lock-demo:no-lease",
+            "The request holds no lock",
+            "The deposit route requires a lock lease, and the request has none.",
+        );
+    };
+    let amount = params.amount.unwrap_or(1);
+    let token = lease.fencing_token();
+
+    // Deliberately not atomic: read, wait, write.
+    let current = match store.balance(&id).await {
+        Ok(balance) => balance,
+        Err(error) => return store_failed(&error),
+    };
+    tokio::time::sleep(Duration::from_millis(params.hold_ms.unwrap_or(0))).await;
+    let Some(new_balance) = current.checked_add(amount) else {
+        return overflow();
+    };
+    match store.write_fenced(&id, new_balance, token).await {
+        Ok(FencedWrite::Accepted) => Json(json!({
+            "account": id,
+            "balance": new_balance,
+            "fencing_token": token,
+        }))
+        .into_response(),
+        Ok(FencedWrite::Stale { fence }) => problem(
+            StatusCode::CONFLICT,
+            STALE_TOKEN_TYPE,
+            "Stale fencing token",
+            &format!(
+                "This request's lock (fencing token {token}) expired before it wrote; a later \
+                 holder already wrote with fencing token {fence}. The deposit was not applied."
+            ),
+        ),
+        Err(error) => store_failed(&error),
+    }
+}
+
+/// `POST /unlocked/accounts/{id}/deposit`: read, hold, plain write. Loses updates.
+async fn deposit_unlocked(
+    State(store): State<Store>,
+    Path(id): Path<String>,
+    params: Result<Query<DepositParams>, QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(params) => params,
+        Err(rejection) => return invalid_query(&rejection),
+    };
+    let amount = params.amount.unwrap_or(1);
+    let current = match store.balance(&id).await {
+        Ok(balance) => balance,
+        Err(error) => return store_failed(&error),
+    };
+    tokio::time::sleep(Duration::from_millis(params.hold_ms.unwrap_or(0))).await;
+    let Some(new_balance) = current.checked_add(amount) else {
+        return overflow();
+    };
+    match store.write_unfenced(&id, new_balance).await {
+        Ok(()) => Json(json!({ "account": id, "balance": new_balance })).into_response(),
+        Err(error) => store_failed(&error),
+    }
+}
+
+/// `GET /accounts/{id}`.
+async fn balance(State(store): State<Store>, Path(id): Path<String>) -> Response {
+    match store.balance(&id).await {
+        Ok(balance) => Json(json!({ "account": id, "balance": balance })).into_response(),
+        Err(error) => store_failed(&error),
+    }
+}
+
+/// Number of chunks `GET /stream/{id}` sends.
+pub const STREAM_CHUNKS: u32 = 5;
+
+/// `GET /stream/{id}?ms=M`: 5 chunks, the first at once and the last after `M` ms; the lock is
+/// held until the last one is sent.
+async fn stream(
+    Path(id): Path<String>,
+    lease: Option<Extension<LockLease>>,
+    params: Result<Query<StreamParams>, QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(params) => params,
+        Err(rejection) => return invalid_query(&rejection),
+    };
+    let total = Duration::from_millis(params.ms.unwrap_or(1000));
+    let gap = total / (STREAM_CHUNKS - 1);
+    let token = lease.map(|Extension(lease)| lease.fencing_token());
+    let chunks = futures_util::stream::unfold(0u32, move |sent| {
+        let id = id.clone();
+        async move {
+            if sent == STREAM_CHUNKS {
+                return None;
+            }
+            if sent > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            let mut line = format!("account {id}: chunk {}/{STREAM_CHUNKS}", sent + 1);
+            if let (0, Some(token)) = (sent, token) {
+                line.push_str(&format!(" (lock held, fencing token {token})"));
+            }
+            line.push('\n');
+            Some((Ok::<_, Infallible>(Bytes::from(line)), sent + 1))
+        }
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response()
+}
