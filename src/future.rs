@@ -35,6 +35,7 @@ pin_project! {
         B: LockBackend,
     {
         core: Arc<Core<B>>,
+        span: tracing::Span,
         #[pin]
         state: State<S, ReqB, B>,
     }
@@ -99,6 +100,7 @@ where
         mut inner: S,
         request: Request<ReqB>,
     ) -> Self {
+        let mut span = tracing::Span::none();
         let state = match key {
             Ok(None) => State::Calling {
                 future: inner.call(request),
@@ -114,6 +116,7 @@ where
             Ok(Some(key)) => match Handle::try_current() {
                 Ok(runtime) => {
                     let name = core.config.lock_name(&key);
+                    span = tracing::debug_span!("tower_lock", lock = %core.config.label(&name));
                     let token = LockToken::random();
                     let started = Instant::now();
                     let acquire = tokio::time::timeout(
@@ -144,7 +147,7 @@ where
                 },
             },
         };
-        Self { core, state }
+        Self { core, span, state }
     }
 }
 
@@ -157,6 +160,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         let core: &Arc<Core<B>> = this.core;
         loop {
             match this.state.as_mut().project() {
@@ -257,19 +261,23 @@ where
     B: LockBackend,
 {
     let config = &core.config;
-    let lock = || pending.name.fingerprint();
     let error = match outcome {
         Ok(Ok(Acquire::Acquired { fencing_token })) => {
             return locked(core, pending, fencing_token);
         }
         Ok(Ok(Acquire::Held { remaining })) => {
-            tracing::debug!(lock = %lock(), ?remaining, "lock held by another request");
+            tracing::debug!(?remaining, "lock held by another request");
+            crate::telemetry::contended();
             return State::Rejected {
                 rejection: Some(Rejection::Conflict { remaining }),
             };
         }
-        Ok(Err(error)) => error,
+        Ok(Err(error)) => {
+            crate::telemetry::backend_error("acquire");
+            error
+        }
         Err(_) => {
+            crate::telemetry::backend_error("acquire");
             // The SET may have landed after we stopped waiting: delete it if it is ours.
             let cleanup = core.backend.release(&pending.name, pending.token);
             let timeout = config.release_timeout;
@@ -280,7 +288,7 @@ where
         }
     };
     if config.fail_open {
-        tracing::warn!(lock = %lock(), %error, "lock backend failed; calling the service unlocked (fail-open)");
+        tracing::warn!(%error, "lock backend failed; calling the service unlocked (fail-open)");
         let Pending {
             mut inner, request, ..
         } = pending;
@@ -290,7 +298,7 @@ where
             lost: None,
         };
     }
-    tracing::warn!(lock = %lock(), %error, "lock backend failed; answering 503");
+    tracing::warn!(%error, "lock backend failed; answering 503");
     State::Rejected {
         rejection: Some(Rejection::BackendUnavailable(error)),
     }
@@ -315,17 +323,18 @@ where
         started,
         runtime,
     } = pending;
-    let lease = LockLease::new(name, token, fencing_token);
+    crate::telemetry::acquired(started.elapsed());
+    let lease = LockLease::new(name, token, fencing_token, config.log_keys);
     let guard = LockGuard::new(core.clone(), lease.clone(), runtime.clone());
     let validity = config.ttl.saturating_sub(started.elapsed());
     if validity < config.min_validity() {
-        tracing::warn!(lock = %lease.name().fingerprint(), ?validity, "lock acquired with too little validity; releasing");
+        tracing::warn!(?validity, "lock acquired with too little validity; releasing");
         return release(
             guard,
             Outcome::Rejected(Rejection::InsufficientValidity { validity }),
         );
     }
-    tracing::debug!(lock = %lease.name().fingerprint(), fencing_token, "lock acquired");
+    tracing::debug!(fencing_token, "lock acquired");
     let every = config.renewal_interval();
     core.renewer.watch(
         lease.clone(),
@@ -363,5 +372,6 @@ where
 }
 
 fn respond<B, ResB>(core: &Core<B>, rejection: Rejection) -> Response<LockBody<ResB>> {
+    crate::telemetry::rejected(&rejection);
     core.config.respond(rejection).map(LockBody::rejection)
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
-use tokio::time::Timeout;
+use tokio::time::{Instant, Timeout};
 
 use crate::backend::{BackendError, BackendFuture, LockBackend, Release};
 use crate::layer::Core;
@@ -16,6 +16,7 @@ pub(crate) struct LockGuard<B: LockBackend> {
     core: Arc<Core<B>>,
     lease: LockLease,
     runtime: Handle,
+    acquired_at: Instant,
     armed: bool,
 }
 
@@ -25,6 +26,7 @@ impl<B: LockBackend> LockGuard<B> {
             core,
             lease,
             runtime,
+            acquired_at: Instant::now(),
             armed: true,
         }
     }
@@ -35,13 +37,20 @@ impl<B: LockBackend> LockGuard<B> {
 
     /// The compare-and-delete call, bounded by the release timeout. Stops renewal.
     pub(crate) fn release(&self) -> Timeout<BackendFuture<Release>> {
-        self.lease.end();
+        self.end();
         tokio::time::timeout(
             self.core.config.release_timeout,
             self.core
                 .backend
                 .release(self.lease.name(), self.lease.token()),
         )
+    }
+
+    fn end(&self) {
+        if !self.lease.has_ended() {
+            self.lease.end();
+            crate::telemetry::held(self.acquired_at.elapsed());
+        }
     }
 
     /// The release has completed: nothing left to do on drop.
@@ -55,7 +64,7 @@ impl<B: LockBackend> Drop for LockGuard<B> {
         if !self.armed {
             return;
         }
-        self.lease.end();
+        self.end();
         // Built here (no timer: `Drop` may run outside the runtime), awaited with its timeout on
         // the runtime. If the runtime is shutting down, the lock expires with its TTL.
         let release = self
@@ -76,7 +85,7 @@ pub(crate) fn report_release(
     lease: &LockLease,
     outcome: Result<Result<Release, BackendError>, std::time::Duration>,
 ) {
-    let lock = lease.name().fingerprint();
+    let lock = lease.label();
     match outcome {
         Ok(Ok(Release::Released)) => tracing::debug!(%lock, "lock released"),
         Ok(Ok(Release::Expired)) => {
@@ -87,12 +96,12 @@ pub(crate) fn report_release(
             "lock had expired and was taken by another request; left it alone"
         ),
         Ok(Err(error)) => {
+            crate::telemetry::backend_error("release");
             tracing::warn!(%lock, %error, "lock release failed; it will expire with its TTL")
         }
-        Err(after) => tracing::warn!(
-            %lock,
-            ?after,
-            "lock release timed out; it will expire with its TTL"
-        ),
+        Err(after) => {
+            crate::telemetry::backend_error("release");
+            tracing::warn!(%lock, ?after, "lock release timed out; it will expire with its TTL")
+        }
     }
 }

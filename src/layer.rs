@@ -83,6 +83,15 @@ impl Config {
         }
     }
 
+    /// How a lock is named in traces: a short hash of its key, or the key with `log_keys`.
+    pub(crate) fn label(&self, name: &LockName) -> String {
+        if self.log_keys {
+            name.lock_key().to_owned()
+        } else {
+            name.fingerprint()
+        }
+    }
+
     /// How often to renew, or `None` when renewal is off.
     pub(crate) fn renewal_interval(&self) -> Option<Duration> {
         match self.renew_every {
@@ -270,6 +279,18 @@ impl<K, B: LockBackend> LockLayer<K, B> {
     /// request material, such as account ids or idempotency keys).
     pub fn log_keys(self, log_keys: bool) -> Self {
         self.with(|c| c.log_keys = log_keys)
+    }
+
+    /// The same settings (and renewal task) with another key extractor.
+    pub(crate) fn with_extractor<K2>(self, extractor: K2) -> LockLayer<K2, B> {
+        LockLayer {
+            extractor,
+            core: self.core,
+        }
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core<B>> {
+        &self.core
     }
 
     /// The backend name this layer uses for `key` (namespace, hash tag, digest of long keys).

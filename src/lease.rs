@@ -48,17 +48,28 @@ struct Shared {
     fencing_token: u64,
     lost: CancellationToken,
     ended: AtomicBool,
+    log_keys: bool,
 }
 
 impl LockLease {
-    pub(crate) fn new(name: LockName, token: LockToken, fencing_token: u64) -> Self {
+    pub(crate) fn new(name: LockName, token: LockToken, fencing_token: u64, log_keys: bool) -> Self {
         Self(Arc::new(Shared {
             name,
             token,
             fencing_token,
             lost: CancellationToken::new(),
             ended: AtomicBool::new(false),
+            log_keys,
         }))
+    }
+
+    /// How the lock is named in traces (a short hash unless the layer logs keys).
+    pub(crate) fn label(&self) -> String {
+        if self.0.log_keys {
+            self.0.name.lock_key().to_owned()
+        } else {
+            self.0.name.fingerprint()
+        }
     }
 
     /// The backend name of the lock (namespace and escaped key; it contains request material).
@@ -101,13 +112,14 @@ impl LockLease {
         self.0.ended.store(true, Ordering::Release);
     }
 
-    fn has_ended(&self) -> bool {
+    pub(crate) fn has_ended(&self) -> bool {
         self.0.ended.load(Ordering::Acquire)
     }
 
     fn mark_lost(&self, why: &'static str) {
         if !self.has_ended() && !self.is_lost() {
-            tracing::warn!(lock = %self.0.name.fingerprint(), why, "lock lease lost");
+            tracing::warn!(lock = %self.label(), why, "lock lease lost");
+            crate::telemetry::lease_lost();
         }
         self.0.lost.cancel();
     }
@@ -229,6 +241,7 @@ async fn run<B: LockBackend>(backend: B, mut receiver: mpsc::UnboundedReceiver<E
                 let every = entry.plan.every.unwrap_or(entry.plan.ttl);
                 match outcome {
                     Ok(Ok(Extend::Extended)) => {
+                        tracing::trace!(lock = %entry.lease.label(), "lease renewed");
                         entry.plan.valid_until = sent_at + entry.plan.ttl;
                         let next = Instant::now() + every;
                         timers.insert_at(entry, next);
@@ -237,7 +250,8 @@ async fn run<B: LockBackend>(backend: B, mut receiver: mpsc::UnboundedReceiver<E
                         entry.lease.mark_lost("the lock was gone or held by another request");
                     }
                     Ok(Err(_)) | Err(_) => {
-                        tracing::debug!(lock = %entry.lease.name().fingerprint(), "lease renewal failed, retrying");
+                        tracing::debug!(lock = %entry.lease.label(), "lease renewal failed, retrying");
+                        crate::telemetry::backend_error("extend");
                         let retry = Instant::now() + (every / 3).max(Duration::from_millis(10));
                         let at = retry.min(entry.plan.valid_until);
                         timers.insert_at(entry, at);

@@ -49,18 +49,27 @@
 
 pub mod backend;
 mod body;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod extract;
 mod future;
 mod guard;
+pub mod idempotency;
 pub mod key;
 mod layer;
 mod lease;
+pub mod policy;
+pub mod routes;
 mod response;
 mod service;
+mod telemetry;
 
 pub use crate::backend::{LockBackend, MemoryBackend, RedisBackend};
 pub use crate::body::LockBody;
 pub use crate::future::ResponseFuture;
 pub use crate::layer::{LeaseLostPolicy, LockLayer};
 pub use crate::lease::LockLease;
+pub use crate::policy::LockPolicy;
+pub use crate::routes::{LockRoutes, LockRoutesService, RouteError};
 pub use crate::response::{Rejection, problem_response};
 pub use crate::service::LockService;

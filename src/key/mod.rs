@@ -33,11 +33,13 @@
 //! ```
 
 mod extract;
+mod template;
 
 use std::borrow::Cow;
 use std::fmt;
 
 pub use extract::{And, Global, Header, PathParam, PathSegment, Query};
+pub use template::{KeyTemplate, TemplateError};
 
 /// Extracts the lock key from a request's head.
 ///

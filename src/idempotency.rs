@@ -1,0 +1,224 @@
+//! The `Idempotency-Key` preset, after the IETF httpapi draft "The Idempotency-Key HTTP Header
+//! Field".
+//!
+//! - The lock key is the `Idempotency-Key` header, optionally scoped by who is calling
+//!   ([`IdempotencyKey::scoped_by`]), so two users' keys never collide.
+//! - A protected method (`POST` and `PATCH` by default, the draft's non-idempotent methods)
+//!   without the header: **400** problem+json, title "Idempotency-Key is missing".
+//! - A retry while the first request with the same key is still being processed: **409**
+//!   problem+json, title "A request is outstanding for this Idempotency-Key".
+//! - Other methods pass through unlocked.
+//!
+//! **Not in scope:** response replay. The lock only guarantees that two requests with the same key
+//! are never processed at the same time; remembering the first response and replaying it to later
+//! retries (and answering 422 to a reused key with another payload) is your handler's job.
+//!
+//! Idempotency keys are unbounded in number, so the preset turns fencing off (no counter key per
+//! idempotency key is left in Redis); the lock itself is deleted when the request ends.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_lock::{MemoryBackend, idempotency};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let service = ServiceBuilder::new()
+//!     .layer(idempotency::layer(MemoryBackend::new()))
+//!     .service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+//!
+//! let missing = Request::post("/orders").body(()).unwrap();
+//! assert_eq!(service.clone().oneshot(missing).await.unwrap().status(), StatusCode::BAD_REQUEST);
+//!
+//! let keyed = Request::post("/orders").header("idempotency-key", "\"8e03978e\"").body(()).unwrap();
+//! assert_eq!(service.oneshot(keyed).await.unwrap().status(), StatusCode::OK);
+//! # }
+//! ```
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderName, Method, Response, StatusCode};
+
+use crate::backend::LockBackend;
+use crate::key::{KeyExtractor, KeyRejection, LockKey};
+use crate::layer::LockLayer;
+use crate::policy::LockPolicy;
+use crate::response::{Rejection, problem_response};
+
+/// The header name, `idempotency-key`.
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
+
+/// Keys requests by their `Idempotency-Key` header. See the [module docs](self).
+#[derive(Clone)]
+pub struct IdempotencyKey {
+    methods: Arc<[Method]>,
+    scope: Option<Arc<DynExtract>>,
+}
+
+impl Default for IdempotencyKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyKey")
+            .field("methods", &self.methods)
+            .field("scoped", &self.scope.is_some())
+            .finish()
+    }
+}
+
+impl IdempotencyKey {
+    /// Requires the header on `POST` and `PATCH`.
+    pub fn new() -> Self {
+        Self {
+            methods: Arc::new([Method::POST, Method::PATCH]),
+            scope: None,
+        }
+    }
+
+    /// Requires the header on these methods instead.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Scopes keys by the caller's identity (a user id from a header, an API key, an extension
+    /// your authentication layer inserted): the lock key becomes `identity:idempotency-key`. If
+    /// the scope extractor finds no identity, the request is rejected (400), because an unscoped
+    /// key could collide with another caller's.
+    pub fn scoped_by<K: KeyExtractor>(mut self, scope: K) -> Self {
+        self.scope = Some(Arc::new(move |parts: &Parts| scope.extract(parts)));
+        self
+    }
+}
+
+impl KeyExtractor for IdempotencyKey {
+    fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
+        if !self.methods.contains(&parts.method) {
+            return Ok(None);
+        }
+        let Some(value) = parts.headers.get(&IDEMPOTENCY_KEY) else {
+            return Err(KeyRejection::new(
+                "This operation is idempotent and it requires correct usage of Idempotency Key.",
+            ));
+        };
+        let key = LockKey::new(value.as_bytes());
+        match &self.scope {
+            None => Ok(Some(key)),
+            Some(scope) => match scope(parts)? {
+                Some(identity) => Ok(Some(identity.join(&key))),
+                None => Err(KeyRejection::new(
+                    "The caller's identity, which scopes the Idempotency-Key, is missing.",
+                )),
+            },
+        }
+    }
+}
+
+/// The draft's problem responses for missing keys (400) and outstanding requests (409); every
+/// other rejection keeps its default response.
+pub fn rejection_response(rejection: Rejection) -> Response<Bytes> {
+    match &rejection {
+        Rejection::Conflict { .. } => {
+            let mut response = problem_response(
+                StatusCode::CONFLICT,
+                "urn:tower-lock:idempotency-key-outstanding",
+                "A request is outstanding for this Idempotency-Key",
+                "A request with the same Idempotency-Key is still being processed; retry after \
+                 it completes.",
+                None,
+            );
+            // Keep the Retry-After computed from the holder's lease.
+            if let Some(secs) = rejection.retry_after_secs() {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, secs.into());
+            }
+            response
+        }
+        Rejection::InvalidKey(invalid) => problem_response(
+            StatusCode::BAD_REQUEST,
+            "urn:tower-lock:idempotency-key-missing",
+            "Idempotency-Key is missing",
+            invalid.detail(),
+            None,
+        ),
+        _ => rejection.into_response(),
+    }
+}
+
+/// The preset as a policy (for [`LockRoutes`](crate::LockRoutes) or `route_layer`).
+pub fn policy(key: IdempotencyKey) -> LockPolicy {
+    LockPolicy::key(key)
+        .fencing(false)
+        .on_rejection(rejection_response)
+}
+
+/// The preset as a layer: `Idempotency-Key` on `POST`/`PATCH`, unscoped.
+pub fn layer<B: LockBackend>(backend: B) -> LockLayer<IdempotencyKey, B> {
+    layer_with(backend, IdempotencyKey::new())
+}
+
+/// The preset as a layer, with a configured [`IdempotencyKey`] (scope, methods).
+pub fn layer_with<B: LockBackend>(backend: B, key: IdempotencyKey) -> LockLayer<IdempotencyKey, B> {
+    LockLayer::new(backend, key)
+        .fencing(false)
+        .on_rejection(rejection_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Header;
+
+    fn parts(method: Method, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = http::Request::builder().method(method).uri("/orders");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn scoped_keys_of_two_callers_never_collide() {
+        let key = IdempotencyKey::new().scoped_by(Header::new("x-user"));
+        let alice = key
+            .extract(&parts(Method::POST, &[("x-user", "alice"), ("idempotency-key", "k")]))
+            .unwrap()
+            .unwrap();
+        let bob = key
+            .extract(&parts(Method::POST, &[("x-user", "bob"), ("idempotency-key", "k")]))
+            .unwrap()
+            .unwrap();
+        assert_ne!(alice, bob);
+        assert!(key.extract(&parts(Method::POST, &[("idempotency-key", "k")])).is_err());
+    }
+
+    #[test]
+    fn unprotected_methods_pass_through_and_protected_ones_need_the_header() {
+        let key = IdempotencyKey::new();
+        assert_eq!(key.extract(&parts(Method::GET, &[])).unwrap(), None);
+        assert!(key.extract(&parts(Method::PATCH, &[])).is_err());
+    }
+
+    #[test]
+    fn outstanding_request_gets_the_drafts_title() {
+        let response = rejection_response(Rejection::Conflict {
+            remaining: Some(std::time::Duration::from_millis(1500)),
+        });
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        assert_eq!(response.headers()[http::header::RETRY_AFTER], "2");
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(
+            body["title"],
+            "A request is outstanding for this Idempotency-Key"
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! Declarative protection: a [`LockPolicy`] says how one endpoint is locked.
+//!
+//! A policy is a key (a [template](crate::key::KeyTemplate) or any
+//! [`KeyExtractor`]), the methods it applies to, and the settings that differ from the
+//! layer's defaults (lease, hold-through-body, fail-open, …). It is used in one of two ways:
+//!
+//! - **axum (recommended):** turn it into a layer with [`LockPolicy::layer`] and attach it to the
+//!   route with `route_layer`, so unmatched requests (404, 405) are never locked;
+//! - **hyper / plain tower:** collect policies in a [`LockRoutes`](crate::LockRoutes) table, which
+//!   matches method and path itself.
+//!
+//! ```
+//! use std::time::Duration;
+//! use http::Method;
+//! use tower_lock::{LockPolicy, MemoryBackend};
+//!
+//! # fn main() -> Result<(), tower_lock::key::TemplateError> {
+//! let deposit = LockPolicy::template("account:{path.id}")?
+//!     .methods([Method::POST])
+//!     .ttl(Duration::from_secs(5));
+//! let layer = deposit.layer(MemoryBackend::new());
+//! // axum: Router::new().route("/accounts/{id}/deposit", post(handler)).route_layer(layer)
+//! # let _ = layer; Ok(()) }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, Response};
+
+use crate::backend::LockBackend;
+use crate::key::{KeyExtractor, KeyRejection, KeyTemplate, LockKey, TemplateError};
+use crate::layer::{LeaseLostPolicy, LockLayer};
+use crate::response::Rejection;
+
+type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
+type RejectionHandler = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
+
+/// How one endpoint is locked. See the [module docs](self).
+#[derive(Clone)]
+pub struct LockPolicy {
+    key: PolicyKey,
+    ttl: Option<Duration>,
+    hold_through_body: Option<bool>,
+    fail_open: Option<bool>,
+    lease_lost: Option<LeaseLostPolicy>,
+    fencing: Option<bool>,
+    on_rejection: Option<RejectionHandler>,
+}
+
+/// The key extractor of a policy: its key source, applied only to the policy's methods.
+#[derive(Clone)]
+pub struct PolicyKey {
+    source: KeySource,
+    methods: Option<Arc<[Method]>>,
+}
+
+#[derive(Clone)]
+enum KeySource {
+    Template(KeyTemplate),
+    Extractor(Arc<DynExtract>),
+}
+
+impl KeyExtractor for PolicyKey {
+    fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
+        if !self.applies_to(&parts.method) {
+            return Ok(None);
+        }
+        match &self.source {
+            KeySource::Template(template) => template.extract(parts),
+            KeySource::Extractor(extract) => extract(parts),
+        }
+    }
+}
+
+impl PolicyKey {
+    pub(crate) fn applies_to(&self, method: &Method) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|methods| methods.contains(method))
+    }
+
+    /// Gives a template key the route pattern it is attached to (checking its path parameters).
+    pub(crate) fn for_pattern(mut self, pattern: &str) -> Result<Self, TemplateError> {
+        if let KeySource::Template(template) = self.source {
+            self.source = KeySource::Template(template.with_pattern(pattern)?);
+        }
+        Ok(self)
+    }
+}
+
+impl std::fmt::Debug for PolicyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut debug = f.debug_struct("PolicyKey");
+        match &self.source {
+            KeySource::Template(template) => debug.field("template", &template.as_str()),
+            KeySource::Extractor(_) => debug.field("extractor", &"<fn>"),
+        };
+        debug.field("methods", &self.methods).finish()
+    }
+}
+
+impl std::fmt::Debug for LockPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockPolicy")
+            .field("key", &self.key)
+            .field("ttl", &self.ttl)
+            .field("hold_through_body", &self.hold_through_body)
+            .field("fail_open", &self.fail_open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LockPolicy {
+    /// A policy keyed by a [template](crate::key::KeyTemplate) such as `"account:{path.id}"`,
+    /// compiled now: a bad template is an error here, never at request time.
+    pub fn template(template: &str) -> Result<Self, TemplateError> {
+        Ok(Self::from_source(KeySource::Template(KeyTemplate::parse(
+            template,
+        )?)))
+    }
+
+    /// A policy keyed by any extractor.
+    pub fn key<K: KeyExtractor>(extractor: K) -> Self {
+        Self::from_source(KeySource::Extractor(Arc::new(move |parts: &Parts| {
+            extractor.extract(parts)
+        })))
+    }
+
+    fn from_source(source: KeySource) -> Self {
+        Self {
+            key: PolicyKey {
+                source,
+                methods: None,
+            },
+            ttl: None,
+            hold_through_body: None,
+            fail_open: None,
+            lease_lost: None,
+            fencing: None,
+            on_rejection: None,
+        }
+    }
+
+    /// Lock only requests with these methods; others pass through unlocked (default: all).
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.key.methods = Some(methods.into_iter().collect());
+        self
+    }
+
+    /// The lease of this endpoint's locks. See [`LockLayer::ttl`].
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Hold the lock until the response body is sent. See [`LockLayer::hold_through_body`].
+    pub fn hold_through_body(mut self, hold: bool) -> Self {
+        self.hold_through_body = Some(hold);
+        self
+    }
+
+    /// Call the endpoint unlocked when the backend fails. See [`LockLayer::fail_open`].
+    pub fn fail_open(mut self, fail_open: bool) -> Self {
+        self.fail_open = Some(fail_open);
+        self
+    }
+
+    /// What happens when the lease is lost. See [`LockLayer::on_lease_lost`].
+    pub fn on_lease_lost(mut self, policy: LeaseLostPolicy) -> Self {
+        self.lease_lost = Some(policy);
+        self
+    }
+
+    /// Hand out fencing tokens. See [`LockLayer::fencing`].
+    pub fn fencing(mut self, fencing: bool) -> Self {
+        self.fencing = Some(fencing);
+        self
+    }
+
+    /// Answer this endpoint's rejections with your own response. See [`LockLayer::on_rejection`].
+    pub fn on_rejection<F, T>(mut self, handler: F) -> Self
+    where
+        F: Fn(Rejection) -> Response<T> + Send + Sync + 'static,
+        T: Into<Bytes>,
+    {
+        self.on_rejection = Some(Arc::new(move |r| handler(r).map(Into::into)));
+        self
+    }
+
+    /// The layer for this policy with the default settings, for axum's `route_layer`.
+    ///
+    /// With the crate's `axum` feature, `{path.NAME}` reads axum's matched route. Without it, use
+    /// [`LockPolicy::layer_for`] to give the route pattern.
+    pub fn layer<B: LockBackend>(&self, backend: B) -> LockLayer<PolicyKey, B> {
+        self.apply(LockLayer::new(backend, self.key.clone()))
+    }
+
+    /// The layer for this policy attached to the route `pattern` (e.g. `/accounts/{id}`), which
+    /// `{path.NAME}` placeholders are checked against now.
+    pub fn layer_for<B: LockBackend>(
+        &self,
+        backend: B,
+        pattern: &str,
+    ) -> Result<LockLayer<PolicyKey, B>, TemplateError> {
+        let key = self.key.clone().for_pattern(pattern)?;
+        Ok(self.apply(LockLayer::new(backend, key)))
+    }
+
+    pub(crate) fn key_extractor(&self) -> &PolicyKey {
+        &self.key
+    }
+
+    /// Applies this policy's settings over `layer`'s.
+    pub(crate) fn apply<K, B: LockBackend>(&self, mut layer: LockLayer<K, B>) -> LockLayer<K, B> {
+        if let Some(ttl) = self.ttl {
+            layer = layer.ttl(ttl);
+        }
+        if let Some(hold) = self.hold_through_body {
+            layer = layer.hold_through_body(hold);
+        }
+        if let Some(fail_open) = self.fail_open {
+            layer = layer.fail_open(fail_open);
+        }
+        if let Some(policy) = self.lease_lost {
+            layer = layer.on_lease_lost(policy);
+        }
+        if let Some(fencing) = self.fencing {
+            layer = layer.fencing(fencing);
+        }
+        if let Some(handler) = &self.on_rejection {
+            let handler = handler.clone();
+            layer = layer.on_rejection(move |rejection| handler(rejection));
+        }
+        layer
+    }
+}

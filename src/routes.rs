@@ -1,0 +1,225 @@
+//! [`LockRoutes`]: one table of `path pattern → policy` for stacks without axum's router.
+//!
+//! The layer matches each request itself (with [`matchit`](https://docs.rs/matchit), the matcher
+//! axum uses): the **first** route whose pattern matches the path and whose policy applies to the
+//! method wins; requests no route matches pass through unlocked. Patterns use axum's syntax:
+//! `/accounts/{id}`, `/files/{*path}`.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Method, Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_lock::{LockPolicy, LockRoutes, MemoryBackend};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let routes = LockRoutes::new(MemoryBackend::new())
+//!     .route(
+//!         "/accounts/{id}/deposit",
+//!         LockPolicy::template("account:{path.id}")?.methods([Method::POST]),
+//!     )?
+//!     .route("/reports/nightly", LockPolicy::template("report:nightly")?)?;
+//!
+//! let service = ServiceBuilder::new()
+//!     .layer(routes)
+//!     .service_fn(|_req: Request<()>| async { Ok::<_, Infallible>(Response::new(String::new())) });
+//!
+//! let request = Request::post("/accounts/42/deposit").body(())?;
+//! assert_eq!(service.oneshot(request).await?.status(), StatusCode::OK);
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::backend::LockBackend;
+use crate::body::LockBody;
+use crate::future::ResponseFuture;
+use crate::key::{KeyExtractor, TemplateError};
+use crate::layer::{Core, LockLayer};
+use crate::policy::{LockPolicy, PolicyKey};
+
+/// A table of routes and their lock policies; a [`Layer`]. See the [module docs](self).
+pub struct LockRoutes<B> {
+    base: LockLayer<(), B>,
+    routes: Arc<Vec<Route<B>>>,
+}
+
+struct Route<B> {
+    pattern: Arc<str>,
+    matcher: matchit::Router<()>,
+    key: PolicyKey,
+    core: Arc<Core<B>>,
+}
+
+impl<B> Clone for Route<B> {
+    fn clone(&self) -> Self {
+        Self {
+            pattern: self.pattern.clone(),
+            matcher: self.matcher.clone(),
+            key: self.key.clone(),
+            core: self.core.clone(),
+        }
+    }
+}
+
+impl<B: LockBackend> Clone for LockRoutes<B> {
+    fn clone(&self) -> Self {
+        Self {
+            base: self.base.clone(),
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+impl<B> fmt::Debug for LockRoutes<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.routes.iter().map(|r| (&r.pattern, &r.key)))
+            .finish()
+    }
+}
+
+/// A route that cannot be added: a bad pattern, or a key template that does not fit it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// The policy's key template refers to a path parameter the pattern does not have.
+    Template(TemplateError),
+    /// The pattern is not a valid route pattern.
+    Pattern {
+        /// The pattern.
+        pattern: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl fmt::Display for RouteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Template(error) => error.fmt(f),
+            Self::Pattern { pattern, message } => {
+                write!(f, "route pattern `{pattern}`: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RouteError {}
+
+impl From<TemplateError> for RouteError {
+    fn from(error: TemplateError) -> Self {
+        Self::Template(error)
+    }
+}
+
+impl<B: LockBackend> LockRoutes<B> {
+    /// An empty table on `backend`, with the default layer settings.
+    pub fn new(backend: B) -> Self {
+        Self {
+            base: LockLayer::new(backend, ()),
+            routes: Arc::default(),
+        }
+    }
+
+    /// Changes the settings every route starts from (namespace, timeouts, …); a route's policy
+    /// overrides them. Call it before adding routes.
+    ///
+    /// ```
+    /// # use tower_lock::{LockRoutes, MemoryBackend};
+    /// let routes = LockRoutes::new(MemoryBackend::new()).defaults(|layer| layer.namespace("shop:"));
+    /// ```
+    pub fn defaults(mut self, configure: impl FnOnce(LockLayer<(), B>) -> LockLayer<(), B>) -> Self {
+        self.base = configure(self.base);
+        self
+    }
+
+    /// Adds a route: requests whose path matches `pattern`, with a method `policy` applies to, are
+    /// locked by `policy`. Earlier routes win.
+    pub fn route(mut self, pattern: &str, policy: LockPolicy) -> Result<Self, RouteError> {
+        let mut matcher = matchit::Router::new();
+        matcher.insert(pattern, ()).map_err(|error| RouteError::Pattern {
+            pattern: pattern.to_owned(),
+            message: error.to_string(),
+        })?;
+        let key = policy.key_extractor().clone().for_pattern(pattern)?;
+        let layer = policy.apply(self.base.clone().with_extractor(key.clone()));
+        Arc::make_mut(&mut self.routes).push(Route {
+            pattern: pattern.into(),
+            matcher,
+            key,
+            core: layer.core().clone(),
+        });
+        Ok(self)
+    }
+}
+
+impl<S, B: LockBackend> Layer<S> for LockRoutes<B> {
+    type Service = LockRoutesService<S, B>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LockRoutesService {
+            inner,
+            routes: self.routes.clone(),
+            fallback: self.base.core().clone(),
+        }
+    }
+}
+
+/// The service made by [`LockRoutes`].
+pub struct LockRoutesService<S, B> {
+    inner: S,
+    routes: Arc<Vec<Route<B>>>,
+    fallback: Arc<Core<B>>,
+}
+
+impl<S: Clone, B> Clone for LockRoutesService<S, B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            routes: self.routes.clone(),
+            fallback: self.fallback.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, B> fmt::Debug for LockRoutesService<S, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockRoutesService")
+            .field("inner", &self.inner)
+            .field("routes", &self.routes.len())
+            .finish()
+    }
+}
+
+impl<S, B, ReqB, ResB> Service<Request<ReqB>> for LockRoutesService<S, B>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    B: LockBackend,
+{
+    type Response = Response<LockBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = request.into_parts();
+        let route = self.routes.iter().find(|route| {
+            route.key.applies_to(&parts.method) && route.matcher.at(parts.uri.path()).is_ok()
+        });
+        let (core, key) = match route {
+            Some(route) => (route.core.clone(), route.key.extract(&parts)),
+            None => (self.fallback.clone(), Ok(None)),
+        };
+        ResponseFuture::new(core, key, inner, Request::from_parts(parts, body))
+    }
+}

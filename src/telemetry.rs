@@ -1,0 +1,58 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade (feature `metrics`); without
+//! the feature every function here is empty and compiles away.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `tower_lock_acquired_total` | counter | |
+//! | `tower_lock_contended_total` | counter | |
+//! | `tower_lock_rejected_total` | counter | `reason`: `conflict`, `invalid_key`, `backend_unavailable`, `insufficient_validity`, `lease_lost` |
+//! | `tower_lock_backend_errors_total` | counter | `operation`: `acquire`, `release`, `extend` |
+//! | `tower_lock_lease_lost_total` | counter | |
+//! | `tower_lock_acquire_seconds` | histogram | |
+//! | `tower_lock_hold_seconds` | histogram | |
+
+use std::time::Duration;
+
+use crate::response::Rejection;
+
+pub(crate) fn acquired(_latency: Duration) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!("tower_lock_acquired_total").increment(1);
+        metrics::histogram!("tower_lock_acquire_seconds").record(_latency.as_secs_f64());
+    }
+}
+
+pub(crate) fn contended() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tower_lock_contended_total").increment(1);
+}
+
+pub(crate) fn rejected(_rejection: &Rejection) {
+    #[cfg(feature = "metrics")]
+    {
+        let reason = match _rejection {
+            Rejection::Conflict { .. } => "conflict",
+            Rejection::InvalidKey(_) => "invalid_key",
+            Rejection::BackendUnavailable(_) => "backend_unavailable",
+            Rejection::InsufficientValidity { .. } => "insufficient_validity",
+            Rejection::LeaseLost => "lease_lost",
+        };
+        metrics::counter!("tower_lock_rejected_total", "reason" => reason).increment(1);
+    }
+}
+
+pub(crate) fn backend_error(_operation: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tower_lock_backend_errors_total", "operation" => _operation).increment(1);
+}
+
+pub(crate) fn lease_lost() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("tower_lock_lease_lost_total").increment(1);
+}
+
+pub(crate) fn held(_duration: Duration) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("tower_lock_hold_seconds").record(_duration.as_secs_f64());
+}

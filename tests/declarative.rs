@@ -1,0 +1,474 @@
+//! Declarative protection: policies, the route table, the Idempotency-Key preset, axum and hyper
+//! integration, tracing.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::Notify;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_lock::extract::FencingToken;
+use tower_lock::key::Header;
+use tower_lock::{LockLease, LockPolicy, LockRoutes, MemoryBackend, RedisBackend, RouteError};
+
+use common::RedisServer;
+
+async fn body_json<B>(response: Response<B>) -> serde_json::Value
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// A handler that reports the lock key it ran under (or "unlocked"), after waiting for `gate` if
+/// the request has `x-gate`.
+fn echo_service(
+    gate: Arc<Notify>,
+) -> impl tower::Service<
+    Request<String>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send {
+    tower::service_fn(move |req: Request<String>| {
+        let gate = gate.clone();
+        async move {
+            if req.headers().contains_key("x-gate") {
+                gate.notified().await;
+            }
+            let key = req
+                .extensions()
+                .get::<LockLease>()
+                .map_or_else(|| "unlocked".to_owned(), |l| l.key().to_owned());
+            Ok(Response::new(key))
+        }
+    })
+}
+
+async fn text<B>(response: Response<B>) -> String
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn route_table_first_match_wins_and_unmatched_requests_pass_through() {
+    let routes = LockRoutes::new(MemoryBackend::new())
+        .route(
+            "/accounts/{id}/deposit",
+            LockPolicy::template("deposit:{path.id}")
+                .unwrap()
+                .methods([Method::POST]),
+        )
+        .unwrap()
+        // Overlaps the route above; only reached by methods the first one does not lock.
+        .route(
+            "/accounts/{id}/{action}",
+            LockPolicy::template("account:{path.id}:{method}").unwrap(),
+        )
+        .unwrap()
+        .route("/reports/{*rest}", LockPolicy::template("reports").unwrap())
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(routes)
+        .service(echo_service(Arc::default()));
+    let call = |method: Method, uri: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(String::new())
+            .unwrap();
+        let service = service.clone();
+        async move { text(service.oneshot(request).await.unwrap()).await }
+    };
+    assert_eq!(
+        call(Method::POST, "/accounts/42/deposit").await,
+        "tower-lock:{deposit:42}"
+    );
+    assert_eq!(
+        call(Method::PUT, "/accounts/42/deposit").await,
+        "tower-lock:{account:42:PUT}"
+    );
+    assert_eq!(
+        call(Method::GET, "/reports/2026/11").await,
+        "tower-lock:{reports}"
+    );
+    assert_eq!(call(Method::GET, "/accounts/42").await, "unlocked");
+    assert_eq!(call(Method::GET, "/elsewhere").await, "unlocked");
+}
+
+#[test]
+fn route_table_rejects_bad_patterns_and_templates_at_build_time() {
+    let unknown_param = LockRoutes::new(MemoryBackend::new()).route(
+        "/accounts/{id}",
+        LockPolicy::template("account:{path.account_id}").unwrap(),
+    );
+    let Err(RouteError::Template(error)) = unknown_param else {
+        panic!("a template naming a missing path parameter was accepted");
+    };
+    assert_eq!(error.position(), 8);
+
+    let bad_pattern = LockRoutes::new(MemoryBackend::new())
+        .route("/accounts/{id", LockPolicy::template("x").unwrap());
+    assert!(matches!(bad_pattern, Err(RouteError::Pattern { .. })));
+
+    let bad_template = LockPolicy::template("account:{pth.id}").unwrap_err();
+    assert_eq!(bad_template.position(), 8);
+    assert!(bad_template.to_string().contains("expected"));
+}
+
+#[tokio::test]
+async fn route_policy_settings_apply_per_route() {
+    let gate = Arc::new(Notify::new());
+    let routes = LockRoutes::new(MemoryBackend::new())
+        .defaults(|layer| layer.namespace("app:"))
+        .route(
+            "/slow/{id}",
+            LockPolicy::template("slow:{path.id}")
+                .unwrap()
+                .ttl(Duration::from_secs(30)),
+        )
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(routes)
+        .service(echo_service(gate.clone()));
+    let holder = tokio::spawn(service.clone().oneshot(
+        Request::post("/slow/1")
+            .header("x-gate", "1")
+            .body(String::new())
+            .unwrap(),
+    ));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let conflict = service
+        .clone()
+        .oneshot(Request::post("/slow/1").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(conflict.status(), StatusCode::CONFLICT);
+    // The route's 30 s lease, not the default 10 s.
+    let retry_after: u64 = conflict.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after > 10, "Retry-After {retry_after}");
+    gate.notify_one();
+    assert_eq!(
+        text(holder.await.unwrap().unwrap()).await,
+        "app:{slow:1}"
+    );
+}
+
+#[tokio::test]
+async fn template_missing_part_is_a_400_naming_it() {
+    let routes = LockRoutes::new(MemoryBackend::new())
+        .route(
+            "/docs",
+            LockPolicy::template("{header.x-tenant-id}:{query.doc}").unwrap(),
+        )
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(routes)
+        .service(echo_service(Arc::default()));
+    let missing_header = service
+        .clone()
+        .oneshot(Request::get("/docs?doc=1").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(missing_header.status(), StatusCode::BAD_REQUEST);
+    let problem = body_json(missing_header).await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("x-tenant-id"),
+        "{problem}"
+    );
+    let missing_query = service
+        .clone()
+        .oneshot(
+            Request::get("/docs")
+                .header("x-tenant-id", "acme")
+                .body(String::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing_query.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        body_json(missing_query).await["detail"]
+            .as_str()
+            .unwrap()
+            .contains("doc")
+    );
+    let ok = service
+        .oneshot(
+            Request::get("/docs?doc=a%3Ab")
+                .header("x-tenant-id", "acme")
+                .body(String::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(text(ok).await, "tower-lock:{acme:a%3Ab}");
+}
+
+/// The axum app of these tests: two routes protected declaratively with `route_layer`.
+fn axum_app(backend: MemoryBackend, gate: Arc<Notify>) -> Router {
+    async fn deposit(lease: LockLease, FencingToken(token): FencingToken) -> String {
+        format!("{} {token}", lease.key())
+    }
+    async fn optional(lease: Option<LockLease>) -> String {
+        format!("{}", lease.is_some())
+    }
+    // Each route carries its own policy: `route_layer` on the method router.
+    Router::new()
+        .route(
+            "/accounts/{id}/deposit",
+            post(deposit).route_layer(
+                LockPolicy::template("account:{path.id}")
+                    .unwrap()
+                    .layer(backend.clone()),
+            ),
+        )
+        .route(
+            "/slow/{id}",
+            post(move || {
+                let gate = gate.clone();
+                async move {
+                    gate.notified().await;
+                    "done"
+                }
+            })
+            .route_layer(LockPolicy::key(Header::new("x-user")).layer(backend)),
+        )
+        .route("/open", get(optional))
+}
+
+#[tokio::test]
+async fn axum_route_layer_with_infallible_router() {
+    let gate = Arc::new(Notify::new());
+    let app = axum_app(MemoryBackend::new(), gate.clone());
+    // The layered router is still an `Infallible` service: no HandleErrorLayer needed.
+    fn infallible<S: tower::Service<Request<axum::body::Body>, Error = Infallible>>(_: &S) {}
+    infallible(&app);
+    let response = app
+        .clone()
+        .oneshot(Request::post("/accounts/7/deposit").body(axum::body::Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // `{path.id}` read axum's matched route; the handler extracted the lease and its token.
+    assert_eq!(text(response).await, "tower-lock:{account:7} 1");
+
+    // route_layer: an unmatched path is a 404, never a lock rejection.
+    let not_found = app
+        .clone()
+        .oneshot(Request::post("/nowhere").body(axum::body::Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(not_found.status(), StatusCode::NOT_FOUND);
+
+    // The unlocked route sees no lease.
+    let open = app
+        .clone()
+        .oneshot(Request::get("/open").body(axum::body::Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(text(open).await, "false");
+
+    // The second route's policy: 400 without the header, 409 while held.
+    let no_user = app
+        .clone()
+        .oneshot(Request::post("/slow/1").body(axum::body::Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(no_user.status(), StatusCode::BAD_REQUEST);
+    let slow = || {
+        Request::post("/slow/1")
+            .header("x-user", "ann")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let holder = tokio::spawn(app.clone().oneshot(slow()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let conflict = app.clone().oneshot(slow()).await.unwrap();
+    assert_eq!(conflict.status(), StatusCode::CONFLICT);
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn lease_extractor_without_a_lock_is_a_500() {
+    async fn needs_lease(_lease: LockLease) -> &'static str {
+        "unreachable"
+    }
+    let app: Router = Router::new().route("/", get(needs_lease));
+    let response = app
+        .oneshot(Request::get("/").body(axum::body::Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+mod idempotency_preset {
+    use super::*;
+    use tower_lock::idempotency;
+
+    async fn preset_over_http(backend: impl tower_lock::LockBackend) {
+        let gate = Arc::new(Notify::new());
+        let service = ServiceBuilder::new()
+            .layer(idempotency::layer_with(
+                backend,
+                idempotency::IdempotencyKey::new().scoped_by(Header::new("x-user")),
+            ))
+            .service(echo_service(gate.clone()));
+        let order = |user: &str, key: Option<&str>, gated: bool| {
+            let mut builder = Request::post("/orders").header("x-user", user);
+            if let Some(key) = key {
+                builder = builder.header("idempotency-key", key);
+            }
+            if gated {
+                builder = builder.header("x-gate", "1");
+            }
+            service.clone().oneshot(builder.body(String::new()).unwrap())
+        };
+
+        let missing = order("ann", None, false).await.unwrap();
+        assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            missing.headers()["content-type"],
+            "application/problem+json"
+        );
+        assert_eq!(
+            body_json(missing).await["title"],
+            "Idempotency-Key is missing"
+        );
+
+        let first = tokio::spawn(order("ann", Some("\"k1\""), true));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let retry = order("ann", Some("\"k1\""), false).await.unwrap();
+        assert_eq!(retry.status(), StatusCode::CONFLICT);
+        assert!(retry.headers().contains_key("retry-after"));
+        assert_eq!(
+            body_json(retry).await["title"],
+            "A request is outstanding for this Idempotency-Key"
+        );
+        // Another caller's identical key is another lock.
+        let other_user = order("bob", Some("\"k1\""), false).await.unwrap();
+        assert_eq!(other_user.status(), StatusCode::OK);
+
+        gate.notify_one();
+        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        // Done: the same key may be sent again (replay is the handler's business).
+        let again = order("ann", Some("\"k1\""), false).await.unwrap();
+        assert_eq!(again.status(), StatusCode::OK);
+
+        // GET is not a protected method.
+        let get = service
+            .clone()
+            .oneshot(Request::get("/orders").body(String::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(text(get).await, "unlocked");
+    }
+
+    #[tokio::test]
+    async fn idempotency_preset_on_memory() {
+        preset_over_http(MemoryBackend::new()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idempotency_preset_on_redis_leaves_no_keys() {
+        let server = RedisServer::start();
+        preset_over_http(RedisBackend::connect(&server.url()).await.unwrap()).await;
+        let mut connection = server.connection().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        // No lock left, and no fencing counter per idempotency key.
+        assert!(keys.is_empty(), "{keys:?}");
+    }
+}
+
+mod hyper_only {
+    use super::*;
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hyper_server_with_a_route_table_end_to_end() {
+        let server = RedisServer::start();
+        let backend = RedisBackend::connect(&server.url()).await.unwrap();
+        let gate = Arc::new(Notify::new());
+        let opener = gate.clone();
+        let routes = LockRoutes::new(backend)
+            .route(
+                "/jobs/{id}",
+                LockPolicy::template("job:{path.id}")
+                    .unwrap()
+                    .methods([Method::PUT]),
+            )
+            .unwrap();
+        let handler = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let gate = gate.clone();
+            async move {
+                if req.headers().contains_key("x-gate") {
+                    gate.notified().await;
+                }
+                let token = req
+                    .extensions()
+                    .get::<LockLease>()
+                    .map_or(0, LockLease::fencing_token);
+                Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(token.to_string()),
+                )))
+            }
+        });
+        let service = ServiceBuilder::new().layer(routes).service(handler);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let service = TowerToHyperService::new(service.clone());
+                tokio::spawn(
+                    http1::Builder::new().serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/jobs/9");
+        let first = client.put(&url).send().await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(first.text().await.unwrap(), "1");
+        let holder = tokio::spawn(client.put(&url).header("x-gate", "1").send());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let conflict = client.put(&url).send().await.unwrap();
+        assert_eq!(conflict.status(), StatusCode::CONFLICT);
+        assert_eq!(
+            conflict.headers()["content-type"],
+            "application/problem+json"
+        );
+        // GET is not locked by the PUT policy.
+        let get = client.get(&url).send().await.unwrap();
+        assert_eq!(get.text().await.unwrap(), "0");
+        opener.notify_one();
+        let held = holder.await.unwrap().unwrap();
+        assert_eq!(held.status(), StatusCode::OK);
+        assert_eq!(held.text().await.unwrap(), "2");
+    }
+
+}
