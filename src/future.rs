@@ -328,7 +328,10 @@ where
     let guard = LockGuard::new(core.clone(), lease.clone(), runtime.clone());
     let validity = config.ttl.saturating_sub(started.elapsed());
     if validity < config.min_validity() {
-        tracing::warn!(?validity, "lock acquired with too little validity; releasing");
+        tracing::warn!(
+            ?validity,
+            "lock acquired with too little validity; releasing"
+        );
         return release(
             guard,
             Outcome::Rejected(Rejection::InsufficientValidity { validity }),

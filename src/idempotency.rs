@@ -190,15 +190,24 @@ mod tests {
     fn scoped_keys_of_two_callers_never_collide() {
         let key = IdempotencyKey::new().scoped_by(Header::new("x-user"));
         let alice = key
-            .extract(&parts(Method::POST, &[("x-user", "alice"), ("idempotency-key", "k")]))
+            .extract(&parts(
+                Method::POST,
+                &[("x-user", "alice"), ("idempotency-key", "k")],
+            ))
             .unwrap()
             .unwrap();
         let bob = key
-            .extract(&parts(Method::POST, &[("x-user", "bob"), ("idempotency-key", "k")]))
+            .extract(&parts(
+                Method::POST,
+                &[("x-user", "bob"), ("idempotency-key", "k")],
+            ))
             .unwrap()
             .unwrap();
         assert_ne!(alice, bob);
-        assert!(key.extract(&parts(Method::POST, &[("idempotency-key", "k")])).is_err());
+        assert!(
+            key.extract(&parts(Method::POST, &[("idempotency-key", "k")]))
+                .is_err()
+        );
     }
 
     #[test]

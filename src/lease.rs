@@ -52,7 +52,12 @@ struct Shared {
 }
 
 impl LockLease {
-    pub(crate) fn new(name: LockName, token: LockToken, fencing_token: u64, log_keys: bool) -> Self {
+    pub(crate) fn new(
+        name: LockName,
+        token: LockToken,
+        fencing_token: u64,
+        log_keys: bool,
+    ) -> Self {
         Self(Arc::new(Shared {
             name,
             token,

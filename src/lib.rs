@@ -59,8 +59,8 @@ pub mod key;
 mod layer;
 mod lease;
 pub mod policy;
-pub mod routes;
 mod response;
+pub mod routes;
 mod service;
 mod telemetry;
 
@@ -70,6 +70,6 @@ pub use crate::future::ResponseFuture;
 pub use crate::layer::{LeaseLostPolicy, LockLayer};
 pub use crate::lease::LockLease;
 pub use crate::policy::LockPolicy;
-pub use crate::routes::{LockRoutes, LockRoutesService, RouteError};
 pub use crate::response::{Rejection, problem_response};
+pub use crate::routes::{LockRoutes, LockRoutesService, RouteError};
 pub use crate::service::LockService;

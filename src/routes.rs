@@ -133,7 +133,10 @@ impl<B: LockBackend> LockRoutes<B> {
     /// # use tower_lock::{LockRoutes, MemoryBackend};
     /// let routes = LockRoutes::new(MemoryBackend::new()).defaults(|layer| layer.namespace("shop:"));
     /// ```
-    pub fn defaults(mut self, configure: impl FnOnce(LockLayer<(), B>) -> LockLayer<(), B>) -> Self {
+    pub fn defaults(
+        mut self,
+        configure: impl FnOnce(LockLayer<(), B>) -> LockLayer<(), B>,
+    ) -> Self {
         self.base = configure(self.base);
         self
     }
@@ -142,10 +145,12 @@ impl<B: LockBackend> LockRoutes<B> {
     /// locked by `policy`. Earlier routes win.
     pub fn route(mut self, pattern: &str, policy: LockPolicy) -> Result<Self, RouteError> {
         let mut matcher = matchit::Router::new();
-        matcher.insert(pattern, ()).map_err(|error| RouteError::Pattern {
-            pattern: pattern.to_owned(),
-            message: error.to_string(),
-        })?;
+        matcher
+            .insert(pattern, ())
+            .map_err(|error| RouteError::Pattern {
+                pattern: pattern.to_owned(),
+                message: error.to_string(),
+            })?;
         let key = policy.key_extractor().clone().for_pattern(pattern)?;
         let layer = policy.apply(self.base.clone().with_extractor(key.clone()));
         Arc::make_mut(&mut self.routes).push(Route {

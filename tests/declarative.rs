@@ -144,12 +144,14 @@ async fn route_policy_settings_apply_per_route() {
     let service = ServiceBuilder::new()
         .layer(routes)
         .service(echo_service(gate.clone()));
-    let holder = tokio::spawn(service.clone().oneshot(
-        Request::post("/slow/1")
-            .header("x-gate", "1")
-            .body(String::new())
-            .unwrap(),
-    ));
+    let holder = tokio::spawn(
+        service.clone().oneshot(
+            Request::post("/slow/1")
+                .header("x-gate", "1")
+                .body(String::new())
+                .unwrap(),
+        ),
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
     let conflict = service
         .clone()
@@ -165,10 +167,7 @@ async fn route_policy_settings_apply_per_route() {
         .unwrap();
     assert!(retry_after > 10, "Retry-After {retry_after}");
     gate.notify_one();
-    assert_eq!(
-        text(holder.await.unwrap().unwrap()).await,
-        "app:{slow:1}"
-    );
+    assert_eq!(text(holder.await.unwrap().unwrap()).await, "app:{slow:1}");
 }
 
 #[tokio::test]
@@ -263,7 +262,11 @@ async fn axum_route_layer_with_infallible_router() {
     infallible(&app);
     let response = app
         .clone()
-        .oneshot(Request::post("/accounts/7/deposit").body(axum::body::Body::empty()).unwrap())
+        .oneshot(
+            Request::post("/accounts/7/deposit")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -273,7 +276,11 @@ async fn axum_route_layer_with_infallible_router() {
     // route_layer: an unmatched path is a 404, never a lock rejection.
     let not_found = app
         .clone()
-        .oneshot(Request::post("/nowhere").body(axum::body::Body::empty()).unwrap())
+        .oneshot(
+            Request::post("/nowhere")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(not_found.status(), StatusCode::NOT_FOUND);
@@ -281,7 +288,11 @@ async fn axum_route_layer_with_infallible_router() {
     // The unlocked route sees no lease.
     let open = app
         .clone()
-        .oneshot(Request::get("/open").body(axum::body::Body::empty()).unwrap())
+        .oneshot(
+            Request::get("/open")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(text(open).await, "false");
@@ -289,7 +300,11 @@ async fn axum_route_layer_with_infallible_router() {
     // The second route's policy: 400 without the header, 409 while held.
     let no_user = app
         .clone()
-        .oneshot(Request::post("/slow/1").body(axum::body::Body::empty()).unwrap())
+        .oneshot(
+            Request::post("/slow/1")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(no_user.status(), StatusCode::BAD_REQUEST);
@@ -340,7 +355,9 @@ mod idempotency_preset {
             if gated {
                 builder = builder.header("x-gate", "1");
             }
-            service.clone().oneshot(builder.body(String::new()).unwrap())
+            service
+                .clone()
+                .oneshot(builder.body(String::new()).unwrap())
         };
 
         let missing = order("ann", None, false).await.unwrap();
@@ -444,9 +461,7 @@ mod hyper_only {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 let service = TowerToHyperService::new(service.clone());
-                tokio::spawn(
-                    http1::Builder::new().serve_connection(TokioIo::new(stream), service),
-                );
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
             }
         });
         let client = reqwest::Client::new();
@@ -470,5 +485,4 @@ mod hyper_only {
         assert_eq!(held.status(), StatusCode::OK);
         assert_eq!(held.text().await.unwrap(), "2");
     }
-
 }

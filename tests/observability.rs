@@ -113,7 +113,10 @@ async fn tracing_and_metrics_report_acquire_contention_release_and_loss() {
         assert!(logs.contains(event), "no `{event}` in:\n{logs}");
     }
     assert!(logs.contains(&name.fingerprint()), "{logs}");
-    assert!(!logs.contains("secret-account"), "a key leaked into logs:\n{logs}");
+    assert!(
+        !logs.contains("secret-account"),
+        "a key leaked into logs:\n{logs}"
+    );
     assert!(logs.contains("visible-account"), "{logs}");
 
     let metrics = snapshotter.snapshot().into_vec();
@@ -122,9 +125,8 @@ async fn tracing_and_metrics_report_acquire_contention_release_and_loss() {
             .iter()
             .filter(|(key, _, _, _)| key.key().name() == name)
             .filter(|(key, _, _, _)| {
-                label.is_none_or(|(k, v)| {
-                    key.key().labels().any(|l| l.key() == k && l.value() == v)
-                })
+                label
+                    .is_none_or(|(k, v)| key.key().labels().any(|l| l.key() == k && l.value() == v))
             })
             .map(|(_, _, _, value)| match value {
                 DebugValue::Counter(n) => *n,
