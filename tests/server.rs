@@ -178,6 +178,71 @@ async fn stream_holds_the_lock_until_the_body_is_sent(redis: Option<&RedisServer
     assert_eq!(after, StatusCode::OK);
 }
 
+async fn orders_follow_the_idempotency_key_preset(redis: Option<&RedisServer>) {
+    let server = start(redis, DemoConfig::default()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/orders", server.url());
+    let missing = client.post(&url).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        missing.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    let first = tokio::spawn(
+        client
+            .post(format!("{url}?hold_ms=500"))
+            .header("idempotency-key", "order-1")
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let retry = client
+        .post(&url)
+        .header("idempotency-key", "order-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), StatusCode::CONFLICT);
+    let problem: Value = retry.json().await.unwrap();
+    assert_eq!(
+        problem["title"],
+        "A request is outstanding for this Idempotency-Key"
+    );
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let body: Value = first.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({"order": "order-1"}));
+}
+
+async fn long_hold_outlives_lock_ttl_safely(redis: Option<&RedisServer>) {
+    // LOCK_TTL_MS=300 with the default renewal: a 1.2 s deposit keeps its lock all along.
+    let server = start(
+        redis,
+        DemoConfig {
+            lock_ttl: Some(Duration::from_millis(300)),
+            ..DemoConfig::default()
+        },
+    )
+    .await;
+    let base = server.url();
+    let slow = tokio::spawn(post(format!(
+        "{base}/accounts/t1/deposit?amount=10&hold_ms=1200"
+    )));
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let during = post(format!("{base}/accounts/t1/deposit?amount=1")).await;
+        assert_eq!(
+            during.status(),
+            StatusCode::CONFLICT,
+            "lock lapsed mid-request"
+        );
+    }
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status(), StatusCode::OK);
+    let slow: Value = slow.json().await.unwrap();
+    assert_eq!(slow["balance"], 10);
+}
+
 macro_rules! both_backends {
     ($($test:ident),* $(,)?) => {
         mod redis_backend {
@@ -205,6 +270,8 @@ both_backends!(
     concurrent_burst_keeps_every_locked_deposit,
     stale_token_write_is_refused,
     stream_holds_the_lock_until_the_body_is_sent,
+    orders_follow_the_idempotency_key_preset,
+    long_hold_outlives_lock_ttl_safely,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@
 //! | `POST /accounts/{id}/deposit?amount=A&hold_ms=H` | on `id` | read balance, sleep `H` ms, **fenced** write of `balance + A` |
 //! | `POST /unlocked/accounts/{id}/deposit?amount=A&hold_ms=H` | none | the same read–sleep–write, unfenced: loses updates under concurrency |
 //! | `GET /accounts/{id}` | none | `{"account": id, "balance": b}` (0 when unknown) |
+//! | `POST /orders?hold_ms=H` | on the `Idempotency-Key` header (preset) | 400 without the header, 409 while the same key is in flight, else 200 `{"order": key}` |
 //! | `GET /stream/{id}?ms=M` | on `id`, held until the body is sent | 5 text chunks spread over `M` ms (default 1000) |
 //!
 //! The deposit's write carries the request's [`LockLease::fencing_token`]; the store remembers the
@@ -366,8 +367,15 @@ pub fn with_backend<B: tower_lock::LockBackend>(
     let streaming = Router::new()
         .route("/stream/{id}", get(stream))
         .route_layer(layer("/stream/{id}").hold_through_body(true));
+    let orders = Router::new().route(
+        "/orders",
+        post(order).route_layer(
+            tower_lock::idempotency::layer(backend.clone()).namespace(&config.namespace),
+        ),
+    );
     let router = Router::new()
         .route("/unlocked/accounts/{id}/deposit", post(deposit_unlocked))
+        .merge(orders)
         .route("/accounts/{id}", get(balance))
         .merge(locked)
         .merge(streaming)
@@ -419,6 +427,30 @@ pub async fn spawn(config: DemoConfig) -> std::io::Result<Running> {
 struct DepositParams {
     amount: Option<i64>,
     hold_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OrderParams {
+    hold_ms: Option<u64>,
+}
+
+/// `POST /orders`: protected by the Idempotency-Key preset; holds `hold_ms`, then answers
+/// `{"order": <the Idempotency-Key>}`.
+async fn order(
+    headers: axum::http::HeaderMap,
+    params: Result<Query<OrderParams>, QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(params) => params,
+        Err(rejection) => return invalid_query(&rejection),
+    };
+    tokio::time::sleep(Duration::from_millis(params.hold_ms.unwrap_or(0))).await;
+    // The layer has already rejected requests without the header.
+    let key = headers
+        .get("idempotency-key")
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .unwrap_or_default();
+    Json(json!({ "order": key })).into_response()
 }
 
 #[derive(Debug, Deserialize)]
