@@ -73,3 +73,8 @@ pub use crate::policy::LockPolicy;
 pub use crate::response::{Rejection, problem_response};
 pub use crate::routes::{LockRoutes, LockRoutesService, RouteError};
 pub use crate::service::LockService;
+
+/// The README's examples, compiled as doctests.
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
