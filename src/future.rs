@@ -17,7 +17,7 @@ use crate::backend::{
     LockToken, Release,
 };
 use crate::body::LockBody;
-use crate::guard::{LockGuard, report_release};
+use crate::guard::{AcquireCleanup, LockGuard, report_release};
 use crate::key::{KeyRejection, LockKey};
 use crate::layer::{Core, LeaseLostPolicy};
 use crate::lease::{LockLease, Plan};
@@ -52,6 +52,8 @@ pin_project! {
             #[pin]
             acquire: Timeout<BackendFuture<Acquire>>,
             pending: Option<Pending<S, ReqB>>,
+            // Deletes the lock if this future is dropped before the acquire's outcome is known.
+            cleanup: Option<AcquireCleanup<B>>,
         },
         Calling {
             #[pin]
@@ -127,8 +129,11 @@ where
                             AcquireOptions::new(core.config.ttl).fencing(core.config.fencing),
                         ),
                     );
+                    let cleanup =
+                        AcquireCleanup::new(core.clone(), name.clone(), token, runtime.clone());
                     State::Acquiring {
                         acquire,
+                        cleanup: Some(cleanup),
                         pending: Some(Pending {
                             inner,
                             request,
@@ -164,12 +169,16 @@ where
         let core: &Arc<Core<B>> = this.core;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Acquiring { acquire, pending } => {
+                StateProj::Acquiring {
+                    acquire,
+                    pending,
+                    cleanup,
+                } => {
                     let outcome = ready!(acquire.poll(cx));
-                    let Some(pending) = pending.take() else {
+                    let (Some(pending), Some(cleanup)) = (pending.take(), cleanup.take()) else {
                         unreachable!("the acquiring state always carries its request");
                     };
-                    let next = acquired(core, pending, outcome);
+                    let next = acquired(core, pending, cleanup, outcome);
                     this.state.set(next);
                 }
                 StateProj::Calling {
@@ -254,6 +263,7 @@ where
 fn acquired<S, ReqB, B>(
     core: &Arc<Core<B>>,
     pending: Pending<S, ReqB>,
+    cleanup: AcquireCleanup<B>,
     outcome: Result<Result<Acquire, BackendError>, tokio::time::error::Elapsed>,
 ) -> State<S, ReqB, B>
 where
@@ -263,30 +273,30 @@ where
     let config = &core.config;
     let error = match outcome {
         Ok(Ok(Acquire::Acquired { fencing_token })) => {
+            // The guard made in `locked` owns the lock from here.
+            cleanup.disarm();
             return locked(core, pending, fencing_token);
         }
         Ok(Ok(Acquire::Held { remaining })) => {
+            cleanup.disarm();
             tracing::debug!(?remaining, "lock held by another request");
             crate::telemetry::contended();
             return State::Rejected {
                 rejection: Some(Rejection::Conflict { remaining }),
             };
         }
+        // The SET may have landed although we got no answer: `cleanup` deletes it (if ours)
+        // when dropped at the end of this function.
         Ok(Err(error)) => {
             crate::telemetry::backend_error("acquire");
             error
         }
         Err(_) => {
             crate::telemetry::backend_error("acquire");
-            // The SET may have landed after we stopped waiting: delete it if it is ours.
-            let cleanup = core.backend.release(&pending.name, pending.token);
-            let timeout = config.release_timeout;
-            pending.runtime.spawn(async move {
-                let _ = tokio::time::timeout(timeout, cleanup).await;
-            });
             BackendError::timeout("lock acquire", config.acquire_timeout)
         }
     };
+    drop(cleanup);
     if config.fail_open {
         tracing::warn!(%error, "lock backend failed; calling the service unlocked (fail-open)");
         let Pending {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::runtime::Handle;
 use tokio::time::{Instant, Timeout};
 
-use crate::backend::{BackendError, BackendFuture, LockBackend, Release};
+use crate::backend::{BackendError, BackendFuture, LockBackend, LockName, LockToken, Release};
 use crate::layer::Core;
 use crate::lease::LockLease;
 
@@ -65,19 +65,69 @@ impl<B: LockBackend> Drop for LockGuard<B> {
             return;
         }
         self.end();
-        // Built here (no timer: `Drop` may run outside the runtime), awaited with its timeout on
-        // the runtime. If the runtime is shutting down, the lock expires with its TTL.
-        let release = self
-            .core
-            .backend
-            .release(self.lease.name(), self.lease.token());
-        let lease = self.lease.clone();
-        let timeout = self.core.config.release_timeout;
-        self.runtime.spawn(async move {
-            let outcome = tokio::time::timeout(timeout, release).await;
-            report_release(&lease, outcome.map_err(|_| timeout));
-        });
+        spawn_release(
+            &self.core,
+            &self.runtime,
+            self.lease.name(),
+            self.lease.token(),
+            Some(self.lease.clone()),
+        );
     }
+}
+
+/// Deletes a lock this request may have taken without ever holding it: an acquire that was
+/// dropped mid-flight (client gone), timed out or failed may still have landed on the server.
+/// Disarmed once the acquire's outcome is known to need no clean-up.
+pub(crate) struct AcquireCleanup<B: LockBackend> {
+    core: Arc<Core<B>>,
+    name: LockName,
+    token: LockToken,
+    runtime: Handle,
+    armed: bool,
+}
+
+impl<B: LockBackend> AcquireCleanup<B> {
+    pub(crate) fn new(core: Arc<Core<B>>, name: LockName, token: LockToken, runtime: Handle) -> Self {
+        Self {
+            core,
+            name,
+            token,
+            runtime,
+            armed: true,
+        }
+    }
+
+    pub(crate) fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl<B: LockBackend> Drop for AcquireCleanup<B> {
+    fn drop(&mut self) {
+        if self.armed {
+            spawn_release(&self.core, &self.runtime, &self.name, self.token, None);
+        }
+    }
+}
+
+/// Spawns a compare-and-delete on `runtime`. The backend call is made here (no timer: this may
+/// run in a `Drop` outside the runtime) and awaited with the release timeout on the runtime. If
+/// the runtime is shutting down, the lock expires with its TTL.
+fn spawn_release<B: LockBackend>(
+    core: &Core<B>,
+    runtime: &Handle,
+    name: &LockName,
+    token: LockToken,
+    lease: Option<LockLease>,
+) {
+    let release = core.backend.release(name, token);
+    let timeout = core.config.release_timeout;
+    runtime.spawn(async move {
+        let outcome = tokio::time::timeout(timeout, release).await;
+        if let Some(lease) = lease {
+            report_release(&lease, outcome.map_err(|_| timeout));
+        }
+    });
 }
 
 /// Traces what a release did.

@@ -212,6 +212,19 @@ async fn response_future_drop_releases_lock<F: Fixture>() {
     assert_eq!(send(&service, request("k")).await.status(), StatusCode::OK);
 }
 
+async fn response_future_dropped_before_acquiring_leaves_no_lock<F: Fixture>() {
+    let fixture = F::start().await;
+    let probe = Arc::new(Probe::default());
+    let mut service = service(layer(&fixture), probe.clone());
+    service.ready().await.unwrap();
+    // Made but never polled (the memory backend has already taken the lock by now).
+    let future = service.call(request("k").body(String::new()).unwrap());
+    drop(future);
+    until_held(&fixture, 0).await;
+    assert_eq!(send(&service, request("k")).await.status(), StatusCode::OK);
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+}
+
 async fn release_never_deletes_a_foreign_lock<F: Fixture>() {
     let fixture = F::start().await;
     let layer = layer(&fixture).ttl(Duration::from_millis(300)).no_renewal();
@@ -485,6 +498,7 @@ suite!(
     lock_released_after_inner_error,
     lock_released_after_panic,
     response_future_drop_releases_lock,
+    response_future_dropped_before_acquiring_leaves_no_lock,
     release_never_deletes_a_foreign_lock,
     extractor_rejection_returns_400,
     none_key_passes_through,
@@ -531,6 +545,30 @@ mod redis_only {
             probe.calls.load(Ordering::SeqCst),
             1,
             "fail-closed calls nothing"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn response_future_dropped_mid_acquire_leaves_no_lock() {
+        let fixture = Redis::start().await;
+        let service = service(
+            layer(&fixture).acquire_timeout(Duration::from_secs(5)),
+            Arc::default(),
+        );
+        // Load the script first, so the frozen server gets a complete EVALSHA.
+        assert_eq!(send(&service, request("warm")).await.status(), StatusCode::OK);
+        // The acquire script is sent to a frozen server; the client gives up and goes away.
+        fixture.server.pause();
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(200), send(&service, request("k")))
+                .await
+                .is_err();
+        assert!(gave_up);
+        // Thawed, the server runs the SET it had queued... and then our clean-up.
+        fixture.server.resume();
+        assert!(
+            eventually(Duration::from_secs(3), async || fixture.held().await == 0).await,
+            "the lock taken by an abandoned acquire was left to its 10 s TTL"
         );
     }
 
