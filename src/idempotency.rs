@@ -50,6 +50,10 @@ use crate::response::{Rejection, problem_response};
 /// The header name, `idempotency-key`.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
+/// The detail of the 400 for a protected request without the header (the draft's wording).
+const MISSING_KEY_DETAIL: &str =
+    "This operation is idempotent and it requires correct usage of Idempotency Key.";
+
 type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
 
 /// Keys requests by their `Idempotency-Key` header. See the [module docs](self).
@@ -105,9 +109,7 @@ impl KeyExtractor for IdempotencyKey {
             return Ok(None);
         }
         let Some(value) = parts.headers.get(&IDEMPOTENCY_KEY) else {
-            return Err(KeyRejection::new(
-                "This operation is idempotent and it requires correct usage of Idempotency Key.",
-            ));
+            return Err(KeyRejection::new(MISSING_KEY_DETAIL));
         };
         let key = LockKey::new(value.as_bytes());
         match &self.scope {
@@ -122,8 +124,9 @@ impl KeyExtractor for IdempotencyKey {
     }
 }
 
-/// The draft's problem responses for missing keys (400) and outstanding requests (409); every
-/// other rejection keeps its default response.
+/// The draft's problem responses for a missing `Idempotency-Key` (400) and outstanding requests
+/// (409); every other rejection (a missing caller identity, a backend failure) keeps its default
+/// response.
 pub fn rejection_response(rejection: Rejection) -> Response<Bytes> {
     match &rejection {
         Rejection::Conflict { .. } => {
@@ -143,13 +146,15 @@ pub fn rejection_response(rejection: Rejection) -> Response<Bytes> {
             }
             response
         }
-        Rejection::InvalidKey(invalid) => problem_response(
-            StatusCode::BAD_REQUEST,
-            "urn:tower-lock:idempotency-key-missing",
-            "Idempotency-Key is missing",
-            invalid.detail(),
-            None,
-        ),
+        Rejection::InvalidKey(invalid) if invalid.detail() == MISSING_KEY_DETAIL => {
+            problem_response(
+                StatusCode::BAD_REQUEST,
+                "urn:tower-lock:idempotency-key-missing",
+                "Idempotency-Key is missing",
+                invalid.detail(),
+                None,
+            )
+        }
         _ => rejection.into_response(),
     }
 }
@@ -215,6 +220,19 @@ mod tests {
         let key = IdempotencyKey::new();
         assert_eq!(key.extract(&parts(Method::GET, &[])).unwrap(), None);
         assert!(key.extract(&parts(Method::PATCH, &[])).is_err());
+    }
+
+    #[test]
+    fn missing_scope_is_not_reported_as_a_missing_key() {
+        let key = IdempotencyKey::new().scoped_by(Header::new("x-user"));
+        let rejection = key
+            .extract(&parts(Method::POST, &[("idempotency-key", "k")]))
+            .unwrap_err();
+        let response = rejection_response(Rejection::InvalidKey(rejection));
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_ne!(body["title"], "Idempotency-Key is missing");
+        assert!(body["detail"].as_str().unwrap().contains("x-user"));
     }
 
     #[test]

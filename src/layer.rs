@@ -213,6 +213,9 @@ impl<K, B: LockBackend> LockLayer<K, B> {
 
     /// Answers rejections (409, 400, 503) with your own response instead of problem+json.
     ///
+    /// Your response replaces the default one entirely: add `Retry-After` from
+    /// [`Rejection::retry_after_secs`] if you want clients to keep it.
+    ///
     /// ```
     /// use tower_lock::{LockLayer, MemoryBackend, Rejection, key::Global};
     ///
