@@ -2,8 +2,9 @@
 //! keeps it alive.
 //!
 //! One renewal task per layer, started on the first lock, drives every in-flight lease of that
-//! layer from one timer wheel ([`DelayQueue`]); no task is spawned per request. The task ends when
-//! the layer and every service and response made from it are dropped.
+//! layer from one timer wheel ([`DelayQueue`]); no task is spawned per request, and a request
+//! registers its lease without waking the task (see `Inbox`). The task ends when the layer and
+//! every service and response made from it are dropped.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::time::DelayQueue;
@@ -157,38 +158,97 @@ pub(crate) struct Plan {
 struct Entry {
     lease: LockLease,
     plan: Plan,
+    /// When the entry is first due: one renewal interval after registration.
+    first_due: Instant,
+}
+
+impl Entry {
+    /// How often the renewal task must look at its inbox for this entry to be on time.
+    fn cadence(&self) -> Duration {
+        let every = self.plan.every.unwrap_or(self.plan.ttl).min(self.plan.ttl);
+        (every / 2).max(Duration::from_millis(1))
+    }
+}
+
+/// Where requests leave their leases for the renewal task.
+///
+/// Registering must not wake another thread on every request (that alone costs more than the
+/// layer's own work), so requests only push to a queue; the task drains it on its own schedule,
+/// at least twice per renewal interval, which is before any new entry is first due. Only a task
+/// with nothing to watch parks, and only then does a registration wake it.
+struct Inbox {
+    queue: Mutex<Vec<Entry>>,
+    /// The task is parked until the next registration.
+    idle: AtomicBool,
+    wake: Notify,
+    /// The renewer is gone: the task should end.
+    closed: AtomicBool,
+    /// The task is running (false once its runtime has dropped it).
+    alive: AtomicBool,
 }
 
 /// Registers leases with the layer's renewal task, starting it when needed.
 pub(crate) struct Renewer<B> {
     backend: B,
-    sender: Mutex<Option<mpsc::UnboundedSender<Entry>>>,
+    inbox: Mutex<Option<Arc<Inbox>>>,
 }
 
 impl<B: LockBackend> Renewer<B> {
     pub(crate) fn new(backend: B) -> Self {
         Self {
             backend,
-            sender: Mutex::new(None),
+            inbox: Mutex::new(None),
         }
     }
 
-    /// Starts watching `lease`. Costs one channel message; the timer lives in the shared task.
+    /// Starts watching `lease`: a push onto the inbox; the timer lives in the shared task.
     pub(crate) fn watch(&self, lease: LockLease, plan: Plan, runtime: &Handle) {
-        let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut entry = Entry { lease, plan };
-        if let Some(open) = sender.as_ref() {
-            match open.send(entry) {
-                Ok(()) => return,
-                // The task's runtime has shut down: start a new task on this one.
-                Err(mpsc::error::SendError(returned)) => entry = returned,
+        let first_due = plan
+            .every
+            .map_or(plan.valid_until, |every| Instant::now() + every)
+            .min(plan.valid_until);
+        let entry = Entry {
+            lease,
+            plan,
+            first_due,
+        };
+        let inbox = {
+            let mut slot = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+            match slot.as_ref() {
+                Some(inbox) if inbox.alive.load(Ordering::Acquire) => inbox.clone(),
+                // First use, or the task's runtime has shut down: start one on this runtime.
+                _ => {
+                    let inbox = Arc::new(Inbox {
+                        queue: Mutex::new(Vec::new()),
+                        idle: AtomicBool::new(false),
+                        wake: Notify::new(),
+                        closed: AtomicBool::new(false),
+                        alive: AtomicBool::new(true),
+                    });
+                    runtime.spawn(run(self.backend.clone(), inbox.clone()));
+                    *slot = Some(inbox.clone());
+                    inbox
+                }
             }
+        };
+        inbox
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(entry);
+        if inbox.idle.swap(false, Ordering::AcqRel) {
+            inbox.wake.notify_one();
         }
-        let (new_sender, receiver) = mpsc::unbounded_channel();
-        // Cannot fail: we hold the receiver.
-        let _ = new_sender.send(entry);
-        runtime.spawn(run(self.backend.clone(), receiver));
-        *sender = Some(new_sender);
+    }
+}
+
+impl<B> Drop for Renewer<B> {
+    fn drop(&mut self) {
+        let slot = self.inbox.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(inbox) = slot.take() {
+            inbox.closed.store(true, Ordering::Release);
+            inbox.wake.notify_one();
+        }
     }
 }
 
@@ -197,25 +257,62 @@ impl<B: Clone> Clone for Renewer<B> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
-            sender: Mutex::new(None),
+            inbox: Mutex::new(None),
         }
     }
 }
 
-async fn run<B: LockBackend>(backend: B, mut receiver: mpsc::UnboundedReceiver<Entry>) {
+/// Clears `Inbox::alive` however the task ends (including its runtime dropping it).
+struct AliveFlag(Arc<Inbox>);
+
+impl Drop for AliveFlag {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Release);
+    }
+}
+
+async fn run<B: LockBackend>(backend: B, inbox: Arc<Inbox>) {
+    let alive = AliveFlag(inbox);
+    let inbox = &alive.0;
     let mut timers: DelayQueue<Entry> = DelayQueue::new();
     let mut extending = FuturesUnordered::new();
+    let mut cadence = Duration::MAX;
+    let mut next_drain = Instant::now();
     loop {
-        tokio::select! {
-            registered = receiver.recv() => match registered {
-                Some(entry) => {
-                    let first = entry.plan.every.map_or(entry.plan.valid_until, |every| Instant::now() + every);
-                    let first = first.min(entry.plan.valid_until);
-                    timers.insert_at(entry, first);
-                }
+        let woken = inbox.wake.notified();
+        tokio::pin!(woken);
+        let arrived =
+            std::mem::take(&mut *inbox.queue.lock().unwrap_or_else(PoisonError::into_inner));
+        for entry in arrived {
+            cadence = cadence.min(entry.cadence());
+            let first_due = entry.first_due;
+            timers.insert_at(entry, first_due);
+        }
+        let idle = timers.is_empty() && extending.is_empty();
+        if idle {
+            if inbox.closed.load(Ordering::Acquire) {
                 // The layer and everything made from it are gone, so no request holds a lease.
-                None => break,
-            },
+                break;
+            }
+            inbox.idle.store(true, Ordering::Release);
+            // A registration may have arrived between the drain and the flag.
+            if !inbox
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+            {
+                inbox.idle.store(false, Ordering::Release);
+                continue;
+            }
+        } else if Instant::now() >= next_drain {
+            next_drain = Instant::now() + cadence;
+        }
+        tokio::select! {
+            () = &mut woken, if idle => {}
+            () = tokio::time::sleep_until(next_drain), if !idle => {
+                next_drain = Instant::now() + cadence;
+            }
             Some(due) = timers.next() => {
                 let entry = due.into_inner();
                 if entry.lease.has_ended() {

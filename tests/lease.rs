@@ -468,3 +468,59 @@ mod redis_only {
         assert_eq!(last, 30);
     }
 }
+
+mod renewal_task {
+    use super::*;
+    use tower_lock::MemoryBackend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn renewal_task_ends_when_the_layer_is_dropped() {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let backend = MemoryBackend::new();
+        let service = service(
+            LockLayer::new(backend.clone(), Header::new("x-key")).ttl(Duration::from_millis(300)),
+        );
+        let response = send(&service, request("k").header("x-hold-ms", "50")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(metrics.num_alive_tasks(), 1, "one renewal task per layer");
+        drop(service);
+        assert!(
+            eventually(Duration::from_secs(2), async || metrics.num_alive_tasks()
+                == 0)
+            .await,
+            "the renewal task outlived its layer"
+        );
+    }
+
+    #[test]
+    fn a_layer_outliving_its_first_runtime_still_renews() {
+        let service = service(
+            LockLayer::new(MemoryBackend::new(), Header::new("x-key"))
+                .ttl(Duration::from_millis(300)),
+        );
+        let runtime = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let first = runtime();
+        first.block_on(async {
+            let response = send(&service, request("k")).await;
+            assert_eq!(response.status(), StatusCode::OK);
+        });
+        // The renewal task died with its runtime; the next lock starts another.
+        drop(first);
+        runtime().block_on(async {
+            let holder = tokio::spawn(send(&service, request("k").header("x-hold-ms", "1000")));
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            assert_eq!(
+                send(&service, request("k")).await.status(),
+                StatusCode::CONFLICT
+            );
+            let response = holder.await.unwrap();
+            assert_eq!(json(response).await["lost"], false);
+        });
+    }
+}
