@@ -87,7 +87,12 @@ pub(crate) struct AcquireCleanup<B: LockBackend> {
 }
 
 impl<B: LockBackend> AcquireCleanup<B> {
-    pub(crate) fn new(core: Arc<Core<B>>, name: LockName, token: LockToken, runtime: Handle) -> Self {
+    pub(crate) fn new(
+        core: Arc<Core<B>>,
+        name: LockName,
+        token: LockToken,
+        runtime: Handle,
+    ) -> Self {
         Self {
             core,
             name,

@@ -556,7 +556,10 @@ mod redis_only {
             Arc::default(),
         );
         // Load the script first, so the frozen server gets a complete EVALSHA.
-        assert_eq!(send(&service, request("warm")).await.status(), StatusCode::OK);
+        assert_eq!(
+            send(&service, request("warm")).await.status(),
+            StatusCode::OK
+        );
         // The acquire script is sent to a frozen server; the client gives up and goes away.
         fixture.server.pause();
         let gave_up =
