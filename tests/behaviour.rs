@@ -1,6 +1,7 @@
 //! The behavioural suite of the foundation: every test runs against the Redis backend (a real
 //! `redis-server` per test) and the in-process backend.
 
+#[macro_use]
 mod common;
 
 use std::convert::Infallible;
@@ -467,28 +468,6 @@ async fn poll_ready_is_delegated_to_the_inner_service<F: Fixture>() {
 
 fn futures_noop_waker() -> std::task::Waker {
     std::task::Waker::noop().clone()
-}
-
-/// Runs each behaviour once per backend.
-macro_rules! suite {
-    ($($test:ident),* $(,)?) => {
-        mod redis_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<super::Redis>().await;
-                }
-            )*
-        }
-        mod memory_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<super::Memory>().await;
-                }
-            )*
-        }
-    };
 }
 
 suite!(

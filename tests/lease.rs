@@ -1,6 +1,7 @@
 //! Lease safety: renewal, lease loss, fencing tokens, minimum validity, hold-through-body.
 //! Each behaviour runs against a real redis-server and against the memory backend.
 
+#[macro_use]
 mod common;
 
 use std::convert::Infallible;
@@ -358,27 +359,6 @@ async fn lease_is_visible_to_the_handler<F: Fixture>() {
         .unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "test-lock:{acct%3A1} 1 false");
-}
-
-macro_rules! suite {
-    ($($test:ident),* $(,)?) => {
-        mod redis_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<super::Redis>().await;
-                }
-            )*
-        }
-        mod memory_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<super::Memory>().await;
-                }
-            )*
-        }
-    };
 }
 
 suite!(

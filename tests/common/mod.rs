@@ -3,7 +3,7 @@
 //! Each [`RedisServer`] runs its own `redis-server` (no persistence unless asked, its own temp
 //! dir), waits for `PING`, and can be stopped, restarted on the same port, paused (`SIGSTOP`) and
 //! resumed. It is killed when dropped. The machine's own Redis on 6379 is never used.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -292,4 +292,28 @@ impl Fixture for Memory {
     async fn delete(&self, name: &LockName) {
         self.0.remove(name);
     }
+}
+
+/// Runs each behaviour once per backend: `suite!(test_a, test_b)` makes
+/// `redis_backend::test_a` and `memory_backend::test_a`, calling `test_a::<Redis>()` and
+/// `test_a::<Memory>()` from the including file.
+macro_rules! suite {
+    ($($test:ident),* $(,)?) => {
+        mod redis_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test::<super::Redis>().await;
+                }
+            )*
+        }
+        mod memory_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test::<super::Memory>().await;
+                }
+            )*
+        }
+    };
 }
