@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
 use tokio::sync::Notify;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -18,7 +17,7 @@ use tower_lock::backend::{Acquire, AcquireOptions, LockToken};
 use tower_lock::key::{Header, LockKey};
 use tower_lock::{LockBackend, LockBody, LockLayer};
 
-use common::{Fixture, Memory, NS, Redis, eventually};
+use common::{Fixture, Memory, NS, Redis, body_json, eventually, layer, request, send, until_held};
 
 type Svc = BoxCloneService<Request<String>, Response<LockBody<String>>, std::io::Error>;
 
@@ -59,38 +58,6 @@ fn service<B: LockBackend>(layer: LockLayer<Header, B>, probe: Arc<Probe>) -> Sv
         }
     });
     BoxCloneService::new(ServiceBuilder::new().layer(layer).service(handler))
-}
-
-fn layer<F: Fixture>(fixture: &F) -> LockLayer<Header, F::Backend> {
-    LockLayer::new(fixture.backend(), Header::new("x-key")).namespace(NS)
-}
-
-fn request(key: &str) -> http::request::Builder {
-    Request::post("/work").header("x-key", key)
-}
-
-fn send(
-    service: &Svc,
-    request: http::request::Builder,
-) -> impl std::future::Future<Output = Response<LockBody<String>>> + Send + use<> {
-    let call = service
-        .clone()
-        .oneshot(request.body(String::new()).unwrap());
-    async move { call.await.expect("handler error") }
-}
-
-async fn body_json(response: Response<LockBody<String>>) -> serde_json::Value {
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes).expect("problem+json body")
-}
-
-/// Waits until `n` locks are held.
-async fn until_held<F: Fixture>(fixture: &F, n: usize) {
-    assert!(
-        eventually(Duration::from_secs(5), async || fixture.held().await == n).await,
-        "expected {n} held locks, found {}",
-        fixture.held().await
-    );
 }
 
 async fn contention_returns_409_with_retry_after<F: Fixture>() {

@@ -20,7 +20,10 @@ use tower_lock::backend::{
 use tower_lock::key::{Header, LockKey};
 use tower_lock::{LeaseLostPolicy, LockBackend, LockBody, LockLayer, LockLease};
 
-use common::{Fixture, Memory, NS, Redis, RedisServer, eventually};
+use common::{
+    Fixture, Memory, NS, Redis, RedisServer, body_json, eventually, layer, request, send,
+    until_held,
+};
 
 type Svc = BoxCloneSyncService<Request<String>, Response<LockBody<String>>, Infallible>;
 
@@ -77,37 +80,6 @@ fn service<B: LockBackend>(layer: LockLayer<Header, B>) -> Svc {
     BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service(handler))
 }
 
-fn layer<F: Fixture>(fixture: &F) -> LockLayer<Header, F::Backend> {
-    LockLayer::new(fixture.backend(), Header::new("x-key")).namespace(NS)
-}
-
-fn request(key: &str) -> http::request::Builder {
-    Request::post("/work").header("x-key", key)
-}
-
-fn send(
-    service: &Svc,
-    request: http::request::Builder,
-) -> impl Future<Output = Response<LockBody<String>>> + Send + use<> {
-    let call = service
-        .clone()
-        .oneshot(request.body(String::new()).unwrap());
-    async move { call.await.unwrap() }
-}
-
-async fn json(response: Response<LockBody<String>>) -> serde_json::Value {
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes).unwrap()
-}
-
-async fn until_held<F: Fixture>(fixture: &F, n: usize) {
-    assert!(
-        eventually(Duration::from_secs(5), async || fixture.held().await == n).await,
-        "expected {n} held locks, found {}",
-        fixture.held().await
-    );
-}
-
 fn name(layer_ns: &str, key: &str) -> LockName {
     LockLayer::new(tower_lock::MemoryBackend::new(), Header::new("x"))
         .namespace(layer_ns)
@@ -127,7 +99,7 @@ async fn lease_is_renewed_past_its_ttl<F: Fixture>() {
     );
     let response = holder.await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(json(response).await["lost"], false);
+    assert_eq!(body_json(response).await["lost"], false);
     assert_eq!(fixture.held().await, 0);
 }
 
@@ -175,7 +147,7 @@ async fn lease_lost_when_key_deleted<F: Fixture>() {
         .expect("the handler was not told its lease was lost")
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(json(response).await["lost"], true);
+    assert_eq!(body_json(response).await["lost"], true);
 }
 
 async fn lease_lost_aborts_with_503_and_leaves_the_new_holder_alone<F: Fixture>() {
@@ -205,7 +177,7 @@ async fn lease_lost_aborts_with_503_and_leaves_the_new_holder_alone<F: Fixture>(
         .expect("the request was not aborted")
         .unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(json(response).await["status"], 503);
+    assert_eq!(body_json(response).await["status"], 503);
     assert_eq!(fixture.held().await, 1, "the new holder's lock was touched");
 }
 
@@ -322,7 +294,7 @@ async fn max_hold_bounds_renewal<F: Fixture>() {
         .await
         .expect("the holder was not told its lease ran out")
         .unwrap();
-    assert_eq!(json(response).await["lost"], true);
+    assert_eq!(body_json(response).await["lost"], true);
     assert_eq!(send(&service, request("k")).await.status(), StatusCode::OK);
 }
 
@@ -335,7 +307,7 @@ async fn insufficient_validity_is_refused_with_503<F: Fixture>() {
     );
     let response = send(&service, request("k")).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(json(response).await["status"], 503);
+    assert_eq!(body_json(response).await["status"], 503);
     assert_eq!(fixture.held().await, 0);
 }
 
@@ -417,7 +389,7 @@ mod redis_only {
         let response = outcome
             .expect("the handler was not told while Redis was paused")
             .unwrap();
-        assert_eq!(json(response).await["lost"], true);
+        assert_eq!(body_json(response).await["lost"], true);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +472,7 @@ mod renewal_task {
                 StatusCode::CONFLICT
             );
             let response = holder.await.unwrap();
-            assert_eq!(json(response).await["lost"], false);
+            assert_eq!(body_json(response).await["lost"], false);
         });
     }
 }

@@ -11,8 +11,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
 use tower_lock::backend::LockName;
-use tower_lock::{LockBackend, MemoryBackend, RedisBackend};
+use tower_lock::key::Header;
+use tower_lock::{LockBackend, LockBody, LockLayer, MemoryBackend, RedisBackend};
 
 pub struct RedisServer {
     port: u16,
@@ -292,6 +296,51 @@ impl Fixture for Memory {
     async fn delete(&self, name: &LockName) {
         self.0.remove(name);
     }
+}
+
+/// The layer the suites use: keyed by the `x-key` header, in the test namespace.
+pub fn layer<F: Fixture>(fixture: &F) -> LockLayer<Header, F::Backend> {
+    LockLayer::new(fixture.backend(), Header::new("x-key")).namespace(NS)
+}
+
+/// A request locked on `key`.
+pub fn request(key: &str) -> http::request::Builder {
+    Request::post("/work").header("x-key", key)
+}
+
+/// Sends `request` through a clone of `service`; the returned future owns everything it needs,
+/// so it can be spawned.
+pub fn send<S>(
+    service: &S,
+    request: http::request::Builder,
+) -> impl std::future::Future<Output = Response<LockBody<String>>> + Send + use<S>
+where
+    S: tower::Service<Request<String>, Response = Response<LockBody<String>>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: std::fmt::Debug,
+    S::Future: Send,
+{
+    let call = service
+        .clone()
+        .oneshot(request.body(String::new()).unwrap());
+    async move { call.await.expect("handler error") }
+}
+
+/// The JSON body of a response (problem+json, or a test handler's report).
+pub async fn body_json(response: Response<LockBody<String>>) -> serde_json::Value {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).expect("a JSON body")
+}
+
+/// Waits until `n` locks are held.
+pub async fn until_held<F: Fixture>(fixture: &F, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(5), async || fixture.held().await == n).await,
+        "expected {n} held locks, found {}",
+        fixture.held().await
+    );
 }
 
 /// Runs each behaviour once per backend: `suite!(test_a, test_b)` makes
