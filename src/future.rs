@@ -13,8 +13,8 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_service::Service;
 
 use crate::backend::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, LockBackend, LockName,
-    LockToken, Release,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, LockBackend, LockToken,
+    Release,
 };
 use crate::body::LockBody;
 use crate::guard::{AcquireCleanup, LockGuard, report_release};
@@ -51,9 +51,7 @@ pin_project! {
         Acquiring {
             #[pin]
             acquire: Timeout<BackendFuture<Acquire>>,
-            pending: Option<Pending<S, ReqB>>,
-            // Deletes the lock if this future is dropped before the acquire's outcome is known.
-            cleanup: Option<AcquireCleanup<B>>,
+            pending: Option<Pending<S, ReqB, B>>,
         },
         Calling {
             #[pin]
@@ -77,13 +75,12 @@ pin_project! {
 }
 
 /// What an acquiring request carries until the lock is held.
-struct Pending<S, ReqB> {
+struct Pending<S, ReqB, B: LockBackend> {
     inner: S,
     request: Request<ReqB>,
-    name: LockName,
-    token: LockToken,
     started: Instant,
-    runtime: Handle,
+    /// Deletes the lock if this future is dropped before the acquire's outcome is known.
+    cleanup: AcquireCleanup<B>,
 }
 
 enum Outcome<R, E> {
@@ -129,18 +126,13 @@ where
                             AcquireOptions::new(core.config.ttl).fencing(core.config.fencing),
                         ),
                     );
-                    let cleanup =
-                        AcquireCleanup::new(core.clone(), name.clone(), token, runtime.clone());
                     State::Acquiring {
                         acquire,
-                        cleanup: Some(cleanup),
                         pending: Some(Pending {
                             inner,
                             request,
-                            name,
-                            token,
                             started,
-                            runtime,
+                            cleanup: AcquireCleanup::new(core.clone(), name, token, runtime),
                         }),
                     }
                 }
@@ -169,16 +161,12 @@ where
         let core: &Arc<Core<B>> = this.core;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Acquiring {
-                    acquire,
-                    pending,
-                    cleanup,
-                } => {
+                StateProj::Acquiring { acquire, pending } => {
                     let outcome = ready!(acquire.poll(cx));
-                    let (Some(pending), Some(cleanup)) = (pending.take(), cleanup.take()) else {
+                    let Some(pending) = pending.take() else {
                         unreachable!("the acquiring state always carries its request");
                     };
-                    let next = acquired(core, pending, cleanup, outcome);
+                    let next = acquired(core, pending, outcome);
                     this.state.set(next);
                 }
                 StateProj::Calling {
@@ -262,8 +250,7 @@ where
 /// The state after an acquire attempt finished.
 fn acquired<S, ReqB, B>(
     core: &Arc<Core<B>>,
-    pending: Pending<S, ReqB>,
-    cleanup: AcquireCleanup<B>,
+    pending: Pending<S, ReqB, B>,
     outcome: Result<Result<Acquire, BackendError>, tokio::time::error::Elapsed>,
 ) -> State<S, ReqB, B>
 where
@@ -273,20 +260,18 @@ where
     let config = &core.config;
     let error = match outcome {
         Ok(Ok(Acquire::Acquired { fencing_token })) => {
-            // The guard made in `locked` owns the lock from here.
-            cleanup.disarm();
             return locked(core, pending, fencing_token);
         }
         Ok(Ok(Acquire::Held { remaining })) => {
-            cleanup.disarm();
+            pending.cleanup.disarm();
             tracing::debug!(?remaining, "lock held by another request");
             crate::telemetry::contended();
             return State::Rejected {
                 rejection: Some(Rejection::Conflict { remaining }),
             };
         }
-        // The SET may have landed although we got no answer: `cleanup` deletes it (if ours)
-        // when dropped at the end of this function.
+        // The SET may have landed although we got no answer: `pending.cleanup` deletes it (if
+        // ours) when dropped below.
         Ok(Err(error)) => {
             crate::telemetry::backend_error("acquire");
             error
@@ -296,7 +281,6 @@ where
             BackendError::timeout("lock acquire", config.acquire_timeout)
         }
     };
-    drop(cleanup);
     if config.fail_open {
         tracing::warn!(%error, "lock backend failed; calling the service unlocked (fail-open)");
         let Pending {
@@ -317,7 +301,7 @@ where
 /// The lock is ours: check its validity, start renewal, and call the inner service.
 fn locked<S, ReqB, B>(
     core: &Arc<Core<B>>,
-    pending: Pending<S, ReqB>,
+    pending: Pending<S, ReqB, B>,
     fencing_token: u64,
 ) -> State<S, ReqB, B>
 where
@@ -328,11 +312,11 @@ where
     let Pending {
         mut inner,
         mut request,
-        name,
-        token,
         started,
-        runtime,
+        cleanup,
     } = pending;
+    // The guard made here owns the lock from now on.
+    let (name, token, runtime) = cleanup.disarm();
     crate::telemetry::acquired(started.elapsed());
     let lease = LockLease::new(name, token, fencing_token, config.log_keys);
     let guard = LockGuard::new(core.clone(), lease.clone(), runtime.clone());

@@ -102,8 +102,11 @@ impl<B: LockBackend> AcquireCleanup<B> {
         }
     }
 
-    pub(crate) fn disarm(mut self) {
+    /// The acquire's outcome needs no clean-up; hands back what the lock is called, its token,
+    /// and the runtime to release it on.
+    pub(crate) fn disarm(mut self) -> (LockName, LockToken, Handle) {
         self.armed = false;
+        (self.name.clone(), self.token, self.runtime.clone())
     }
 }
 
