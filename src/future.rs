@@ -115,7 +115,7 @@ where
             Ok(Some(key)) => match Handle::try_current() {
                 Ok(runtime) => {
                     let name = core.config.lock_name(&key);
-                    span = tracing::debug_span!("tower_lock", lock = %core.config.label(&name));
+                    span = tracing::debug_span!("tower_lock", lock = %name.label(core.config.log_keys));
                     let token = LockToken::random();
                     let started = Instant::now();
                     let acquire = tokio::time::timeout(

@@ -83,15 +83,6 @@ impl Config {
         }
     }
 
-    /// How a lock is named in traces: a short hash of its key, or the key with `log_keys`.
-    pub(crate) fn label(&self, name: &LockName) -> String {
-        if self.log_keys {
-            name.lock_key().to_owned()
-        } else {
-            name.fingerprint()
-        }
-    }
-
     /// How often to renew, or `None` when renewal is off.
     pub(crate) fn renewal_interval(&self) -> Option<Duration> {
         match self.renew_every {

@@ -71,11 +71,7 @@ impl LockLease {
 
     /// How the lock is named in traces (a short hash unless the layer logs keys).
     pub(crate) fn label(&self) -> String {
-        if self.0.log_keys {
-            self.0.name.lock_key().to_owned()
-        } else {
-            self.0.name.fingerprint()
-        }
+        self.0.name.label(self.0.log_keys)
     }
 
     /// The backend name of the lock (namespace and escaped key; it contains request material).

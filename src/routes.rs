@@ -42,6 +42,7 @@ use crate::future::ResponseFuture;
 use crate::key::{KeyExtractor, TemplateError};
 use crate::layer::{Core, LockLayer};
 use crate::policy::{LockPolicy, PolicyKey};
+use crate::service::take_ready;
 
 /// A table of routes and their lock policies; a [`Layer`]. See the [module docs](self).
 pub struct LockRoutes<B> {
@@ -215,8 +216,7 @@ where
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = take_ready(&mut self.inner);
         let (parts, body) = request.into_parts();
         let route = self.routes.iter().find(|route| {
             route.key.applies_to(&parts.method) && route.matcher.at(parts.uri.path()).is_ok()

@@ -69,13 +69,17 @@ where
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        // The service that was driven to readiness goes with this request (it is called once the
-        // lock is held); a fresh clone stays behind for the next `poll_ready`.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = take_ready(&mut self.inner);
         let (parts, body) = request.into_parts();
         let key = self.extractor.extract(&parts);
         let request = Request::from_parts(parts, body);
         ResponseFuture::new(self.core.clone(), key, inner, request)
     }
+}
+
+/// Takes the service that was driven to readiness, for this request (it is called once the lock
+/// is held), and leaves a fresh clone behind for the next `poll_ready`.
+pub(crate) fn take_ready<S: Clone>(ready: &mut S) -> S {
+    let clone = ready.clone();
+    std::mem::replace(ready, clone)
 }

@@ -143,6 +143,15 @@ impl LockName {
         &self.0.fence
     }
 
+    /// How the lock is named in traces: the full name when `log_keys`, else its fingerprint.
+    pub(crate) fn label(&self, log_keys: bool) -> String {
+        if log_keys {
+            self.lock_key().to_owned()
+        } else {
+            self.fingerprint()
+        }
+    }
+
     /// A short, stable fingerprint of the name, for logs that must not carry key material.
     pub fn fingerprint(&self) -> String {
         use sha2::Digest;
