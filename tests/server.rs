@@ -1,5 +1,6 @@
 //! The example server's contract, exercised over HTTP on both backends.
 
+#[macro_use]
 mod common;
 #[path = "../examples/support/demo.rs"]
 mod demo;
@@ -9,12 +10,29 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use common::RedisServer;
+use common::{Fixture, Memory, Redis, RedisServer};
 use demo::{DemoConfig, Running, spawn};
 
-async fn start(redis: Option<&RedisServer>, config: DemoConfig) -> Running {
+/// A backend the demo can run on: its locks and balances in that Redis, or in process.
+trait DemoBackend: Fixture {
+    fn redis_url(&self) -> Option<String>;
+}
+
+impl DemoBackend for Redis {
+    fn redis_url(&self) -> Option<String> {
+        Some(self.server.url())
+    }
+}
+
+impl DemoBackend for Memory {
+    fn redis_url(&self) -> Option<String> {
+        None
+    }
+}
+
+async fn start<F: DemoBackend>(fixture: &F, config: DemoConfig) -> Running {
     spawn(DemoConfig {
-        redis_url: redis.map(RedisServer::url),
+        redis_url: fixture.redis_url(),
         ..config
     })
     .await
@@ -25,8 +43,9 @@ async fn post(url: String) -> reqwest::Response {
     reqwest::Client::new().post(url).send().await.unwrap()
 }
 
-async fn deposit_contract(redis: Option<&RedisServer>) {
-    let server = start(redis, DemoConfig::default()).await;
+async fn deposit_contract<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
 
     let response = post(format!("{base}/accounts/a1/deposit?amount=5")).await;
@@ -80,8 +99,9 @@ async fn deposit_contract(redis: Option<&RedisServer>) {
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
 
-async fn concurrent_burst_keeps_every_locked_deposit(redis: Option<&RedisServer>) {
-    let server = start(redis, DemoConfig::default()).await;
+async fn concurrent_burst_keeps_every_locked_deposit<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let tasks: Vec<_> = (0..20)
@@ -116,10 +136,11 @@ async fn concurrent_burst_keeps_every_locked_deposit(redis: Option<&RedisServer>
     assert_eq!(balance["balance"], 20, "a locked deposit was lost");
 }
 
-async fn stale_token_write_is_refused(redis: Option<&RedisServer>) {
+async fn stale_token_write_is_refused<F: DemoBackend>() {
+    let fixture = F::start().await;
     // Leases of 300 ms that are not renewed: a slow deposit outlives its lock.
     let server = start(
-        redis,
+        &fixture,
         DemoConfig {
             lock_ttl: Some(Duration::from_millis(300)),
             renew_lease: false,
@@ -152,8 +173,9 @@ async fn stale_token_write_is_refused(redis: Option<&RedisServer>) {
     assert_eq!(balance["balance"], 1);
 }
 
-async fn stream_holds_the_lock_until_the_body_is_sent(redis: Option<&RedisServer>) {
-    let server = start(redis, DemoConfig::default()).await;
+async fn stream_holds_the_lock_until_the_body_is_sent<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
     let stream = reqwest::get(format!("{base}/stream/s1?ms=800"))
         .await
@@ -178,8 +200,9 @@ async fn stream_holds_the_lock_until_the_body_is_sent(redis: Option<&RedisServer
     assert_eq!(after, StatusCode::OK);
 }
 
-async fn orders_follow_the_idempotency_key_preset(redis: Option<&RedisServer>) {
-    let server = start(redis, DemoConfig::default()).await;
+async fn orders_follow_the_idempotency_key_preset<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let client = reqwest::Client::new();
     let url = format!("{}/orders", server.url());
     let missing = client.post(&url).send().await.unwrap();
@@ -214,10 +237,11 @@ async fn orders_follow_the_idempotency_key_preset(redis: Option<&RedisServer>) {
     assert_eq!(body, serde_json::json!({"order": "order-1"}));
 }
 
-async fn long_hold_outlives_lock_ttl_safely(redis: Option<&RedisServer>) {
+async fn long_hold_outlives_lock_ttl_safely<F: DemoBackend>() {
+    let fixture = F::start().await;
     // LOCK_TTL_MS=300 with the default renewal: a 1.2 s deposit keeps its lock all along.
     let server = start(
-        redis,
+        &fixture,
         DemoConfig {
             lock_ttl: Some(Duration::from_millis(300)),
             ..DemoConfig::default()
@@ -243,29 +267,7 @@ async fn long_hold_outlives_lock_ttl_safely(redis: Option<&RedisServer>) {
     assert_eq!(slow["balance"], 10);
 }
 
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod redis_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let redis = super::RedisServer::start();
-                    super::$test(Some(&redis)).await;
-                }
-            )*
-        }
-        mod memory_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(None).await;
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+suite!(
     deposit_contract,
     concurrent_burst_keeps_every_locked_deposit,
     stale_token_write_is_refused,
@@ -277,7 +279,12 @@ both_backends!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_answers_503_with_retry_after() {
     let mut redis = RedisServer::start();
-    let server = start(Some(&redis), DemoConfig::default()).await;
+    let server = spawn(DemoConfig {
+        redis_url: Some(redis.url()),
+        ..DemoConfig::default()
+    })
+    .await
+    .expect("demo server");
     let base = server.url();
     assert_eq!(
         post(format!("{base}/accounts/x/deposit")).await.status(),
