@@ -173,6 +173,134 @@ async fn stale_token_write_is_refused<F: DemoBackend>() {
     assert_eq!(balance["balance"], 1);
 }
 
+/// The lost update of issue 7, item 5, step by step. Leases of 200 ms, not renewed:
+/// A takes the lock and reads the balance; its lease lapses; B takes the lock with a newer
+/// token and reads the same balance; A writes; B writes. Fencing only the write accepts both
+/// (A's token is still the highest the record has seen when A writes) and B's stale sum
+/// overwrites A's deposit. With the read fenced too, B's read raises the record's fence above
+/// A's token, so A's write is refused.
+async fn stale_holder_write_after_newer_read_is_refused<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(
+        &fixture,
+        DemoConfig {
+            lock_ttl: Some(Duration::from_millis(200)),
+            renew_lease: false,
+            ..DemoConfig::default()
+        },
+    )
+    .await;
+    let base = server.url();
+    let initial = post(format!("{base}/accounts/l1/deposit?amount=10")).await;
+    assert_eq!(initial.status(), StatusCode::OK);
+
+    // A: lock (lease 200 ms), read 10, hold 500 ms, write 10 + 100.
+    let started = tokio::time::Instant::now();
+    let a = tokio::spawn(post(format!(
+        "{base}/accounts/l1/deposit?amount=100&hold_ms=500"
+    )));
+    // B: as soon as A's lease has lapsed (about 200 ms in), lock with a newer token and read,
+    // well before A writes (about 500 ms in); hold 400 ms, write what it read + 1.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let b = loop {
+        let response = post(format!("{base}/accounts/l1/deposit?amount=1&hold_ms=400")).await;
+        if response.status() != StatusCode::CONFLICT {
+            break response;
+        }
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["type"], "urn:tower-lock:lock-held", "{problem}");
+        assert!(
+            started.elapsed() < Duration::from_millis(450),
+            "A's 200 ms lease did not lapse in time to reproduce the interleaving"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let a = a.await.unwrap();
+    let (a_status, a_type) = (a.status(), a.headers().get("content-type").cloned());
+    let a: Value = a.json().await.unwrap();
+    assert_eq!(b.status(), StatusCode::OK);
+    let b: Value = b.json().await.unwrap();
+    assert_eq!(b["balance"], 11, "B read the balance before A wrote");
+
+    let balance: Value = reqwest::get(format!("{base}/accounts/l1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // No deposit answered 200 is lost: the balance is the initial one plus every accepted amount.
+    let accepted = 10 + if a_status == StatusCode::OK { 100 } else { 0 } + 1;
+    assert_eq!(
+        balance["balance"], accepted,
+        "lost update: A answered {a_status} {a}, B {b}, balance {balance}"
+    );
+    // A's write carried the older token after B's read: refused with the stale-token problem.
+    assert_eq!(a_status, StatusCode::CONFLICT, "{a}");
+    assert_eq!(a_type.unwrap(), "application/problem+json");
+    assert_eq!(a["type"], demo::STALE_TOKEN_TYPE);
+    assert_eq!(balance["balance"], 11);
+}
+
+/// The store's fenced read raises the fence: afterwards a read or write with an older token is
+/// refused, an equal or newer one goes through. Exact for tokens beyond 2^53 (Lua's doubles).
+async fn fenced_read_raises_the_fence<F: DemoBackend>() {
+    use demo::{FencedRead, FencedWrite};
+
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
+    let store = &server.store;
+    assert_eq!(
+        store.read_fenced("r1", 5).await.unwrap(),
+        FencedRead::Current { balance: 0 }
+    );
+    assert_eq!(
+        store.read_fenced("r1", 4).await.unwrap(),
+        FencedRead::Stale { fence: 5 }
+    );
+    assert_eq!(
+        store.write_fenced("r1", 7, 4).await.unwrap(),
+        FencedWrite::Stale { fence: 5 }
+    );
+    assert_eq!(
+        store.read_fenced("r1", 5).await.unwrap(),
+        FencedRead::Current { balance: 0 }
+    );
+    assert_eq!(
+        store.write_fenced("r1", 7, 5).await.unwrap(),
+        FencedWrite::Accepted
+    );
+    assert_eq!(
+        store.read_fenced("r1", 6).await.unwrap(),
+        FencedRead::Current { balance: 7 }
+    );
+    assert_eq!(
+        store.write_fenced("r1", 8, 5).await.unwrap(),
+        FencedWrite::Stale { fence: 6 }
+    );
+    assert_eq!(store.balance("r1").await.unwrap(), 7);
+
+    let big = u64::MAX - 1;
+    assert_eq!(
+        store.read_fenced("r2", big).await.unwrap(),
+        FencedRead::Current { balance: 0 }
+    );
+    assert_eq!(
+        store.read_fenced("r2", big - 1).await.unwrap(),
+        FencedRead::Stale { fence: big }
+    );
+    assert_eq!(
+        store.read_fenced("r2", u64::MAX).await.unwrap(),
+        FencedRead::Current { balance: 0 }
+    );
+    assert_eq!(
+        store.record("r2").await.unwrap(),
+        demo::Record {
+            balance: 0,
+            fence: u64::MAX
+        }
+    );
+}
+
 async fn stream_holds_the_lock_until_the_body_is_sent<F: DemoBackend>() {
     let fixture = F::start().await;
     let server = start(&fixture, DemoConfig::default()).await;
@@ -271,6 +399,8 @@ suite!(
     deposit_contract,
     concurrent_burst_keeps_every_locked_deposit,
     stale_token_write_is_refused,
+    stale_holder_write_after_newer_read_is_refused,
+    fenced_read_raises_the_fence,
     stream_holds_the_lock_until_the_body_is_sent,
     orders_follow_the_idempotency_key_preset,
     long_hold_outlives_lock_ttl_safely,
