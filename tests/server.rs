@@ -30,6 +30,26 @@ impl DemoBackend for Memory {
     }
 }
 
+/// The demo's lock keys currently held in Redis (`None` in process, where names are not listed).
+async fn held_lock_keys<F: DemoBackend>(fixture: &F) -> Option<Vec<String>> {
+    match fixture.redis_url() {
+        None => None,
+        Some(url) => {
+            let mut connection = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", demo::DEFAULT_NAMESPACE))
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            Some(keys.into_iter().filter(|k| !k.ends_with(":fence")).collect())
+        }
+    }
+}
+
 async fn start<F: DemoBackend>(fixture: &F, config: DemoConfig) -> Running {
     spawn(DemoConfig {
         redis_url: fixture.redis_url(),
@@ -301,6 +321,79 @@ async fn fenced_read_raises_the_fence<F: DemoBackend>() {
     );
 }
 
+/// In one namespace, an order's Idempotency-Key and an account id with the same text name two
+/// different locks: the deposit locks `account:{id}`, and request material cannot forge that
+/// prefix (a `:` in a header value is escaped).
+async fn order_idempotency_key_does_not_block_the_account_with_that_id<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+    let order = |key: &'static str| {
+        client
+            .post(format!("{base}/orders?hold_ms=800"))
+            .header("idempotency-key", key)
+            .send()
+    };
+
+    for key in ["42", "account:42"] {
+        // An order in flight with that key; the account's deposit is not blocked by it.
+        let in_flight = tokio::spawn(order(key));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let deposit = post(format!("{base}/accounts/42/deposit?amount=1")).await;
+        assert_eq!(
+            deposit.status(),
+            StatusCode::OK,
+            "POST /orders with Idempotency-Key {key:?} blocked POST /accounts/42/deposit"
+        );
+        assert_eq!(in_flight.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+
+    // And the other way round: a deposit in flight does not block an order keyed `42`.
+    let in_flight = tokio::spawn(post(format!(
+        "{base}/accounts/42/deposit?amount=1&hold_ms=800"
+    )));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(keys) = held_lock_keys(&fixture).await {
+        assert_eq!(keys, ["tower-lock:{account:42}"]);
+    }
+    let retry = client
+        .post(format!("{base}/orders"))
+        .header("idempotency-key", "42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        retry.status(),
+        StatusCode::OK,
+        "POST /accounts/42/deposit blocked POST /orders with Idempotency-Key 42"
+    );
+    let deposit = in_flight.await.unwrap();
+    assert_eq!(deposit.status(), StatusCode::OK);
+    let deposit: Value = deposit.json().await.unwrap();
+    assert_eq!(deposit["balance"], 3);
+}
+
+/// The stream shares the account's lock (`account:{id}`): a deposit to the account waits for
+/// the stream's body, and the stream's key is the deposit's.
+async fn stream_and_deposit_share_the_account_lock<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
+    let base = server.url();
+    let stream = reqwest::get(format!("{base}/stream/7?ms=800")).await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let body = tokio::spawn(stream.text());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(keys) = held_lock_keys(&fixture).await {
+        assert_eq!(keys, ["tower-lock:{account:7}"]);
+    }
+    let during = post(format!("{base}/accounts/7/deposit?amount=1")).await;
+    assert_eq!(during.status(), StatusCode::CONFLICT);
+    let problem: Value = during.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:tower-lock:lock-held");
+    body.await.unwrap().unwrap();
+}
+
 async fn stream_holds_the_lock_until_the_body_is_sent<F: DemoBackend>() {
     let fixture = F::start().await;
     let server = start(&fixture, DemoConfig::default()).await;
@@ -401,6 +494,8 @@ suite!(
     stale_token_write_is_refused,
     stale_holder_write_after_newer_read_is_refused,
     fenced_read_raises_the_fence,
+    order_idempotency_key_does_not_block_the_account_with_that_id,
+    stream_and_deposit_share_the_account_lock,
     stream_holds_the_lock_until_the_body_is_sent,
     orders_follow_the_idempotency_key_preset,
     long_hold_outlives_lock_ttl_safely,

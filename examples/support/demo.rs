@@ -43,7 +43,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::json;
-use tower_lock::key::PathParam;
+use tower_lock::key::KeyTemplate;
 use tower_lock::{LockLayer, LockLease, MemoryBackend, RedisBackend, problem_response};
 
 /// Default prefix of the lock keys (the layer's default namespace).
@@ -51,7 +51,10 @@ pub const DEFAULT_NAMESPACE: &str = "tower-lock:";
 /// Default prefix of the balance records in Redis: `tower-lock-demo:balance:{id}`.
 pub const DEFAULT_BALANCE_PREFIX: &str = "tower-lock-demo:balance:";
 
-/// Problem type of a write refused by the fence.
+/// The lock key template of the account routes (the deposit and the stream): `account:{id}`.
+pub const ACCOUNT_KEY: &str = "account:{path.id}";
+
+/// Problem type of a read or write refused by the fence.
 pub const STALE_TOKEN_TYPE: &str = "urn:tower-lock-demo:stale-fencing-token";
 /// Problem type of an invalid query string.
 pub const INVALID_QUERY_TYPE: &str = "urn:tower-lock-demo:invalid-query";
@@ -427,11 +430,16 @@ pub fn with_backend<B: tower_lock::LockBackend>(
     store: Store,
     config: &DemoConfig,
 ) -> Demo {
+    // Every route that locks an account locks `account:{id}`: a prefix of its own, so that in
+    // one namespace no other route's key (the Idempotency-Key preset's, say) can name the same
+    // lock, and request material cannot forge it (a `:` in a value is escaped).
     let layer = |pattern: &str| {
-        // `PathParam::new("id")` would do with the crate's `axum` feature (it reads axum's
-        // `MatchedPath`); the explicit pattern also works without the feature.
-        let mut layer = LockLayer::new(backend.clone(), PathParam::with_pattern(pattern, "id"))
-            .namespace(&config.namespace);
+        // With the crate's `axum` feature the template reads axum's `MatchedPath`; the explicit
+        // pattern makes it work without the feature too.
+        let key = KeyTemplate::parse(ACCOUNT_KEY)
+            .and_then(|template| template.with_pattern(pattern))
+            .unwrap_or_else(|error| panic!("the demo's key template is invalid: {error}"));
+        let mut layer = LockLayer::new(backend.clone(), key).namespace(&config.namespace);
         if let Some(ttl) = config.lock_ttl {
             layer = layer.ttl(ttl);
         }
