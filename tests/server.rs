@@ -89,6 +89,8 @@ async fn deposit_contract<F: DemoBackend>() {
     );
     let problem: Value = conflict.json().await.unwrap();
     assert_eq!(problem["status"], 409);
+    // The lock conflict is the layer's; the stale-token 409 is the handler's.
+    assert_eq!(problem["type"], "urn:tower-lock:lock-held");
     let slow = slow.await.unwrap();
     assert_eq!(slow.status(), StatusCode::OK);
     let slow: Value = slow.json().await.unwrap();
@@ -117,6 +119,8 @@ async fn deposit_contract<F: DemoBackend>() {
 
     let bad = post(format!("{base}/accounts/a1/deposit?amount=abc")).await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = bad.json().await.unwrap();
+    assert_eq!(problem["type"], demo::INVALID_QUERY_TYPE);
 }
 
 async fn concurrent_burst_keeps_every_locked_deposit<F: DemoBackend>() {
@@ -525,4 +529,6 @@ async fn redis_stopped_answers_503_with_retry_after() {
     );
     let problem: Value = response.json().await.unwrap();
     assert_eq!(problem["status"], 503);
+    // The lock is taken before the balance store is touched: the layer answers.
+    assert_eq!(problem["type"], "urn:tower-lock:backend-unavailable");
 }
