@@ -16,11 +16,16 @@ use demo::{DemoConfig, Running, spawn};
 /// A backend the demo can run on: its locks and balances in that Redis, or in process.
 trait DemoBackend: Fixture {
     fn redis_url(&self) -> Option<String>;
+    /// The demo's lock keys held now (`None` in process, where names are not listed).
+    fn held_lock_keys(&self) -> impl Future<Output = Option<Vec<String>>> + Send;
 }
 
 impl DemoBackend for Redis {
     fn redis_url(&self) -> Option<String> {
         Some(self.server.url())
+    }
+    async fn held_lock_keys(&self) -> Option<Vec<String>> {
+        Some(self.server.lock_keys(demo::DEFAULT_NAMESPACE).await)
     }
 }
 
@@ -28,25 +33,8 @@ impl DemoBackend for Memory {
     fn redis_url(&self) -> Option<String> {
         None
     }
-}
-
-/// The demo's lock keys currently held in Redis (`None` in process, where names are not listed).
-async fn held_lock_keys<F: DemoBackend>(fixture: &F) -> Option<Vec<String>> {
-    match fixture.redis_url() {
-        None => None,
-        Some(url) => {
-            let mut connection = redis::Client::open(url)
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}*", demo::DEFAULT_NAMESPACE))
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            Some(keys.into_iter().filter(|k| !k.ends_with(":fence")).collect())
-        }
+    async fn held_lock_keys(&self) -> Option<Vec<String>> {
+        None
     }
 }
 
@@ -358,7 +346,7 @@ async fn order_idempotency_key_does_not_block_the_account_with_that_id<F: DemoBa
         "{base}/accounts/42/deposit?amount=1&hold_ms=800"
     )));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    if let Some(keys) = held_lock_keys(&fixture).await {
+    if let Some(keys) = fixture.held_lock_keys().await {
         assert_eq!(keys, ["tower-lock:{account:42}"]);
     }
     let retry = client
@@ -384,11 +372,13 @@ async fn stream_and_deposit_share_the_account_lock<F: DemoBackend>() {
     let fixture = F::start().await;
     let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
-    let stream = reqwest::get(format!("{base}/stream/7?ms=800")).await.unwrap();
+    let stream = reqwest::get(format!("{base}/stream/7?ms=800"))
+        .await
+        .unwrap();
     assert_eq!(stream.status(), StatusCode::OK);
     let body = tokio::spawn(stream.text());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    if let Some(keys) = held_lock_keys(&fixture).await {
+    if let Some(keys) = fixture.held_lock_keys().await {
         assert_eq!(keys, ["tower-lock:{account:7}"]);
     }
     let during = post(format!("{base}/accounts/7/deposit?amount=1")).await;
