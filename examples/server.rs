@@ -8,13 +8,28 @@
 //!
 //! Environment: `PORT` (default 3000), `REDIS_URL`, `LOCK_TTL_MS` (lock lease in ms, default
 //! 10000), `LOCK_NO_RENEWAL=1` (leases are not renewed, so a deposit held longer than the lease
-//! is refused by the fence), `RUST_LOG` (default `info`).
+//! is refused by the fence once a newer holder has read the account), `RUST_LOG` (default
+//! `info`).
+//!
+//! The deposit and the stream of account `42` share one lock, `account:42` (in Redis
+//! `tower-lock:{account:42}`); `POST /orders` locks on its `Idempotency-Key`, which can never
+//! name an account's lock.
 //!
 //! ```text
 //! curl -i -X POST 'localhost:3000/accounts/42/deposit?amount=5&hold_ms=2000' &
 //! curl -i -X POST 'localhost:3000/accounts/42/deposit?amount=5'   # 409 while the first holds it
 //! curl -i localhost:3000/accounts/42
 //! curl -N 'localhost:3000/stream/42?ms=2000'
+//! ```
+//!
+//! Fencing, with `LOCK_TTL_MS=200 LOCK_NO_RENEWAL=1`: the first deposit's lease lapses while it
+//! holds; the second takes the lock with a newer fencing token and reads the balance, so the
+//! first one's write is refused (409 `urn:tower-lock-demo:stale-fencing-token`) and only the
+//! second deposit lands.
+//!
+//! ```text
+//! curl -s -X POST 'localhost:3000/accounts/42/deposit?amount=100&hold_ms=500' &
+//! sleep 0.3; curl -s -X POST 'localhost:3000/accounts/42/deposit?amount=1&hold_ms=400'
 //! ```
 
 #[path = "support/demo.rs"]

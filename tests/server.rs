@@ -1,5 +1,6 @@
 //! The example server's contract, exercised over HTTP on both backends.
 
+#[macro_use]
 mod common;
 #[path = "../examples/support/demo.rs"]
 mod demo;
@@ -9,12 +10,37 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use common::RedisServer;
+use common::{Fixture, Memory, Redis, RedisServer};
 use demo::{DemoConfig, Running, spawn};
 
-async fn start(redis: Option<&RedisServer>, config: DemoConfig) -> Running {
+/// A backend the demo can run on: its locks and balances in that Redis, or in process.
+trait DemoBackend: Fixture {
+    fn redis_url(&self) -> Option<String>;
+    /// The demo's lock keys held now (`None` in process, where names are not listed).
+    fn held_lock_keys(&self) -> impl Future<Output = Option<Vec<String>>> + Send;
+}
+
+impl DemoBackend for Redis {
+    fn redis_url(&self) -> Option<String> {
+        Some(self.server.url())
+    }
+    async fn held_lock_keys(&self) -> Option<Vec<String>> {
+        Some(self.server.lock_keys(demo::DEFAULT_NAMESPACE).await)
+    }
+}
+
+impl DemoBackend for Memory {
+    fn redis_url(&self) -> Option<String> {
+        None
+    }
+    async fn held_lock_keys(&self) -> Option<Vec<String>> {
+        None
+    }
+}
+
+async fn start<F: DemoBackend>(fixture: &F, config: DemoConfig) -> Running {
     spawn(DemoConfig {
-        redis_url: redis.map(RedisServer::url),
+        redis_url: fixture.redis_url(),
         ..config
     })
     .await
@@ -25,8 +51,9 @@ async fn post(url: String) -> reqwest::Response {
     reqwest::Client::new().post(url).send().await.unwrap()
 }
 
-async fn deposit_contract(redis: Option<&RedisServer>) {
-    let server = start(redis, DemoConfig::default()).await;
+async fn deposit_contract<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
 
     let response = post(format!("{base}/accounts/a1/deposit?amount=5")).await;
@@ -50,6 +77,8 @@ async fn deposit_contract(redis: Option<&RedisServer>) {
     );
     let problem: Value = conflict.json().await.unwrap();
     assert_eq!(problem["status"], 409);
+    // The lock conflict is the layer's; the stale-token 409 is the handler's.
+    assert_eq!(problem["type"], "urn:tower-lock:lock-held");
     let slow = slow.await.unwrap();
     assert_eq!(slow.status(), StatusCode::OK);
     let slow: Value = slow.json().await.unwrap();
@@ -78,10 +107,13 @@ async fn deposit_contract(redis: Option<&RedisServer>) {
 
     let bad = post(format!("{base}/accounts/a1/deposit?amount=abc")).await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = bad.json().await.unwrap();
+    assert_eq!(problem["type"], demo::INVALID_QUERY_TYPE);
 }
 
-async fn concurrent_burst_keeps_every_locked_deposit(redis: Option<&RedisServer>) {
-    let server = start(redis, DemoConfig::default()).await;
+async fn concurrent_burst_keeps_every_locked_deposit<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
     let client = reqwest::Client::new();
     let tasks: Vec<_> = (0..20)
@@ -116,10 +148,11 @@ async fn concurrent_burst_keeps_every_locked_deposit(redis: Option<&RedisServer>
     assert_eq!(balance["balance"], 20, "a locked deposit was lost");
 }
 
-async fn stale_token_write_is_refused(redis: Option<&RedisServer>) {
+async fn stale_token_write_is_refused<F: DemoBackend>() {
+    let fixture = F::start().await;
     // Leases of 300 ms that are not renewed: a slow deposit outlives its lock.
     let server = start(
-        redis,
+        &fixture,
         DemoConfig {
             lock_ttl: Some(Duration::from_millis(300)),
             renew_lease: false,
@@ -152,8 +185,219 @@ async fn stale_token_write_is_refused(redis: Option<&RedisServer>) {
     assert_eq!(balance["balance"], 1);
 }
 
-async fn stream_holds_the_lock_until_the_body_is_sent(redis: Option<&RedisServer>) {
-    let server = start(redis, DemoConfig::default()).await;
+/// The lost update of issue 7, item 5, step by step. Leases of 200 ms, not renewed:
+/// A takes the lock and reads the balance; its lease lapses; B takes the lock with a newer
+/// token and reads the same balance; A writes; B writes. Fencing only the write accepts both
+/// (A's token is still the highest the record has seen when A writes) and B's stale sum
+/// overwrites A's deposit. With the read fenced too, B's read raises the record's fence above
+/// A's token, so A's write is refused.
+async fn stale_holder_write_after_newer_read_is_refused<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(
+        &fixture,
+        DemoConfig {
+            lock_ttl: Some(Duration::from_millis(200)),
+            renew_lease: false,
+            ..DemoConfig::default()
+        },
+    )
+    .await;
+    let base = server.url();
+    let initial = post(format!("{base}/accounts/l1/deposit?amount=10")).await;
+    assert_eq!(initial.status(), StatusCode::OK);
+
+    // A: lock (lease 200 ms), read 10, hold 500 ms, write 10 + 100.
+    let started = tokio::time::Instant::now();
+    let a = tokio::spawn(post(format!(
+        "{base}/accounts/l1/deposit?amount=100&hold_ms=500"
+    )));
+    // B: as soon as A's lease has lapsed (about 200 ms in), lock with a newer token and read,
+    // well before A writes (about 500 ms in); hold 400 ms, write what it read + 1.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut refused = 0;
+    let b = loop {
+        let response = post(format!("{base}/accounts/l1/deposit?amount=1&hold_ms=400")).await;
+        if response.status() != StatusCode::CONFLICT {
+            break response;
+        }
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["type"], "urn:tower-lock:lock-held", "{problem}");
+        refused += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "A's 200 ms lease never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // B's first attempts met A's lock: A took it first, and B got in once A's lease lapsed.
+    assert!(
+        refused > 0,
+        "A had not taken the lock 150 ms after it was sent; the interleaving was not reproduced"
+    );
+    let a = a.await.unwrap();
+    let (a_status, a_type) = (a.status(), a.headers().get("content-type").cloned());
+    let a: Value = a.json().await.unwrap();
+    assert_eq!(b.status(), StatusCode::OK);
+    let b: Value = b.json().await.unwrap();
+    assert_eq!(b["balance"], 11, "B read the balance before A wrote");
+
+    let balance: Value = reqwest::get(format!("{base}/accounts/l1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // No deposit answered 200 is lost: the balance is the initial one plus every accepted amount.
+    let accepted = 10 + if a_status == StatusCode::OK { 100 } else { 0 } + 1;
+    assert_eq!(
+        balance["balance"], accepted,
+        "lost update: A answered {a_status} {a}, B {b}, balance {balance}"
+    );
+    // A's write carried the older token after B's read: refused with the stale-token problem.
+    assert_eq!(a_status, StatusCode::CONFLICT, "{a}");
+    assert_eq!(a_type.unwrap(), "application/problem+json");
+    assert_eq!(a["type"], demo::STALE_TOKEN_TYPE);
+    assert_eq!(balance["balance"], 11);
+}
+
+/// The store's fenced read raises the fence: afterwards a read or write with an older token is
+/// refused, an equal or newer one goes through. Exact for tokens beyond 2^53 (Lua's doubles).
+async fn fenced_read_raises_the_fence<F: DemoBackend>() {
+    use demo::{FencedRead, FencedWrite};
+
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
+    let store = &server.store;
+    assert_eq!(
+        store.read_fenced("r1", 5).await.unwrap(),
+        FencedRead::Current { balance: 0 }
+    );
+    assert_eq!(
+        store.read_fenced("r1", 4).await.unwrap(),
+        FencedRead::Stale { fence: 5 }
+    );
+    assert_eq!(
+        store.write_fenced("r1", 7, 4).await.unwrap(),
+        FencedWrite::Stale { fence: 5 }
+    );
+    assert_eq!(
+        store.read_fenced("r1", 5).await.unwrap(),
+        FencedRead::Current { balance: 0 }
+    );
+    assert_eq!(
+        store.write_fenced("r1", 7, 5).await.unwrap(),
+        FencedWrite::Accepted
+    );
+    assert_eq!(
+        store.read_fenced("r1", 6).await.unwrap(),
+        FencedRead::Current { balance: 7 }
+    );
+    assert_eq!(
+        store.write_fenced("r1", 8, 5).await.unwrap(),
+        FencedWrite::Stale { fence: 6 }
+    );
+    assert_eq!(store.balance("r1").await.unwrap(), 7);
+
+    let big = u64::MAX - 1;
+    assert_eq!(
+        store.read_fenced("r2", big).await.unwrap(),
+        FencedRead::Current { balance: 0 }
+    );
+    assert_eq!(
+        store.read_fenced("r2", big - 1).await.unwrap(),
+        FencedRead::Stale { fence: big }
+    );
+    assert_eq!(
+        store.read_fenced("r2", u64::MAX).await.unwrap(),
+        FencedRead::Current { balance: 0 }
+    );
+    assert_eq!(
+        store.record("r2").await.unwrap(),
+        demo::Record {
+            balance: 0,
+            fence: u64::MAX
+        }
+    );
+}
+
+/// In one namespace, an order's Idempotency-Key and an account id with the same text name two
+/// different locks: the deposit locks `account:{id}`, and request material cannot forge that
+/// prefix (a `:` in a header value is escaped).
+async fn order_idempotency_key_does_not_block_the_account_with_that_id<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+    let order = |key: &'static str| {
+        client
+            .post(format!("{base}/orders?hold_ms=800"))
+            .header("idempotency-key", key)
+            .send()
+    };
+
+    for key in ["42", "account:42"] {
+        // An order in flight with that key; the account's deposit is not blocked by it.
+        let in_flight = tokio::spawn(order(key));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let deposit = post(format!("{base}/accounts/42/deposit?amount=1")).await;
+        assert_eq!(
+            deposit.status(),
+            StatusCode::OK,
+            "POST /orders with Idempotency-Key {key:?} blocked POST /accounts/42/deposit"
+        );
+        assert_eq!(in_flight.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+
+    // And the other way round: a deposit in flight does not block an order keyed `42`.
+    let in_flight = tokio::spawn(post(format!(
+        "{base}/accounts/42/deposit?amount=1&hold_ms=800"
+    )));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(keys) = fixture.held_lock_keys().await {
+        assert_eq!(keys, ["tower-lock:{account:42}"]);
+    }
+    let retry = client
+        .post(format!("{base}/orders"))
+        .header("idempotency-key", "42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        retry.status(),
+        StatusCode::OK,
+        "POST /accounts/42/deposit blocked POST /orders with Idempotency-Key 42"
+    );
+    let deposit = in_flight.await.unwrap();
+    assert_eq!(deposit.status(), StatusCode::OK);
+    let deposit: Value = deposit.json().await.unwrap();
+    assert_eq!(deposit["balance"], 3);
+}
+
+/// The stream shares the account's lock (`account:{id}`): a deposit to the account waits for
+/// the stream's body, and the stream's key is the deposit's.
+async fn stream_and_deposit_share_the_account_lock<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
+    let base = server.url();
+    let stream = reqwest::get(format!("{base}/stream/7?ms=800"))
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let body = tokio::spawn(stream.text());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(keys) = fixture.held_lock_keys().await {
+        assert_eq!(keys, ["tower-lock:{account:7}"]);
+    }
+    let during = post(format!("{base}/accounts/7/deposit?amount=1")).await;
+    assert_eq!(during.status(), StatusCode::CONFLICT);
+    let problem: Value = during.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:tower-lock:lock-held");
+    body.await.unwrap().unwrap();
+}
+
+async fn stream_holds_the_lock_until_the_body_is_sent<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
     let stream = reqwest::get(format!("{base}/stream/s1?ms=800"))
         .await
@@ -178,8 +422,9 @@ async fn stream_holds_the_lock_until_the_body_is_sent(redis: Option<&RedisServer
     assert_eq!(after, StatusCode::OK);
 }
 
-async fn orders_follow_the_idempotency_key_preset(redis: Option<&RedisServer>) {
-    let server = start(redis, DemoConfig::default()).await;
+async fn orders_follow_the_idempotency_key_preset<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let client = reqwest::Client::new();
     let url = format!("{}/orders", server.url());
     let missing = client.post(&url).send().await.unwrap();
@@ -214,10 +459,11 @@ async fn orders_follow_the_idempotency_key_preset(redis: Option<&RedisServer>) {
     assert_eq!(body, serde_json::json!({"order": "order-1"}));
 }
 
-async fn long_hold_outlives_lock_ttl_safely(redis: Option<&RedisServer>) {
+async fn long_hold_outlives_lock_ttl_safely<F: DemoBackend>() {
+    let fixture = F::start().await;
     // LOCK_TTL_MS=300 with the default renewal: a 1.2 s deposit keeps its lock all along.
     let server = start(
-        redis,
+        &fixture,
         DemoConfig {
             lock_ttl: Some(Duration::from_millis(300)),
             ..DemoConfig::default()
@@ -243,32 +489,14 @@ async fn long_hold_outlives_lock_ttl_safely(redis: Option<&RedisServer>) {
     assert_eq!(slow["balance"], 10);
 }
 
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod redis_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let redis = super::RedisServer::start();
-                    super::$test(Some(&redis)).await;
-                }
-            )*
-        }
-        mod memory_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(None).await;
-                }
-            )*
-        }
-    };
-}
-
-both_backends!(
+suite!(
     deposit_contract,
     concurrent_burst_keeps_every_locked_deposit,
     stale_token_write_is_refused,
+    stale_holder_write_after_newer_read_is_refused,
+    fenced_read_raises_the_fence,
+    order_idempotency_key_does_not_block_the_account_with_that_id,
+    stream_and_deposit_share_the_account_lock,
     stream_holds_the_lock_until_the_body_is_sent,
     orders_follow_the_idempotency_key_preset,
     long_hold_outlives_lock_ttl_safely,
@@ -277,7 +505,12 @@ both_backends!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_answers_503_with_retry_after() {
     let mut redis = RedisServer::start();
-    let server = start(Some(&redis), DemoConfig::default()).await;
+    let server = spawn(DemoConfig {
+        redis_url: Some(redis.url()),
+        ..DemoConfig::default()
+    })
+    .await
+    .expect("demo server");
     let base = server.url();
     assert_eq!(
         post(format!("{base}/accounts/x/deposit")).await.status(),
@@ -293,4 +526,6 @@ async fn redis_stopped_answers_503_with_retry_after() {
     );
     let problem: Value = response.json().await.unwrap();
     assert_eq!(problem["status"], 503);
+    // The lock is taken before the balance store is touched: the layer answers.
+    assert_eq!(problem["type"], "urn:tower-lock:backend-unavailable");
 }

@@ -5,16 +5,25 @@
 //!
 //! | route | lock | what it does |
 //! |---|---|---|
-//! | `POST /accounts/{id}/deposit?amount=A&hold_ms=H` | on `id` | read balance, sleep `H` ms, **fenced** write of `balance + A` |
+//! | `POST /accounts/{id}/deposit?amount=A&hold_ms=H` | `account:{id}` | **fenced** read of the balance, sleep `H` ms, **fenced** write of `balance + A` |
 //! | `POST /unlocked/accounts/{id}/deposit?amount=A&hold_ms=H` | none | the same read–sleep–write, unfenced: loses updates under concurrency |
 //! | `GET /accounts/{id}` | none | `{"account": id, "balance": b}` (0 when unknown) |
 //! | `POST /orders?hold_ms=H` | on the `Idempotency-Key` header (preset) | 400 without the header, 409 while the same key is in flight, else 200 `{"order": key}` |
-//! | `GET /stream/{id}?ms=M` | on `id`, held until the body is sent | 5 text chunks spread over `M` ms (default 1000) |
+//! | `GET /stream/{id}?ms=M` | `account:{id}` (the deposit's lock), held until the body is sent | 5 text chunks spread over `M` ms (default 1000) |
 //!
-//! The deposit's write carries the request's [`LockLease::fencing_token`]; the store remembers the
-//! highest token it accepted per account and refuses smaller ones with **409**
-//! `urn:tower-lock-demo:stale-fencing-token`. Lock conflicts (409), bad keys (400) and backend
-//! failures (503) are answered by the [`LockLayer`] itself.
+//! The deposit's read and write both carry the request's [`LockLease::fencing_token`]. The store
+//! remembers per account the highest token a read or write carried; a read raises it to the
+//! request's token, and a read or write with a smaller token is refused with **409**
+//! `urn:tower-lock-demo:stale-fencing-token`. So once a newer holder has read the balance, a
+//! holder whose lease lapsed can no longer write its stale sum over the newer one's.
+//!
+//! Lock conflicts (409 `urn:tower-lock:lock-held`), keys that cannot be built (400
+//! `urn:tower-lock:invalid-lock-key`) and lock backend failures (503
+//! `urn:tower-lock:backend-unavailable`) are answered by the [`LockLayer`]. The deposit handler
+//! answers its own: 409 `urn:tower-lock-demo:stale-fencing-token`, 400
+//! `urn:tower-lock-demo:invalid-query` (a query string that does not parse, or an amount that
+//! would overflow the balance) and 503 `urn:tower-lock-demo:store-unavailable` (the balance
+//! store failed).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -34,7 +43,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::json;
-use tower_lock::key::PathParam;
+use tower_lock::key::KeyTemplate;
 use tower_lock::{LockLayer, LockLease, MemoryBackend, RedisBackend, problem_response};
 
 /// Default prefix of the lock keys (the layer's default namespace).
@@ -42,7 +51,10 @@ pub const DEFAULT_NAMESPACE: &str = "tower-lock:";
 /// Default prefix of the balance records in Redis: `tower-lock-demo:balance:{id}`.
 pub const DEFAULT_BALANCE_PREFIX: &str = "tower-lock-demo:balance:";
 
-/// Problem type of a write refused by the fence.
+/// The lock key template of the account routes (the deposit and the stream): `account:{id}`.
+pub const ACCOUNT_KEY: &str = "account:{path.id}";
+
+/// Problem type of a read or write refused by the fence.
 pub const STALE_TOKEN_TYPE: &str = "urn:tower-lock-demo:stale-fencing-token";
 /// Problem type of an invalid query string.
 pub const INVALID_QUERY_TYPE: &str = "urn:tower-lock-demo:invalid-query";
@@ -142,13 +154,29 @@ fn redact_url(url: &str) -> String {
     format!("{scheme}://{masked}{}", &rest[at..])
 }
 
-/// One account's balance and the highest fencing token a write to it carried.
+/// One account's balance and the highest fencing token a read or write of it carried.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Record {
     /// The balance.
     pub balance: i64,
-    /// The highest fencing token accepted so far (0: none).
+    /// The highest fencing token seen so far, by a fenced read or write (0: none).
     pub fence: u64,
+}
+
+/// The outcome of a fenced read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FencedRead {
+    /// The balance; the record's fence is now at least the read's token, so a write with an
+    /// older token can no longer land after this read.
+    Current {
+        /// The balance read.
+        balance: i64,
+    },
+    /// Refused: a read or write with the larger token `fence` came first.
+    Stale {
+        /// The fence the record holds.
+        fence: u64,
+    },
 }
 
 /// The outcome of a fenced write.
@@ -156,27 +184,44 @@ pub struct Record {
 pub enum FencedWrite {
     /// Written; the record's fence is now the write's token.
     Accepted,
-    /// Refused: a write with the larger token `fence` was accepted before.
+    /// Refused: a read or write with the larger token `fence` came first.
     Stale {
         /// The fence the record holds.
         fence: u64,
     },
 }
 
-/// Accept `token` if it is at least `fence`; tokens are decimal strings without leading zeros, so
-/// the comparison is exact for every `u64` (Lua numbers are doubles).
-static FENCED_WRITE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
-    Script::new(
-        r"
+/// The fence check both scripts start with: refuse `token` (the last argument) if it is below
+/// the record's fence. Tokens are decimal strings without leading zeros, so comparing lengths,
+/// then text, is exact for every `u64` (Lua numbers are doubles).
+const FENCE_CHECK: &str = r"
 local fence = redis.call('HGET', KEYS[1], 'fence') or '0'
-local token = ARGV[2]
+local token = ARGV[#ARGV]
 if #token < #fence or (#token == #fence and token < fence) then
-  return {0, fence}
+  return {0, 0, fence}
 end
+";
+
+/// `KEYS[1]` = the record, `ARGV` = token: raise the fence to the token and return the balance,
+/// atomically: `{1, balance, token}`, or `{0, 0, fence}` when the token is stale.
+static FENCED_READ: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(&format!(
+        "{FENCE_CHECK}
+redis.call('HSET', KEYS[1], 'fence', token)
+return {{1, redis.call('HGET', KEYS[1], 'balance') or '0', token}}
+"
+    ))
+});
+
+/// `KEYS[1]` = the record, `ARGV` = balance, token: write the balance and raise the fence,
+/// atomically: `{1, 0, token}`, or `{0, 0, fence}` when the token is stale.
+static FENCED_WRITE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(&format!(
+        "{FENCE_CHECK}
 redis.call('HSET', KEYS[1], 'balance', ARGV[1], 'fence', token)
-return {1, token}
-",
-    )
+return {{1, 0, token}}
+"
+    ))
 });
 
 /// Where balances live.
@@ -258,7 +303,45 @@ impl Store {
         Ok(self.record(id).await?.balance)
     }
 
-    /// Sets the balance if `token` is at least the highest token accepted for `id`, and remembers
+    /// Reads the balance if `token` is at least the highest token seen for `id`, and raises that
+    /// fence to `token`, so that a write with an older token is refused from now on. Atomic in
+    /// both stores.
+    ///
+    /// Fencing only the write is not enough for a read–modify–write: a holder whose lease lapsed
+    /// after its read would still write (its token is the highest the record has seen), and the
+    /// newer holder, which read the same balance, would then overwrite that deposit with its own
+    /// stale sum. The record must see the newer token before the stale write lands.
+    pub async fn read_fenced(&self, id: &str, token: u64) -> redis::RedisResult<FencedRead> {
+        match self {
+            Self::Memory(map) => {
+                let mut map = Self::map(map);
+                let record = map.entry(id.to_owned()).or_default();
+                if token < record.fence {
+                    return Ok(FencedRead::Stale {
+                        fence: record.fence,
+                    });
+                }
+                record.fence = token;
+                Ok(FencedRead::Current {
+                    balance: record.balance,
+                })
+            }
+            Self::Redis { connection, prefix } => {
+                let (accepted, balance, fence): (i64, i64, u64) = FENCED_READ
+                    .key(format!("{prefix}{id}"))
+                    .arg(token)
+                    .invoke_async(&mut connection.clone())
+                    .await?;
+                Ok(if accepted == 1 {
+                    FencedRead::Current { balance }
+                } else {
+                    FencedRead::Stale { fence }
+                })
+            }
+        }
+    }
+
+    /// Sets the balance if `token` is at least the highest token seen for `id`, and remembers
     /// `token`. Atomic in both stores.
     pub async fn write_fenced(
         &self,
@@ -282,7 +365,7 @@ impl Store {
                 Ok(FencedWrite::Accepted)
             }
             Self::Redis { connection, prefix } => {
-                let (accepted, fence): (i64, u64) = FENCED_WRITE
+                let (accepted, _, fence): (i64, i64, u64) = FENCED_WRITE
                     .key(format!("{prefix}{id}"))
                     .arg(balance)
                     .arg(token)
@@ -347,11 +430,16 @@ pub fn with_backend<B: tower_lock::LockBackend>(
     store: Store,
     config: &DemoConfig,
 ) -> Demo {
+    // Every route that locks an account locks `account:{id}`: a prefix of its own, so that in
+    // one namespace no other route's key (the Idempotency-Key preset's, say) can name the same
+    // lock, and request material cannot forge it (a `:` in a value is escaped).
     let layer = |pattern: &str| {
-        // `PathParam::new("id")` would do with the crate's `axum` feature (it reads axum's
-        // `MatchedPath`); the explicit pattern also works without the feature.
-        let mut layer = LockLayer::new(backend.clone(), PathParam::with_pattern(pattern, "id"))
-            .namespace(&config.namespace);
+        // With the crate's `axum` feature the template reads axum's `MatchedPath`; the explicit
+        // pattern makes it work without the feature too.
+        let key = KeyTemplate::parse(ACCOUNT_KEY)
+            .and_then(|template| template.with_pattern(pattern))
+            .unwrap_or_else(|error| panic!("the demo's key template is invalid: {error}"));
+        let mut layer = LockLayer::new(backend.clone(), key).namespace(&config.namespace);
         if let Some(ttl) = config.lock_ttl {
             layer = layer.ttl(ttl);
         }
@@ -492,7 +580,21 @@ fn overflow() -> Response {
     )
 }
 
-/// `POST /accounts/{id}/deposit`: read, hold, fenced write.
+/// 409 `urn:tower-lock-demo:stale-fencing-token`: the record has seen a newer token than this
+/// request's, so its lock expired and a later holder used the account.
+fn stale_token(token: u64, fence: u64, step: &str) -> Response {
+    problem(
+        StatusCode::CONFLICT,
+        STALE_TOKEN_TYPE,
+        "Stale fencing token",
+        &format!(
+            "This request's lock (fencing token {token}) expired before it {step} the balance; a \
+             later holder has used fencing token {fence} since. The deposit was not applied."
+        ),
+    )
+}
+
+/// `POST /accounts/{id}/deposit`: fenced read, hold, fenced write.
 async fn deposit(
     State(store): State<Store>,
     Path(id): Path<String>,
@@ -515,9 +617,10 @@ async fn deposit(
     let amount = params.amount.unwrap_or(1);
     let token = lease.fencing_token();
 
-    // Deliberately not atomic: read, wait, write.
-    let current = match store.balance(&id).await {
-        Ok(balance) => balance,
+    // Deliberately not atomic: read, wait, write; both the read and the write are fenced.
+    let current = match store.read_fenced(&id, token).await {
+        Ok(FencedRead::Current { balance }) => balance,
+        Ok(FencedRead::Stale { fence }) => return stale_token(token, fence, "read"),
         Err(error) => return store_failed(&error),
     };
     tokio::time::sleep(Duration::from_millis(params.hold_ms.unwrap_or(0))).await;
@@ -531,15 +634,7 @@ async fn deposit(
             "fencing_token": token,
         }))
         .into_response(),
-        Ok(FencedWrite::Stale { fence }) => problem(
-            StatusCode::CONFLICT,
-            STALE_TOKEN_TYPE,
-            "Stale fencing token",
-            &format!(
-                "This request's lock (fencing token {token}) expired before it wrote; a later \
-                 holder already wrote with fencing token {fence}. The deposit was not applied."
-            ),
-        ),
+        Ok(FencedWrite::Stale { fence }) => stale_token(token, fence, "wrote"),
         Err(error) => store_failed(&error),
     }
 }
