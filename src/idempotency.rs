@@ -44,7 +44,7 @@ use http::{HeaderName, Method, Response, StatusCode};
 use crate::backend::LockBackend;
 use crate::key::{KeyExtractor, KeyRejection, LockKey};
 use crate::layer::LockLayer;
-use crate::policy::LockPolicy;
+use crate::policy::{LockPolicy, covers};
 use crate::response::{Rejection, problem_response};
 
 /// The header name, `idempotency-key`.
@@ -87,7 +87,8 @@ impl IdempotencyKey {
         }
     }
 
-    /// Requires the header on these methods instead.
+    /// Requires the header on these methods instead (`GET` covers `HEAD` too, as in
+    /// [`LockPolicy::methods`]).
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.methods = methods.into_iter().collect();
         self
@@ -105,7 +106,7 @@ impl IdempotencyKey {
 
 impl KeyExtractor for IdempotencyKey {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
-        if !self.methods.contains(&parts.method) {
+        if !covers(&self.methods, &parts.method) {
             return Ok(None);
         }
         let Some(value) = parts.headers.get(&IDEMPOTENCY_KEY) else {
@@ -233,6 +234,13 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_ne!(body["title"], "Idempotency-Key is missing");
         assert!(body["detail"].as_str().unwrap().contains("x-user"));
+    }
+
+    #[test]
+    fn a_key_required_on_get_is_required_on_head() {
+        let key = IdempotencyKey::new().methods([Method::GET]);
+        assert!(key.extract(&parts(Method::HEAD, &[])).is_err());
+        assert_eq!(key.extract(&parts(Method::POST, &[])).unwrap(), None);
     }
 
     #[test]

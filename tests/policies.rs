@@ -1,0 +1,213 @@
+//! Policies, the route table and the Idempotency-Key preset: which requests a policy covers, which
+//! route patterns a table accepts, and which keys the preset locks on. Every behaviour that takes
+//! a lock runs on both backends (`suite!`).
+
+#[macro_use]
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_lock::key::Header;
+use tower_lock::{LockLease, LockPolicy, LockRoutes};
+
+use common::{Fixture, Memory, NS, Redis, until_held};
+
+/// Holds gated requests until opened; stays open after that.
+#[derive(Clone)]
+struct Gate(Arc<watch::Sender<bool>>);
+
+impl Gate {
+    fn new() -> Self {
+        Self(Arc::new(watch::Sender::new(false)))
+    }
+
+    fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    async fn wait(&self) {
+        let mut open = self.0.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+    }
+}
+
+/// A handler that answers with the lock it ran under ("unlocked" without one), after waiting for
+/// `gate` when the request has `x-gate`.
+fn echo(
+    gate: Gate,
+) -> impl tower::Service<
+    Request<String>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |req: Request<String>| {
+        let gate = gate.clone();
+        async move {
+            if req.headers().contains_key("x-gate") {
+                gate.wait().await;
+            }
+            let key = req
+                .extensions()
+                .get::<LockLease>()
+                .map_or_else(|| "unlocked".to_owned(), |lease| lease.key().to_owned());
+            Ok(Response::new(key))
+        }
+    })
+}
+
+async fn text<B>(response: Response<B>) -> String
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+fn call(method: Method, uri: &str) -> http::request::Builder {
+    Request::builder().method(method).uri(uri)
+}
+
+// ---------------------------------------------------------------------------------------------
+// HEAD is GET without a body: a policy that covers GET covers HEAD.
+
+/// axum sends HEAD to the GET handler; the GET policy on that route must lock it too.
+async fn head_request_is_locked_by_a_get_policy<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Gate::new();
+    let handler_gate = gate.clone();
+    let policy = LockPolicy::key(Header::new("x-doc")).methods([Method::GET]);
+    let app: Router = Router::new().route(
+        "/docs",
+        get(move |headers: http::HeaderMap| {
+            let gate = handler_gate.clone();
+            async move {
+                if headers.contains_key("x-gate") {
+                    gate.wait().await;
+                }
+                "the document"
+            }
+        })
+        .route_layer(policy.layer(fixture.backend()).namespace(NS)),
+    );
+    let request = |method: Method, gated: bool| {
+        let mut builder = call(method, "/docs").header("x-doc", "7");
+        if gated {
+            builder = builder.header("x-gate", "1");
+        }
+        builder.body(axum::body::Body::empty()).unwrap()
+    };
+
+    let holder = tokio::spawn(app.clone().oneshot(request(Method::GET, true)));
+    until_held(&fixture, 1).await;
+    let head = app
+        .clone()
+        .oneshot(request(Method::HEAD, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        head.status(),
+        StatusCode::CONFLICT,
+        "a HEAD ran the GET handler beside the GET holding the lock"
+    );
+
+    gate.open();
+    assert_eq!(holder.await.unwrap().unwrap().status(), StatusCode::OK);
+    until_held(&fixture, 0).await;
+    // Once the GET is done, the HEAD is served (locked, then released).
+    let head = app.oneshot(request(Method::HEAD, false)).await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    until_held(&fixture, 0).await;
+}
+
+/// The same in a route table: the GET route is the route of a HEAD request.
+async fn head_request_is_locked_by_a_get_route_in_the_table<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Gate::new();
+    let routes = LockRoutes::new(fixture.backend())
+        .defaults(|layer| layer.namespace(NS))
+        .route(
+            "/docs/{id}",
+            LockPolicy::template("doc:{path.id}")
+                .unwrap()
+                .methods([Method::GET]),
+        )
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(routes)
+        .service(echo(gate.clone()));
+
+    let holder = tokio::spawn(
+        service.clone().oneshot(
+            call(Method::GET, "/docs/7")
+                .header("x-gate", "1")
+                .body(String::new())
+                .unwrap(),
+        ),
+    );
+    until_held(&fixture, 1).await;
+    let head = service
+        .clone()
+        .oneshot(call(Method::HEAD, "/docs/7").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::CONFLICT);
+
+    gate.open();
+    assert_eq!(
+        text(holder.await.unwrap().unwrap()).await,
+        format!("{NS}{{doc:7}}")
+    );
+    let head = service
+        .clone()
+        .oneshot(call(Method::HEAD, "/docs/7").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(text(head).await, format!("{NS}{{doc:7}}"));
+    // Methods other than GET and HEAD stay unlocked.
+    let post = service
+        .oneshot(call(Method::POST, "/docs/7").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(text(post).await, "unlocked");
+}
+
+/// The other way round does not hold: a HEAD-only policy does not lock GET.
+#[tokio::test]
+async fn a_head_only_policy_does_not_lock_get() {
+    let routes = LockRoutes::new(tower_lock::MemoryBackend::new())
+        .route(
+            "/docs",
+            LockPolicy::template("doc").unwrap().methods([Method::HEAD]),
+        )
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(routes)
+        .service(echo(Gate::new()));
+    let get = service
+        .clone()
+        .oneshot(call(Method::GET, "/docs").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(text(get).await, "unlocked");
+    let head = service
+        .oneshot(call(Method::HEAD, "/docs").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(text(head).await, "tower-lock:{doc}");
+}
+
+suite!(
+    head_request_is_locked_by_a_get_policy,
+    head_request_is_locked_by_a_get_route_in_the_table,
+);
