@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_lock::key::Header;
-use tower_lock::{LockLease, LockPolicy, LockRoutes};
+use tower_lock::{LockLease, LockPolicy, LockRoutes, RouteError};
 
 use common::{Fixture, Memory, NS, Redis, until_held};
 
@@ -205,6 +205,126 @@ async fn a_head_only_policy_does_not_lock_get() {
         .await
         .unwrap();
     assert_eq!(text(head).await, "tower-lock:{doc}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Route patterns: a pattern that can never match would leave its route unlocked.
+
+fn pattern_error(pattern: &str) -> String {
+    let policy = LockPolicy::template("x").unwrap();
+    match LockRoutes::new(tower_lock::MemoryBackend::new()).route(pattern, policy) {
+        Err(RouteError::Pattern {
+            pattern: p,
+            message,
+        }) => {
+            assert_eq!(p, pattern);
+            message
+        }
+        Err(other) => panic!("`{pattern}`: not a pattern error: {other}"),
+        Ok(_) => panic!("`{pattern}` was accepted, and its route would run unlocked"),
+    }
+}
+
+fn axum_accepts(pattern: &str) -> bool {
+    let pattern = pattern.to_owned();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let accepted = std::panic::catch_unwind(move || {
+        let _ = Router::<()>::new().route(&pattern, get(|| async {}));
+    })
+    .is_ok();
+    std::panic::set_hook(hook);
+    accepted
+}
+
+#[test]
+fn route_table_refuses_patterns_axum_would_reject() {
+    // (pattern, a word of the message that names the fix)
+    let rejected_by_axum = [
+        ("/accounts/:id", "`{id}`, not `:id`"),
+        ("/accounts/:id/deposit", "`{id}`, not `:id`"),
+        ("/a/*rest", "`{*rest}`, not `*rest`"),
+        ("accounts/{id}", "start with `/`"),
+        ("", "start with `/`"),
+        ("*", "`/{*rest}`"),
+        (":id", "`/{id}`"),
+        ("/accounts/{id", "parameter"),
+        ("/a/{*rest}/b", "end"),
+        ("/a/{}", "parameter"),
+        ("/files/{name}.json", "one parameter per segment"),
+    ];
+    for (pattern, hint) in rejected_by_axum {
+        assert!(
+            !axum_accepts(pattern),
+            "axum 0.8 accepts `{pattern}`: the case belongs in the other list"
+        );
+        let message = pattern_error(pattern);
+        assert!(
+            message.contains(hint),
+            "`{pattern}`: the message {message:?} does not say {hint:?}"
+        );
+    }
+}
+
+#[test]
+fn route_table_refuses_patterns_no_request_path_can_match() {
+    // axum takes these, but a request path never contains these characters: the query and the
+    // fragment are not part of the path, and the rest arrive percent-encoded.
+    let never_match = [
+        ("/a?x=1", "query"),
+        ("/a#top", "fragment"),
+        ("/a b", "percent-encoded"),
+        ("/a/<id>", "percent-encoded"),
+        ("/a\tb", "percent-encoded"),
+    ];
+    for (pattern, hint) in never_match {
+        let message = pattern_error(pattern);
+        assert!(
+            message.contains(hint),
+            "`{pattern}`: the message {message:?} does not say {hint:?}"
+        );
+    }
+}
+
+#[test]
+fn route_table_accepts_the_patterns_axum_accepts() {
+    let policy = LockPolicy::template("x").unwrap();
+    for pattern in [
+        "/",
+        "/files/v{version}",
+        "/a/{*rest}",
+        "/{*rest}",
+        "/accounts/{id}/deposit",
+        "/a/b:c",
+        "/a/b*",
+        "/{{literal}}/{id}",
+        "/a/",
+        "/caf%C3%A9",
+        "/café",
+        // Not an ASCII control character: a request path may carry its UTF-8 bytes as they are.
+        "/a\u{85}",
+    ] {
+        assert!(axum_accepts(pattern), "axum 0.8 rejects `{pattern}`");
+        if let Err(error) =
+            LockRoutes::new(tower_lock::MemoryBackend::new()).route(pattern, policy.clone())
+        {
+            panic!("`{pattern}` refused: {error}");
+        }
+    }
+}
+
+/// A parameter name is not path text: the character checks apply to literal text only.
+#[test]
+fn route_table_checks_only_the_literal_text_of_a_pattern() {
+    let policy = LockPolicy::template("x").unwrap();
+    for pattern in ["/a/{the id}", "/a/{id?}", "/a/{i#d}", "/a/{*the rest}"] {
+        assert!(axum_accepts(pattern), "axum 0.8 rejects `{pattern}`");
+        if let Err(error) =
+            LockRoutes::new(tower_lock::MemoryBackend::new()).route(pattern, policy.clone())
+        {
+            panic!("`{pattern}` refused although axum takes it: {error}");
+        }
+    }
 }
 
 suite!(
