@@ -1,8 +1,13 @@
 //! The `Idempotency-Key` preset, after the IETF httpapi draft "The Idempotency-Key HTTP Header
 //! Field".
 //!
-//! - The lock key is the `Idempotency-Key` header, optionally scoped by who is calling
-//!   ([`IdempotencyKey::scoped_by`]), so two users' keys never collide.
+//! - The lock key is `idempotency:` + the `Idempotency-Key` header (escaped), optionally scoped
+//!   by who is calling ([`IdempotencyKey::scoped_by`]: `idempotency:` + identity + `:` + key), so
+//!   two users' keys never collide. Every key of the preset starts with `idempotency:`, so it is
+//!   never the lock of another route of the same namespace unless that route's key starts with
+//!   `idempotency:` too: `Idempotency-Key: 42` is not the lock of `account:{path.id}` or of
+//!   `{path.id}` for id 42, which can never start so (escaped request material has no `:`), but
+//!   a template that joins two request values with `:`, like `{header.a}:{header.b}`, can.
 //! - A protected method (`POST` and `PATCH` by default, the draft's non-idempotent methods)
 //!   without the header: **400** problem+json, title "Idempotency-Key is missing".
 //! - A retry while the first request with the same key is still being processed: **409**
@@ -54,6 +59,9 @@ pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-ke
 const MISSING_KEY_DETAIL: &str =
     "This operation is idempotent and it requires correct usage of Idempotency Key.";
 
+/// The first part of every key of the preset, which keeps its keys apart from other routes'.
+const KEY_PREFIX: &str = "idempotency";
+
 type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
 
 /// Keys requests by their `Idempotency-Key` header. See the [module docs](self).
@@ -95,7 +103,9 @@ impl IdempotencyKey {
     }
 
     /// Scopes keys by the caller's identity (a user id from a header, an API key, an extension
-    /// your authentication layer inserted): the lock key becomes `identity:idempotency-key`. If
+    /// your authentication layer inserted): the lock key becomes
+    /// `idempotency:identity:idempotency-key`. The header value is escaped (it never contains `:`),
+    /// so the identity is everything between the first and the last `:`. If
     /// the scope extractor finds no identity, the request is rejected (400), because an unscoped
     /// key could collide with another caller's.
     pub fn scoped_by<K: KeyExtractor>(mut self, scope: K) -> Self {
@@ -113,10 +123,11 @@ impl KeyExtractor for IdempotencyKey {
             return Err(KeyRejection::new(MISSING_KEY_DETAIL));
         };
         let key = LockKey::new(value.as_bytes());
+        let prefix = LockKey::new(KEY_PREFIX);
         match &self.scope {
-            None => Ok(Some(key)),
+            None => Ok(Some(prefix.join(&key))),
             Some(scope) => match scope(parts)? {
-                Some(identity) => Ok(Some(identity.join(&key))),
+                Some(identity) => Ok(Some(prefix.join(&identity).join(&key))),
                 None => Err(KeyRejection::new(
                     "The caller's identity, which scopes the Idempotency-Key, is missing.",
                 )),
@@ -241,6 +252,25 @@ mod tests {
         let key = IdempotencyKey::new().methods([Method::GET]);
         assert!(key.extract(&parts(Method::HEAD, &[])).is_err());
         assert_eq!(key.extract(&parts(Method::POST, &[])).unwrap(), None);
+    }
+
+    #[test]
+    fn keys_carry_the_idempotency_prefix() {
+        let unscoped = IdempotencyKey::new()
+            .extract(&parts(Method::POST, &[("idempotency-key", "42")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(unscoped.as_str(), "idempotency:42");
+        let scoped = IdempotencyKey::new()
+            .scoped_by(Header::new("x-user"))
+            .extract(&parts(
+                Method::POST,
+                &[("x-user", "alice"), ("idempotency-key", "a:b")],
+            ))
+            .unwrap()
+            .unwrap();
+        // The header value is escaped, so the last `:` ends the identity.
+        assert_eq!(scoped.as_str(), "idempotency:alice:a%3Ab");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_lock::idempotency::{self, IdempotencyKey};
 use tower_lock::key::Header;
 use tower_lock::{LockLease, LockPolicy, LockRoutes, RouteError};
 
@@ -327,7 +328,92 @@ fn route_table_checks_only_the_literal_text_of_a_pattern() {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The Idempotency-Key preset in a route table.
+
+/// In one namespace, `Idempotency-Key: 42` is not the lock of account 42, whether the account's
+/// route keys on `account:{path.id}` or on the bare id.
+async fn idempotency_keys_never_contend_with_account_locks<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Gate::new();
+    let routes = LockRoutes::new(fixture.backend())
+        .defaults(|layer| layer.namespace(NS))
+        .route("/orders", idempotency::policy(IdempotencyKey::new()))
+        .unwrap()
+        .route(
+            "/users/{user}/orders",
+            idempotency::policy(IdempotencyKey::new().scoped_by(Header::new("x-user"))),
+        )
+        .unwrap()
+        .route(
+            "/accounts/{id}/deposit",
+            LockPolicy::template("account:{path.id}").unwrap(),
+        )
+        .unwrap()
+        .route(
+            "/bare/{id}/deposit",
+            LockPolicy::template("{path.id}").unwrap(),
+        )
+        .unwrap()
+        .route(
+            "/scoped/{user}/{id}",
+            LockPolicy::template("{path.user}:{path.id}").unwrap(),
+        )
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(routes)
+        .service(echo(gate.clone()));
+    let post = |uri: &str, headers: &[(&str, &str)], gated: bool| {
+        let mut builder = call(Method::POST, uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        if gated {
+            builder = builder.header("x-gate", "1");
+        }
+        service
+            .clone()
+            .oneshot(builder.body(String::new()).unwrap())
+    };
+
+    // Hold the idempotency keys `42` (unscoped) and alice's `42`.
+    let unscoped = tokio::spawn(post("/orders", &[("idempotency-key", "42")], true));
+    let scoped = tokio::spawn(post(
+        "/users/alice/orders",
+        &[("idempotency-key", "42"), ("x-user", "alice")],
+        true,
+    ));
+    until_held(&fixture, 2).await;
+
+    // Every account route for id 42 is free meanwhile.
+    for uri in [
+        "/accounts/42/deposit",
+        "/bare/42/deposit",
+        "/scoped/alice/42",
+    ] {
+        let response = post(uri, &[], false).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "{uri} met the lock of an Idempotency-Key"
+        );
+    }
+    // The keys themselves are still held.
+    let retry = post("/orders", &[("idempotency-key", "42")], false)
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), StatusCode::CONFLICT);
+
+    gate.open();
+    let unscoped = text(unscoped.await.unwrap().unwrap()).await;
+    let scoped = text(scoped.await.unwrap().unwrap()).await;
+    assert_eq!(unscoped, format!("{NS}{{idempotency:42}}"));
+    assert_eq!(scoped, format!("{NS}{{idempotency:alice:42}}"));
+    until_held(&fixture, 0).await;
+}
+
 suite!(
     head_request_is_locked_by_a_get_policy,
     head_request_is_locked_by_a_get_route_in_the_table,
+    idempotency_keys_never_contend_with_account_locks,
 );
