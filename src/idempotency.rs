@@ -12,7 +12,9 @@
 //!   without the header: **400** problem+json, title "Idempotency-Key is missing".
 //! - A retry while the first request with the same key is still being processed: **409**
 //!   problem+json, title "A request is outstanding for this Idempotency-Key".
-//! - Other methods pass through unlocked.
+//! - Other methods pass through unlocked. As a [policy], the preset covers only its
+//!   methods, so in a [`LockRoutes`](crate::LockRoutes) table a `DELETE` on the same path goes on
+//!   to a later route.
 //!
 //! **Not in scope:** response replay. The lock only guarantees that two requests with the same key
 //! are never processed at the same time; remembering the first response and replaying it to later
@@ -172,8 +174,13 @@ pub fn rejection_response(rejection: Rejection) -> Response<Bytes> {
 }
 
 /// The preset as a policy (for [`LockRoutes`](crate::LockRoutes) or `route_layer`).
+///
+/// The policy covers the key's methods (`POST` and `PATCH` by default) and no others, so in a
+/// route table other methods on the same path go on to later routes.
 pub fn policy(key: IdempotencyKey) -> LockPolicy {
+    let methods = key.methods.to_vec();
     LockPolicy::key(key)
+        .methods(methods)
         .fencing(false)
         .on_rejection(rejection_response)
 }

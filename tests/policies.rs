@@ -331,6 +331,75 @@ fn route_table_checks_only_the_literal_text_of_a_pattern() {
 // ---------------------------------------------------------------------------------------------
 // The Idempotency-Key preset in a route table.
 
+/// The preset covers POST and PATCH only: a `DELETE /orders` goes on to the table's DELETE route.
+async fn idempotency_policy_leaves_other_methods_to_later_routes<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Gate::new();
+    let routes = LockRoutes::new(fixture.backend())
+        .defaults(|layer| layer.namespace(NS))
+        .route("/orders", idempotency::policy(IdempotencyKey::new()))
+        .unwrap()
+        .route(
+            "/orders",
+            LockPolicy::template("orders:purge")
+                .unwrap()
+                .methods([Method::DELETE]),
+        )
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(routes)
+        .service(echo(gate.clone()));
+
+    let holder = tokio::spawn(
+        service.clone().oneshot(
+            call(Method::DELETE, "/orders")
+                .header("x-gate", "1")
+                .body(String::new())
+                .unwrap(),
+        ),
+    );
+    until_held(&fixture, 1).await;
+    let second = service
+        .clone()
+        .oneshot(call(Method::DELETE, "/orders").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        second.status(),
+        StatusCode::CONFLICT,
+        "the DELETE route's lock did not hold"
+    );
+    gate.open();
+    assert_eq!(
+        text(holder.await.unwrap().unwrap()).await,
+        format!("{NS}{{orders:purge}}")
+    );
+
+    // The preset still owns POST (and answers its own 400), and GET is nobody's.
+    let post = service
+        .clone()
+        .oneshot(call(Method::POST, "/orders").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(post.status(), StatusCode::BAD_REQUEST);
+    let post = service
+        .clone()
+        .oneshot(
+            call(Method::POST, "/orders")
+                .header("idempotency-key", "k1")
+                .body(String::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(text(post).await, format!("{NS}{{idempotency:k1}}"));
+    let get = service
+        .oneshot(call(Method::GET, "/orders").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(text(get).await, "unlocked");
+}
+
 /// In one namespace, `Idempotency-Key: 42` is not the lock of account 42, whether the account's
 /// route keys on `account:{path.id}` or on the bare id.
 async fn idempotency_keys_never_contend_with_account_locks<F: Fixture>() {
@@ -415,5 +484,6 @@ async fn idempotency_keys_never_contend_with_account_locks<F: Fixture>() {
 suite!(
     head_request_is_locked_by_a_get_policy,
     head_request_is_locked_by_a_get_route_in_the_table,
+    idempotency_policy_leaves_other_methods_to_later_routes,
     idempotency_keys_never_contend_with_account_locks,
 );
