@@ -58,7 +58,11 @@ use crate::response::{Rejection, problem_response};
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// The detail of the 400 for a protected request without the header (the draft's wording).
-const MISSING_KEY_DETAIL: &str =
+///
+/// A `static`, so that it has one address: [`rejection_response`] recognises the preset's own
+/// rejection by that address ([`is_missing_key`]), not by its text, which any other extractor
+/// (a scope extractor, say) could happen to use.
+static MISSING_KEY_DETAIL: &str =
     "This operation is idempotent and it requires correct usage of Idempotency Key.";
 
 /// The first part of every key of the preset, which keeps its keys apart from other routes'.
@@ -160,17 +164,21 @@ pub fn rejection_response(rejection: Rejection) -> Response<Bytes> {
             }
             response
         }
-        Rejection::InvalidKey(invalid) if invalid.detail() == MISSING_KEY_DETAIL => {
-            problem_response(
-                StatusCode::BAD_REQUEST,
-                "urn:tower-lock:idempotency-key-missing",
-                "Idempotency-Key is missing",
-                invalid.detail(),
-                None,
-            )
-        }
+        Rejection::InvalidKey(invalid) if is_missing_key(invalid) => problem_response(
+            StatusCode::BAD_REQUEST,
+            "urn:tower-lock:idempotency-key-missing",
+            "Idempotency-Key is missing",
+            invalid.detail(),
+            None,
+        ),
         _ => rejection.into_response(),
     }
+}
+
+/// Whether `rejection` is the preset's own "Idempotency-Key is missing": the same `&'static str`
+/// (address and length), not merely the same text.
+fn is_missing_key(rejection: &KeyRejection) -> bool {
+    std::ptr::eq(rejection.detail(), MISSING_KEY_DETAIL)
 }
 
 /// The preset as a policy (for [`LockRoutes`](crate::LockRoutes) or `route_layer`).
@@ -278,6 +286,27 @@ mod tests {
             .unwrap();
         // The header value is escaped, so the last `:` ends the identity.
         assert_eq!(scoped.as_str(), "idempotency:alice:a%3Ab");
+    }
+
+    #[test]
+    fn a_lookalike_rejection_does_not_get_the_missing_key_title() {
+        // A scope extractor whose own rejection has the very text of the preset's 400.
+        let lookalike = |_: &Parts| -> Result<Option<LockKey>, KeyRejection> {
+            Err(KeyRejection::new(MISSING_KEY_DETAIL.to_owned()))
+        };
+        let key = IdempotencyKey::new().scoped_by(lookalike);
+        let rejection = key
+            .extract(&parts(Method::POST, &[("idempotency-key", "k")]))
+            .unwrap_err();
+        let response = rejection_response(Rejection::InvalidKey(rejection));
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_ne!(body["title"], "Idempotency-Key is missing");
+
+        // The preset's own rejection still gets it.
+        let rejection = key.extract(&parts(Method::POST, &[])).unwrap_err();
+        let response = rejection_response(Rejection::InvalidKey(rejection));
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["title"], "Idempotency-Key is missing");
     }
 
     #[test]
