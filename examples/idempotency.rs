@@ -71,7 +71,8 @@ async fn list_orders(State(state): State<AppState>) -> String {
 }
 
 fn app<B: LockBackend>(backend: B, state: AppState) -> Router {
-    // `Idempotency-Key` on POST and PATCH, scoped by `x-user`: the lock key is `user:key`.
+    // `Idempotency-Key` on POST and PATCH, scoped by `x-user`: the lock key is
+    // `idempotency:user:key`, apart from every other route's keys in the namespace.
     let key = IdempotencyKey::new().scoped_by(Header::new("x-user"));
     Router::new()
         .route(

@@ -1,13 +1,20 @@
 //! The `Idempotency-Key` preset, after the IETF httpapi draft "The Idempotency-Key HTTP Header
 //! Field".
 //!
-//! - The lock key is the `Idempotency-Key` header, optionally scoped by who is calling
-//!   ([`IdempotencyKey::scoped_by`]), so two users' keys never collide.
+//! - The lock key is `idempotency:` + the `Idempotency-Key` header (escaped), optionally scoped
+//!   by who is calling ([`IdempotencyKey::scoped_by`]: `idempotency:` + identity + `:` + key), so
+//!   two users' keys never collide. Every key of the preset starts with `idempotency:`, so it is
+//!   never the lock of another route of the same namespace unless that route's key starts with
+//!   `idempotency:` too: `Idempotency-Key: 42` is not the lock of `account:{path.id}` or of
+//!   `{path.id}` for id 42, which can never start so (escaped request material has no `:`), but
+//!   a template that joins two request values with `:`, like `{header.a}:{header.b}`, can.
 //! - A protected method (`POST` and `PATCH` by default, the draft's non-idempotent methods)
 //!   without the header: **400** problem+json, title "Idempotency-Key is missing".
 //! - A retry while the first request with the same key is still being processed: **409**
 //!   problem+json, title "A request is outstanding for this Idempotency-Key".
-//! - Other methods pass through unlocked.
+//! - Other methods pass through unlocked. As a [policy], the preset covers only its
+//!   methods, so in a [`LockRoutes`](crate::LockRoutes) table a `DELETE` on the same path goes on
+//!   to a later route.
 //!
 //! **Not in scope:** response replay. The lock only guarantees that two requests with the same key
 //! are never processed at the same time; remembering the first response and replaying it to later
@@ -44,15 +51,22 @@ use http::{HeaderName, Method, Response, StatusCode};
 use crate::backend::LockBackend;
 use crate::key::{KeyExtractor, KeyRejection, LockKey};
 use crate::layer::LockLayer;
-use crate::policy::LockPolicy;
+use crate::policy::{LockPolicy, covers};
 use crate::response::{Rejection, problem_response};
 
 /// The header name, `idempotency-key`.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// The detail of the 400 for a protected request without the header (the draft's wording).
-const MISSING_KEY_DETAIL: &str =
+///
+/// A `static`, so that it has one address: [`rejection_response`] recognises the preset's own
+/// rejection by that address ([`is_missing_key`]), not by its text, which any other extractor
+/// (a scope extractor, say) could happen to use.
+static MISSING_KEY_DETAIL: &str =
     "This operation is idempotent and it requires correct usage of Idempotency Key.";
+
+/// The first part of every key of the preset, which keeps its keys apart from other routes'.
+const KEY_PREFIX: &str = "idempotency";
 
 type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
 
@@ -87,14 +101,17 @@ impl IdempotencyKey {
         }
     }
 
-    /// Requires the header on these methods instead.
+    /// Requires the header on these methods instead (`GET` covers `HEAD` too, as in
+    /// [`LockPolicy::methods`]).
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.methods = methods.into_iter().collect();
         self
     }
 
     /// Scopes keys by the caller's identity (a user id from a header, an API key, an extension
-    /// your authentication layer inserted): the lock key becomes `identity:idempotency-key`. If
+    /// your authentication layer inserted): the lock key becomes
+    /// `idempotency:identity:idempotency-key`. The header value is escaped (it never contains `:`),
+    /// so the identity is everything between the first and the last `:`. If
     /// the scope extractor finds no identity, the request is rejected (400), because an unscoped
     /// key could collide with another caller's.
     pub fn scoped_by<K: KeyExtractor>(mut self, scope: K) -> Self {
@@ -105,17 +122,18 @@ impl IdempotencyKey {
 
 impl KeyExtractor for IdempotencyKey {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
-        if !self.methods.contains(&parts.method) {
+        if !covers(&self.methods, &parts.method) {
             return Ok(None);
         }
         let Some(value) = parts.headers.get(&IDEMPOTENCY_KEY) else {
             return Err(KeyRejection::new(MISSING_KEY_DETAIL));
         };
         let key = LockKey::new(value.as_bytes());
+        let prefix = LockKey::new(KEY_PREFIX);
         match &self.scope {
-            None => Ok(Some(key)),
+            None => Ok(Some(prefix.join(&key))),
             Some(scope) => match scope(parts)? {
-                Some(identity) => Ok(Some(identity.join(&key))),
+                Some(identity) => Ok(Some(prefix.join(&identity).join(&key))),
                 None => Err(KeyRejection::new(
                     "The caller's identity, which scopes the Idempotency-Key, is missing.",
                 )),
@@ -146,22 +164,31 @@ pub fn rejection_response(rejection: Rejection) -> Response<Bytes> {
             }
             response
         }
-        Rejection::InvalidKey(invalid) if invalid.detail() == MISSING_KEY_DETAIL => {
-            problem_response(
-                StatusCode::BAD_REQUEST,
-                "urn:tower-lock:idempotency-key-missing",
-                "Idempotency-Key is missing",
-                invalid.detail(),
-                None,
-            )
-        }
+        Rejection::InvalidKey(invalid) if is_missing_key(invalid) => problem_response(
+            StatusCode::BAD_REQUEST,
+            "urn:tower-lock:idempotency-key-missing",
+            "Idempotency-Key is missing",
+            invalid.detail(),
+            None,
+        ),
         _ => rejection.into_response(),
     }
 }
 
+/// Whether `rejection` is the preset's own "Idempotency-Key is missing": the same `&'static str`
+/// (address and length), not merely the same text.
+fn is_missing_key(rejection: &KeyRejection) -> bool {
+    std::ptr::eq(rejection.detail(), MISSING_KEY_DETAIL)
+}
+
 /// The preset as a policy (for [`LockRoutes`](crate::LockRoutes) or `route_layer`).
+///
+/// The policy covers the key's methods (`POST` and `PATCH` by default) and no others, so in a
+/// route table other methods on the same path go on to later routes.
 pub fn policy(key: IdempotencyKey) -> LockPolicy {
+    let methods = key.methods.to_vec();
     LockPolicy::key(key)
+        .methods(methods)
         .fencing(false)
         .on_rejection(rejection_response)
 }
@@ -233,6 +260,53 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_ne!(body["title"], "Idempotency-Key is missing");
         assert!(body["detail"].as_str().unwrap().contains("x-user"));
+    }
+
+    #[test]
+    fn a_key_required_on_get_is_required_on_head() {
+        let key = IdempotencyKey::new().methods([Method::GET]);
+        assert!(key.extract(&parts(Method::HEAD, &[])).is_err());
+        assert_eq!(key.extract(&parts(Method::POST, &[])).unwrap(), None);
+    }
+
+    #[test]
+    fn keys_carry_the_idempotency_prefix() {
+        let unscoped = IdempotencyKey::new()
+            .extract(&parts(Method::POST, &[("idempotency-key", "42")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(unscoped.as_str(), "idempotency:42");
+        let scoped = IdempotencyKey::new()
+            .scoped_by(Header::new("x-user"))
+            .extract(&parts(
+                Method::POST,
+                &[("x-user", "alice"), ("idempotency-key", "a:b")],
+            ))
+            .unwrap()
+            .unwrap();
+        // The header value is escaped, so the last `:` ends the identity.
+        assert_eq!(scoped.as_str(), "idempotency:alice:a%3Ab");
+    }
+
+    #[test]
+    fn a_lookalike_rejection_does_not_get_the_missing_key_title() {
+        // A scope extractor whose own rejection has the very text of the preset's 400.
+        let lookalike = |_: &Parts| -> Result<Option<LockKey>, KeyRejection> {
+            Err(KeyRejection::new(MISSING_KEY_DETAIL.to_owned()))
+        };
+        let key = IdempotencyKey::new().scoped_by(lookalike);
+        let rejection = key
+            .extract(&parts(Method::POST, &[("idempotency-key", "k")]))
+            .unwrap_err();
+        let response = rejection_response(Rejection::InvalidKey(rejection));
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_ne!(body["title"], "Idempotency-Key is missing");
+
+        // The preset's own rejection still gets it.
+        let rejection = key.extract(&parts(Method::POST, &[])).unwrap_err();
+        let response = rejection_response(Rejection::InvalidKey(rejection));
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["title"], "Idempotency-Key is missing");
     }
 
     #[test]

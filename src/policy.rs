@@ -76,10 +76,11 @@ impl KeyExtractor for PolicyKey {
 }
 
 impl PolicyKey {
+    /// Whether requests with `method` are locked by this policy (see [`LockPolicy::methods`]).
     pub(crate) fn applies_to(&self, method: &Method) -> bool {
         self.methods
             .as_ref()
-            .is_none_or(|methods| methods.contains(method))
+            .is_none_or(|methods| covers(methods, method))
     }
 
     /// Gives a template key the route pattern it is attached to (checking its path parameters).
@@ -89,6 +90,15 @@ impl PolicyKey {
         }
         Ok(self)
     }
+}
+
+/// Whether a list of methods covers `method`: it is listed, or it is `HEAD` and `GET` is listed.
+///
+/// A HEAD is a GET without the body, and routers (axum's `get`, hyper services matching GET)
+/// run the GET handler for it: a lock that covers GET and not HEAD would let that handler run
+/// unlocked beside a GET holding the lock.
+pub(crate) fn covers(methods: &[Method], method: &Method) -> bool {
+    methods.contains(method) || (*method == Method::HEAD && methods.contains(&Method::GET))
 }
 
 impl std::fmt::Debug for PolicyKey {
@@ -145,6 +155,10 @@ impl LockPolicy {
     }
 
     /// Lock only requests with these methods; others pass through unlocked (default: all).
+    ///
+    /// `GET` covers `HEAD` too: axum (and most routers) answer a HEAD with the GET handler, so a
+    /// HEAD must meet the lock a GET meets. The converse does not hold: a policy for `HEAD` alone
+    /// does not lock `GET`.
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.key.methods = Some(methods.into_iter().collect());
         self

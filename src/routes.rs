@@ -2,8 +2,11 @@
 //!
 //! The layer matches each request itself (with [`matchit`](https://docs.rs/matchit), the matcher
 //! axum uses): the **first** route whose pattern matches the path and whose policy applies to the
-//! method wins; requests no route matches pass through unlocked. Patterns use axum's syntax:
-//! `/accounts/{id}`, `/files/{*path}`.
+//! method wins (a policy for `GET` also applies to `HEAD`); requests no route matches pass through
+//! unlocked. Patterns use axum 0.8's syntax: `/accounts/{id}`, `/files/v{version}`,
+//! `/files/{*path}`. A pattern that no request could match (axum 0.7's `:id` and `*rest`, no
+//! leading `/`, a `?query`, …) is refused by [`LockRoutes::route`], so no route silently runs
+//! unlocked.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -144,14 +147,24 @@ impl<B: LockBackend> LockRoutes<B> {
 
     /// Adds a route: requests whose path matches `pattern`, with a method `policy` applies to, are
     /// locked by `policy`. Earlier routes win.
+    ///
+    /// A pattern that could never match a request would leave its route unlocked, so it is an
+    /// error ([`RouteError::Pattern`], with a message naming the fix): every pattern axum 0.8
+    /// refuses (`""`, no leading `/`, a segment starting with `:` or `*` — write `{id}` and
+    /// `{*rest}` —, a malformed or misplaced parameter), and every pattern whose literal text has
+    /// a character no request path contains (`?`, `#`, spaces, control characters, `<`, `>`,
+    /// `` ` ``: the query and fragment are not part of the path, the rest arrive
+    /// percent-encoded).
     pub fn route(mut self, pattern: &str, policy: LockPolicy) -> Result<Self, RouteError> {
+        let refuse = |message: String| RouteError::Pattern {
+            pattern: pattern.to_owned(),
+            message,
+        };
+        check_pattern(pattern).map_err(refuse)?;
         let mut matcher = matchit::Router::new();
         matcher
             .insert(pattern, ())
-            .map_err(|error| RouteError::Pattern {
-                pattern: pattern.to_owned(),
-                message: error.to_string(),
-            })?;
+            .map_err(|error| refuse(insert_error_message(&error)))?;
         let key = policy.key_extractor().clone().for_pattern(pattern)?;
         let layer = policy.apply(self.base.clone().with_extractor(key.clone()));
         Arc::make_mut(&mut self.routes).push(Route {
@@ -161,6 +174,90 @@ impl<B: LockBackend> LockRoutes<B> {
             core: layer.core().clone(),
         });
         Ok(self)
+    }
+}
+
+/// Refuses a route pattern that no request can match: the patterns axum 0.8 refuses
+/// (`validate_path` and its v0.7 checks; matchit's own errors are checked at insertion), and
+/// literal text that a request path (`http::Uri::path`) never contains.
+fn check_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("a pattern must start with `/`; write `/` for the root".into());
+    }
+    // axum 0.8: a segment starting with `:` or `*` is the 0.7 syntax, which matchit 0.8 would
+    // match literally (`/accounts/:id` matches only the path `/accounts/:id`).
+    for (index, segment) in pattern.split('/').enumerate() {
+        // The first segment of a pattern without its leading `/`: the fix needs one too.
+        let slash = if index == 0 { "/" } else { "" };
+        if let Some(name) = segment.strip_prefix(':') {
+            let fix = if name.is_empty() { "name" } else { name };
+            return Err(format!(
+                "write `{slash}{{{fix}}}`, not `:{name}`: axum 0.8 refuses this 0.7 syntax, and \
+                 matchit would match `:{name}` only as literal text"
+            ));
+        }
+        if let Some(name) = segment.strip_prefix('*') {
+            let fix = if name.is_empty() { "rest" } else { name };
+            return Err(format!(
+                "write `{slash}{{*{fix}}}`, not `*{name}`: axum 0.8 refuses this 0.7 syntax, and \
+                 matchit would match `*{name}` only as literal text"
+            ));
+        }
+    }
+    if !pattern.starts_with('/') {
+        return Err("a pattern must start with `/`, as every request path does".into());
+    }
+    // The literal text (outside `{param}`; `{{` and `}}` are literal braces).
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' | '}' if chars.peek() == Some(&c) => {
+                chars.next();
+            }
+            '{' => {
+                // A parameter: its name is not path text (matchit checks its syntax).
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        break;
+                    }
+                }
+            }
+            '?' => {
+                return Err(concat!(
+                    "the query string is not part of the path: drop `?…` from the pattern ",
+                    "and key on `{query.NAME}` instead"
+                )
+                .into());
+            }
+            '#' => {
+                return Err("a fragment (`#…`) is never sent to the server: drop it".into());
+            }
+            c if c.is_ascii_control() || c == ' ' || matches!(c, '<' | '>' | '`') => {
+                return Err(format!(
+                    "a request path never contains {c:?}: it arrives percent-encoded \
+                     (write `%{:02X}`)",
+                    u32::from(c)
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// matchit's insertion errors, said with the fix.
+fn insert_error_message(error: &matchit::InsertError) -> String {
+    match error {
+        matchit::InsertError::InvalidParam => "a parameter needs a name and matching braces, \
+             `{name}` or `{*name}` (write `{{` and `}}` for literal braces)"
+            .into(),
+        matchit::InsertError::InvalidParamSegment => "only one parameter per segment, after any \
+             static text: `/files/v{version}`, not `/files/{name}.json`"
+            .into(),
+        matchit::InsertError::InvalidCatchAll => {
+            "a catch-all `{*name}` must be the whole last segment, at the end of the pattern".into()
+        }
+        other => other.to_string(),
     }
 }
 
