@@ -49,6 +49,7 @@ struct Wrapped<B> {
     extends: Arc<AtomicUsize>,
     /// The tokio tasks extend calls were made from.
     callers: Arc<Mutex<HashSet<tokio::task::Id>>>,
+    /// Added to each acquire of a lock whose name contains `slow`.
     acquire_delay: Duration,
     /// Given the lock and the number of extend calls before this one.
     fault: FaultFn,
@@ -83,7 +84,11 @@ impl<B: LockBackend> LockBackend for Wrapped<B> {
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
         let call = self.inner.acquire(name, token, options);
-        let delay = self.acquire_delay;
+        let delay = if name.lock_key().contains("slow") {
+            self.acquire_delay
+        } else {
+            Duration::ZERO
+        };
         Box::pin(async move {
             let outcome = call.await;
             tokio::time::sleep(delay).await;
@@ -202,30 +207,35 @@ async fn one_renewal_task_renews_every_lease_of_a_layer<F: Fixture>() {
     assert_eq!(callers, 1, "extends came from {callers} tasks");
 }
 
-/// A 1 s lease acquired in 700 ms (still above `min_validity`) is renewed at once, not declared
-/// lost at the end of its validity without one try.
+/// A 2 s lease acquired in 1.6 s (still above `min_validity`) is renewed at once, not declared
+/// lost at the end of its validity without one try; and at once even when the renewal task is
+/// asleep until a later renewal of another lease (registered at about 1.45 s, first due
+/// about 0.67 s later, after the slow lease's validity).
 async fn slow_acquire_is_renewed_before_it_expires<F: Fixture>() {
     let fixture = F::start().await;
     let mut backend = Wrapped::new(fixture.backend());
-    backend.acquire_delay = Duration::from_millis(700);
-    let slow = service(
+    backend.acquire_delay = Duration::from_millis(1600);
+    let service = service(
         layer(backend.clone())
-            .ttl(Duration::from_secs(1))
-            .acquire_timeout(Duration::from_secs(2)),
+            .ttl(Duration::from_secs(2))
+            .acquire_timeout(Duration::from_secs(3)),
     );
-    let fast = service(layer(fixture.backend()));
-    let holder = tokio::spawn(send(&slow, holding("k", 1500)));
+    let slow = tokio::spawn(send(&service, holding("slow", 2500)));
     until_held(&fixture, 1).await;
-    // Past the first lease's validity (acquire started ≤ 1 s ago + this sleep).
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(1450)).await;
+    let other = tokio::spawn(send(&service, holding("other", 2500)));
+    // Past the slow lease's first validity (its acquire started before `until_held` returned).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
-        send(&fast, request("k")).await.status(),
+        send(&service, request("slow")).await.status(),
         StatusCode::CONFLICT,
         "the slowly acquired lock expired"
     );
-    let response = holder.await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(body_json(response).await["lost"], false);
+    for holder in [slow, other] {
+        let response = holder.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_json(response).await["lost"], false);
+    }
 }
 
 /// An extend that never answers (and an `acquire_timeout` far longer than the TTL) does not
