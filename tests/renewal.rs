@@ -195,14 +195,14 @@ async fn renewal_cadence_follows_the_interval<F: Fixture>() {
 async fn one_renewal_task_renews_every_lease_of_a_layer<F: Fixture>() {
     let fixture = F::start().await;
     let backend = Wrapped::new(fixture.backend());
-    let service = service(layer(backend.clone()).ttl(Duration::from_millis(150)));
+    let service = service(layer(backend.clone()).ttl(Duration::from_millis(600)));
     let holders: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(send(&service, holding(&format!("k{i}"), 400))))
+        .map(|i| tokio::spawn(send(&service, holding(&format!("k{i}"), 800))))
         .collect();
     for holder in holders {
         assert_eq!(body_json(holder.await.unwrap()).await["lost"], false);
     }
-    assert!(backend.extends() >= 20, "{} extends", backend.extends());
+    assert!(backend.extends() >= 40, "{} extends", backend.extends());
     let callers = backend.callers.lock().unwrap().len();
     assert_eq!(callers, 1, "extends came from {callers} tasks");
 }
@@ -256,9 +256,10 @@ async fn lost_fires_by_validity_end_while_extend_hangs<F: Fixture>() {
     let elapsed = started.elapsed();
     let body = body_json(response).await;
     assert_eq!(body["lost"], true);
-    // Validity ends 400 ms after the acquire was sent; allow for scheduling delays.
+    // Validity ends 400 ms after the acquire was sent; allow for scheduling delays on a loaded
+    // machine (without the bound on the extend, this took the 5 s acquire timeout).
     assert!(
-        elapsed < Duration::from_millis(400 + 250),
+        elapsed < Duration::from_millis(400 + 400),
         "lost reported {elapsed:?} after the request started"
     );
     assert!(backend.extends() >= 1);
@@ -363,7 +364,7 @@ async fn without_renewal_the_lease_is_lost_at_its_ttl<F: Fixture>() {
     let body = body_json(response).await;
     assert_eq!(body["lost"], true);
     let elapsed = body["elapsed_ms"].as_u64().unwrap();
-    assert!((200..600).contains(&elapsed), "lost after {elapsed} ms");
+    assert!((100..900).contains(&elapsed), "lost after {elapsed} ms");
     assert_eq!(backend.extends(), 0);
 }
 
