@@ -340,7 +340,7 @@ where
             every,
             renew_until: config.max_hold.and_then(|max| started.checked_add(max)),
             valid_until: started + config.ttl,
-            timeout: config.acquire_timeout,
+            timeout: config.renew_timeout(),
         },
         &runtime,
     );

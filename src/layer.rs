@@ -26,6 +26,18 @@ pub enum LeaseLostPolicy {
     Abort,
 }
 
+/// How leases are renewed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// Every third of the TTL.
+    #[default]
+    Auto,
+    /// Every this long (at least 1 ms), but at most every half TTL.
+    Every(Duration),
+    /// Never.
+    Off,
+}
+
 type RejectionHandler = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
 
 /// The layer's settings. See the builder methods of [`LockLayer`] for each.
@@ -39,8 +51,9 @@ pub(crate) struct Config {
     pub(crate) release_in_background: bool,
     pub(crate) max_key_len: usize,
     pub(crate) on_rejection: Option<RejectionHandler>,
-    /// `None`: a third of the TTL. `Some(Duration::ZERO)`: no renewal.
-    pub(crate) renew_every: Option<Duration>,
+    pub(crate) renewal: Renewal,
+    /// `None`: 500 ms or the renewal interval, whichever is shorter.
+    pub(crate) renew_timeout: Option<Duration>,
     pub(crate) max_hold: Option<Duration>,
     /// `None`: a tenth of the TTL.
     pub(crate) min_validity: Option<Duration>,
@@ -61,7 +74,8 @@ impl Default for Config {
             release_in_background: false,
             max_key_len: 256,
             on_rejection: None,
-            renew_every: None,
+            renewal: Renewal::Auto,
+            renew_timeout: None,
             max_hold: None,
             min_validity: None,
             lease_lost: LeaseLostPolicy::Signal,
@@ -83,13 +97,27 @@ impl Config {
         }
     }
 
-    /// How often to renew, or `None` when renewal is off.
+    /// How often to renew, or `None` when renewal is off. Computed against the TTL in effect, so
+    /// a `renew_every` set before a shorter `ttl` (in `LockRoutes::defaults`, say) is rescaled:
+    /// never more than half the TTL, so that a renewal can fail and be retried before the lease
+    /// runs out.
     pub(crate) fn renewal_interval(&self) -> Option<Duration> {
-        match self.renew_every {
-            None => Some((self.ttl / 3).max(Duration::from_millis(1))),
-            Some(Duration::ZERO) => None,
-            Some(every) => Some(every),
-        }
+        let every = match self.renewal {
+            Renewal::Auto => self.ttl / 3,
+            Renewal::Every(every) => every.min(self.ttl / 2),
+            Renewal::Off => return None,
+        };
+        Some(every.max(Duration::from_millis(1)))
+    }
+
+    /// The timeout of one extend call (it is also cut short where the lease's validity ends).
+    pub(crate) fn renew_timeout(&self) -> Duration {
+        self.renew_timeout.unwrap_or_else(|| {
+            self.renewal_interval()
+                .map_or(DEFAULT_RENEW_TIMEOUT, |every| {
+                    every.min(DEFAULT_RENEW_TIMEOUT)
+                })
+        })
     }
 
     pub(crate) fn min_validity(&self) -> Duration {
@@ -103,6 +131,8 @@ impl Config {
         }
     }
 }
+
+const DEFAULT_RENEW_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What every service and response of one layer shares: backend, settings, renewal task.
 pub(crate) struct Core<B> {
@@ -228,13 +258,27 @@ impl<K, B: LockBackend> LockLayer<K, B> {
     }
 
     /// Renew the lease this often while the request runs (default: a third of the TTL).
+    ///
+    /// Clamped to between 1 ms and half the TTL in effect when a lock is taken (so a policy's
+    /// shorter [`ttl`](Self::ttl) rescales it). The first renewal comes one interval after the
+    /// acquire, or one interval before the lease would run out if that is sooner (after a slow
+    /// acquire); a failed renewal is retried every third of the interval until the lease's
+    /// validity runs out.
     pub fn renew_every(self, every: Duration) -> Self {
-        self.with(|c| c.renew_every = Some(every.max(Duration::from_millis(1))))
+        self.with(|c| c.renewal = Renewal::Every(every.max(Duration::from_millis(1))))
     }
 
     /// Never renew: the lock lasts one TTL at most, and the handler is told when it has run out.
     pub fn no_renewal(self) -> Self {
-        self.with(|c| c.renew_every = Some(Duration::ZERO))
+        self.with(|c| c.renewal = Renewal::Off)
+    }
+
+    /// How long one renewal (extend) call may take before it counts as failed and is retried
+    /// (default: 500 ms or the renewal interval, whichever is shorter). Whatever this is, a call
+    /// still running when the lease's validity ends is given up then, and the lease is reported
+    /// lost at that moment.
+    pub fn renew_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.renew_timeout = Some(timeout))
     }
 
     /// Stop renewing this long after acquiring (default: renew for as long as the request runs;
@@ -285,6 +329,13 @@ impl<K, B: LockBackend> LockLayer<K, B> {
 
     pub(crate) fn core(&self) -> &Arc<Core<B>> {
         &self.core
+    }
+
+    /// How many leases this layer's renewal schedule holds, and how many it has room for. For
+    /// tests; not part of the API.
+    #[doc(hidden)]
+    pub fn renewal_entries(&self) -> (usize, usize) {
+        self.core.renewer.stored()
     }
 
     /// The backend name this layer uses for `key` (namespace, hash tag, digest of long keys).

@@ -2,25 +2,35 @@
 //! keeps it alive.
 //!
 //! One renewal task per layer, started on the first lock, drives every in-flight lease of that
-//! layer from one timer wheel ([`DelayQueue`]); no task is spawned per request, and a request
-//! registers its lease without waking the task (see `Inbox`). The task ends when the layer and
-//! every service and response made from it are dropped.
+//! layer; no task is spawned per request. Leases live in one schedule shared with the task (see
+//! `Inbox`): a request adds its lease there and takes it out when it ends, both in O(log n) and
+//! without waking the task unless the new lease is due before the task's next wake-up. So the
+//! schedule holds exactly the leases of requests in flight, whatever the request rate.
+//!
+//! The task wakes when the earliest lease is due, takes every lease that is due (a batch), and
+//! extends them concurrently. Each extend is bounded by the renewal timeout and by the lease's
+//! remaining validity, so a lease whose validity runs out is reported lost at that moment, even
+//! while an extend hangs. When the task ends for any reason (its runtime shuts down, a bug
+//! panics it), every lease it was keeping is marked lost, and the next lease starts a new task on
+//! the runtime of the request that registers it. A panicking backend call counts as a failed
+//! renewal of that one lease. The task ends when the layer and every service and response made
+//! from it are dropped.
 
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tokio_util::time::DelayQueue;
 
 use crate::backend::{Extend, LockBackend, LockName, LockToken};
-
 /// The lock a request holds, inserted into the request's extensions before the inner service is
 /// called.
 ///
@@ -50,6 +60,14 @@ struct Shared {
     lost: CancellationToken,
     ended: AtomicBool,
     log_keys: bool,
+    /// Where the lease is scheduled for renewal, once it is.
+    registration: OnceLock<Registration>,
+}
+
+/// A lease's place in its layer's renewal schedule.
+struct Registration {
+    inbox: Weak<Inbox>,
+    id: u64,
 }
 
 impl LockLease {
@@ -66,6 +84,7 @@ impl LockLease {
             lost: CancellationToken::new(),
             ended: AtomicBool::new(false),
             log_keys,
+            registration: OnceLock::new(),
         }))
     }
 
@@ -109,13 +128,22 @@ impl LockLease {
         self.0.token
     }
 
-    /// Marks the request over: renewal stops at its next tick.
+    /// Marks the request over and takes the lease out of the renewal schedule (an extend already
+    /// in flight finishes, and its outcome is ignored).
     pub(crate) fn end(&self) {
-        self.0.ended.store(true, Ordering::Release);
+        self.0.ended.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `Renewer::watch`: either this sees the registration, or the
+        // registration sees `ended` and never enters the schedule.
+        fence(Ordering::SeqCst);
+        if let Some(registration) = self.0.registration.get()
+            && let Some(inbox) = registration.inbox.upgrade()
+        {
+            inbox.state().remove(registration.id);
+        }
     }
 
     pub(crate) fn has_ended(&self) -> bool {
-        self.0.ended.load(Ordering::Acquire)
+        self.0.ended.load(Ordering::SeqCst)
     }
 
     fn mark_lost(&self, why: &'static str) {
@@ -141,46 +169,121 @@ impl std::fmt::Debug for LockLease {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Plan {
     pub(crate) ttl: Duration,
-    /// Renew every this long; `None`: never renew (the lease is only watched for expiry).
+    /// Renew every this long (at most half the TTL: see `Config::renewal_interval`); `None`:
+    /// never renew (the lease is only watched for expiry).
     pub(crate) every: Option<Duration>,
     /// Stop renewing after this instant.
     pub(crate) renew_until: Option<Instant>,
     /// When the lease expires on the server, at the latest, unless renewed.
     pub(crate) valid_until: Instant,
-    /// Timeout of one extend call.
+    /// Timeout of one extend call (it is also cut short where the validity runs out).
     pub(crate) timeout: Duration,
+}
+
+/// Failed renewals are retried this often (a third of the interval), but not more often than
+/// every `MIN_RETRY`.
+const MIN_RETRY: Duration = Duration::from_millis(10);
+
+impl Plan {
+    /// When to renew next, `now` being when the lease was acquired or last extended: one interval
+    /// later, but at least one interval before the validity runs out, so that a slow acquire or a
+    /// slow extend still leaves time to try (and to retry).
+    fn next_due(&self, now: Instant) -> Instant {
+        match self.every {
+            Some(every) => {
+                let latest = self.valid_until.checked_sub(every).unwrap_or(now);
+                now.checked_add(every).map_or(latest, |due| due.min(latest))
+            }
+            None => self.valid_until,
+        }
+    }
+
+    /// When to try again after a failed renewal at `now`.
+    fn retry_due(&self, now: Instant) -> Instant {
+        let every = self.every.unwrap_or(self.ttl);
+        now.checked_add((every / 3).max(MIN_RETRY))
+            .map_or(self.valid_until, |retry| retry.min(self.valid_until))
+    }
+
+    /// Whether the lease is still to be renewed at `now` (else it is only watched for expiry).
+    fn renewing(&self, now: Instant) -> bool {
+        self.every.is_some() && self.renew_until.is_none_or(|until| now < until)
+    }
+
+    /// Until when an extend sent at `now` may run: the renewal timeout, cut at the validity.
+    fn extend_deadline(&self, now: Instant) -> Instant {
+        now.checked_add(self.timeout)
+            .map_or(self.valid_until, |deadline| deadline.min(self.valid_until))
+    }
 }
 
 struct Entry {
     lease: LockLease,
     plan: Plan,
-    /// When the entry is first due: one renewal interval after registration.
-    first_due: Instant,
+    /// When the entry is next due (its key in `State::schedule`); `None` while its extend runs.
+    due: Option<Instant>,
 }
 
-impl Entry {
-    /// How often the renewal task must look at its inbox for this entry to be on time.
-    fn cadence(&self) -> Duration {
-        let every = self.plan.every.unwrap_or(self.plan.ttl).min(self.plan.ttl);
-        (every / 2).max(Duration::from_millis(1))
+/// The schedule a layer's requests share with its renewal task.
+///
+/// Registering must not wake another thread on every request (that alone costs more than the
+/// layer's own work), so a request only inserts its lease, and wakes the task only when the lease
+/// is due before the task's next wake-up (a slow acquire); a parked task has no wake-up.
+struct Inbox {
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every lease of a request in flight, by registration id: scheduled or being extended.
+    entries: HashMap<u64, Entry>,
+    /// The scheduled entries, by when they are due.
+    schedule: BTreeSet<(Instant, u64)>,
+    next_id: u64,
+    /// When the task looks at the schedule next without being woken; `None`: only when woken.
+    next_wake: Option<Instant>,
+    /// The renewer is gone: the task should end once nothing is left.
+    closed: bool,
+    /// The task has ended: nothing may be added any more.
+    dead: bool,
+}
+
+impl Inbox {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Where requests leave their leases for the renewal task.
-///
-/// Registering must not wake another thread on every request (that alone costs more than the
-/// layer's own work), so requests only push to a queue; the task drains it on its own schedule,
-/// at least twice per renewal interval, which is before any new entry is first due. Only a task
-/// with nothing to watch parks, and only then does a registration wake it.
-struct Inbox {
-    queue: Mutex<Vec<Entry>>,
-    /// The task is parked until the next registration.
-    idle: AtomicBool,
-    wake: Notify,
-    /// The renewer is gone: the task should end.
-    closed: AtomicBool,
-    /// The task is running (false once its runtime has dropped it).
-    alive: AtomicBool,
+impl State {
+    fn insert(&mut self, id: u64, entry: Entry) {
+        if let Some(due) = entry.due {
+            self.schedule.insert((due, id));
+        }
+        self.entries.insert(id, entry);
+    }
+
+    /// Drops the entry `id`, wherever it is; after a burst, gives memory back.
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        if let Some(due) = entry.due {
+            self.schedule.remove(&(due, id));
+        }
+        let capacity = self.entries.capacity();
+        if capacity > 64 && self.entries.len() * 4 < capacity {
+            self.entries.shrink_to(self.entries.len() * 2);
+        }
+        Some(entry)
+    }
+
+    fn reschedule(&mut self, id: u64, due: Instant) {
+        if let Some(entry) = self.entries.get_mut(&id) {
+            if let Some(old) = entry.due.replace(due) {
+                self.schedule.remove(&(old, id));
+            }
+            self.schedule.insert((due, id));
+        }
+    }
 }
 
 /// Registers leases with the layer's renewal task, starting it when needed.
@@ -197,44 +300,70 @@ impl<B: LockBackend> Renewer<B> {
         }
     }
 
-    /// Starts watching `lease`: a push onto the inbox; the timer lives in the shared task.
+    /// Starts watching `lease`: an insert into the schedule; the timer lives in the shared task,
+    /// which is started on `runtime` if there is none alive.
     pub(crate) fn watch(&self, lease: LockLease, plan: Plan, runtime: &Handle) {
-        let first_due = plan
-            .every
-            .map_or(plan.valid_until, |every| Instant::now() + every)
-            .min(plan.valid_until);
-        let entry = Entry {
-            lease,
-            plan,
-            first_due,
-        };
-        let inbox = {
-            let mut slot = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
-            match slot.as_ref() {
-                Some(inbox) if inbox.alive.load(Ordering::Acquire) => inbox.clone(),
-                // First use, or the task's runtime has shut down: start one on this runtime.
-                _ => {
+        let due = plan.next_due(Instant::now());
+        let mut slot = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let inbox = match slot.as_ref() {
+                Some(inbox) => inbox.clone(),
+                None => {
                     let inbox = Arc::new(Inbox {
-                        queue: Mutex::new(Vec::new()),
-                        idle: AtomicBool::new(false),
+                        state: Mutex::default(),
                         wake: Notify::new(),
-                        closed: AtomicBool::new(false),
-                        alive: AtomicBool::new(true),
                     });
-                    runtime.spawn(run(self.backend.clone(), inbox.clone()));
+                    // The guard is an argument, so it is dropped (marking leases lost) even if
+                    // the runtime drops the task before it first runs.
+                    runtime.spawn(run(self.backend.clone(), TaskGuard(inbox.clone())));
                     *slot = Some(inbox.clone());
                     inbox
                 }
+            };
+            let mut state = inbox.state();
+            if state.dead {
+                // The task ended (its runtime shut down, or it panicked): start another.
+                *slot = None;
+                continue;
             }
-        };
-        inbox
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(entry);
-        if inbox.idle.swap(false, Ordering::AcqRel) {
-            inbox.wake.notify_one();
+            let id = state.next_id;
+            state.next_id += 1;
+            let registration = Registration {
+                inbox: Arc::downgrade(&inbox),
+                id,
+            };
+            if lease.0.registration.set(registration).is_err() {
+                return; // watched already
+            }
+            // Pairs with the fence in `LockLease::end`.
+            fence(Ordering::SeqCst);
+            if lease.has_ended() {
+                return;
+            }
+            state.insert(
+                id,
+                Entry {
+                    lease,
+                    plan,
+                    due: Some(due),
+                },
+            );
+            if state.next_wake.is_none_or(|wake| due < wake) {
+                state.next_wake = Some(due);
+                inbox.wake.notify_one();
+            }
+            return;
         }
+    }
+
+    /// How many leases the schedule holds, and how many it has room for (for tests: both must be
+    /// bounded by the requests in flight, not by the requests served).
+    pub(crate) fn stored(&self) -> (usize, usize) {
+        let slot = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.as_ref().map_or((0, 0), |inbox| {
+            let state = inbox.state();
+            (state.entries.len(), state.entries.capacity())
+        })
     }
 }
 
@@ -242,7 +371,7 @@ impl<B> Drop for Renewer<B> {
     fn drop(&mut self) {
         let slot = self.inbox.get_mut().unwrap_or_else(PoisonError::into_inner);
         if let Some(inbox) = slot.take() {
-            inbox.closed.store(true, Ordering::Release);
+            inbox.state().closed = true;
             inbox.wake.notify_one();
         }
     }
@@ -258,104 +387,162 @@ impl<B: Clone> Clone for Renewer<B> {
     }
 }
 
-/// Clears `Inbox::alive` however the task ends (including its runtime dropping it).
-struct AliveFlag(Arc<Inbox>);
+/// However the task ends (its runtime dropping it, a panic, or the layer being gone), marks the
+/// inbox dead, so that no lease is added any more, and every lease still in it lost.
+struct TaskGuard(Arc<Inbox>);
 
-impl Drop for AliveFlag {
+impl Drop for TaskGuard {
     fn drop(&mut self) {
-        self.0.alive.store(false, Ordering::Release);
+        let orphans: Vec<Entry> = {
+            let mut state = self.0.state();
+            state.dead = true;
+            state.schedule.clear();
+            state.entries.drain().map(|(_, entry)| entry).collect()
+        };
+        for entry in orphans {
+            entry
+                .lease
+                .mark_lost("the renewal task ended (its runtime shut down?)");
+        }
     }
 }
 
-async fn run<B: LockBackend>(backend: B, inbox: Arc<Inbox>) {
-    let alive = AliveFlag(inbox);
-    let inbox = &alive.0;
-    let mut timers: DelayQueue<Entry> = DelayQueue::new();
+/// What one extend call came to.
+enum Renewed {
+    Done(Extend),
+    Failed(&'static str),
+}
+
+async fn run<B: LockBackend>(backend: B, guard: TaskGuard) {
+    let inbox = &*guard.0;
     let mut extending = FuturesUnordered::new();
-    let mut cadence = Duration::MAX;
-    let mut next_drain = Instant::now();
+    let mut finished: Vec<(u64, Instant, Renewed)> = Vec::new();
+    let mut lost: Vec<(LockLease, &'static str)> = Vec::new();
+    let mut calls: Vec<(u64, LockLease, Plan)> = Vec::new();
     loop {
-        let woken = inbox.wake.notified();
-        tokio::pin!(woken);
-        let arrived =
-            std::mem::take(&mut *inbox.queue.lock().unwrap_or_else(PoisonError::into_inner));
-        for entry in arrived {
-            cadence = cadence.min(entry.cadence());
-            let first_due = entry.first_due;
-            timers.insert_at(entry, first_due);
-        }
-        let idle = timers.is_empty() && extending.is_empty();
-        if idle {
-            if inbox.closed.load(Ordering::Acquire) {
-                // The layer and everything made from it are gone, so no request holds a lease.
-                break;
+        let now = Instant::now();
+        let (next_wake, stop) = {
+            let mut state = inbox.state();
+            for (id, sent_at, outcome) in finished.drain(..) {
+                settle(&mut state, id, sent_at, outcome, now, &mut lost);
             }
-            inbox.idle.store(true, Ordering::Release);
-            // A registration may have arrived between the drain and the flag.
-            if !inbox
-                .queue
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty()
+            // Every entry that is due, in one pass.
+            while let Some(&(due, id)) = state.schedule.first()
+                && due <= now
             {
-                inbox.idle.store(false, Ordering::Release);
-                continue;
-            }
-        } else if Instant::now() >= next_drain {
-            next_drain = Instant::now() + cadence;
-        }
-        tokio::select! {
-            () = &mut woken, if idle => {}
-            () = tokio::time::sleep_until(next_drain), if !idle => {
-                next_drain = Instant::now() + cadence;
-            }
-            Some(due) = timers.next() => {
-                let entry = due.into_inner();
-                if entry.lease.has_ended() {
+                state.schedule.pop_first();
+                let Some(entry) = state.entries.get_mut(&id) else {
                     continue;
-                }
-                let now = Instant::now();
+                };
+                entry.due = None;
                 if now >= entry.plan.valid_until {
-                    entry.lease.mark_lost("lease validity ran out before it could be renewed");
-                    continue;
-                }
-                let renewing = entry.plan.every.is_some()
-                    && entry.plan.renew_until.is_none_or(|until| now < until);
-                if !renewing {
+                    if let Some(entry) = state.remove(id) {
+                        let why = "lease validity ran out before it could be renewed";
+                        lost.push((entry.lease, why));
+                    }
+                } else if entry.plan.renewing(now) {
+                    calls.push((id, entry.lease.clone(), entry.plan));
+                } else {
                     let at = entry.plan.valid_until;
-                    timers.insert_at(entry, at);
-                    continue;
+                    state.reschedule(id, at);
                 }
-                let call = tokio::time::timeout(
-                    entry.plan.timeout,
-                    backend.extend(entry.lease.name(), entry.lease.token(), entry.plan.ttl),
-                );
-                extending.push(async move { (entry, now, call.await) });
-            },
-            Some((mut entry, sent_at, outcome)) = extending.next() => {
-                if entry.lease.has_ended() {
-                    continue;
+            }
+            let next_wake = state.schedule.first().map(|&(due, _)| due);
+            state.next_wake = next_wake;
+            let stop = state.closed && state.entries.is_empty() && extending.is_empty();
+            (next_wake, stop)
+        };
+        for (lease, why) in lost.drain(..) {
+            lease.mark_lost(why);
+        }
+        if stop {
+            // The layer and everything made from it are gone, so no request holds a lease.
+            break;
+        }
+        for (id, lease, plan) in calls.drain(..) {
+            extending.push(extend(&backend, id, lease, plan, now));
+        }
+        let sleep = tokio::time::sleep_until(next_wake.unwrap_or(now));
+        tokio::select! {
+            biased;
+            Some(done) = extending.next(), if !extending.is_empty() => {
+                finished.push(done);
+                while let Some(Some(done)) = extending.next().now_or_never() {
+                    finished.push(done);
                 }
-                let every = entry.plan.every.unwrap_or(entry.plan.ttl);
-                match outcome {
-                    Ok(Ok(Extend::Extended)) => {
-                        tracing::trace!(lock = %entry.lease.label(), "lease renewed");
-                        entry.plan.valid_until = sent_at + entry.plan.ttl;
-                        let next = Instant::now() + every;
-                        timers.insert_at(entry, next);
-                    }
-                    Ok(Ok(Extend::Lost)) => {
-                        entry.lease.mark_lost("the lock was gone or held by another request");
-                    }
-                    Ok(Err(_)) | Err(_) => {
-                        tracing::debug!(lock = %entry.lease.label(), "lease renewal failed, retrying");
-                        crate::telemetry::backend_error("extend");
-                        let retry = Instant::now() + (every / 3).max(Duration::from_millis(10));
-                        let at = retry.min(entry.plan.valid_until);
-                        timers.insert_at(entry, at);
-                    }
+            }
+            () = sleep, if next_wake.is_some() => {}
+            () = inbox.wake.notified() => {}
+        }
+    }
+}
+
+/// One extend call for the entry `id`: bounded by the renewal timeout and by the lease's
+/// validity; a panic (in making the call or in its future) is a failure like any other.
+fn extend<B: LockBackend>(
+    backend: &B,
+    id: u64,
+    lease: LockLease,
+    plan: Plan,
+    now: Instant,
+) -> impl Future<Output = (u64, Instant, Renewed)> + use<B> {
+    let deadline = plan.extend_deadline(now);
+    let call = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        backend.extend(lease.name(), lease.token(), plan.ttl)
+    }));
+    async move {
+        let outcome = match call {
+            Ok(call) => {
+                match tokio::time::timeout_at(deadline, AssertUnwindSafe(call).catch_unwind()).await
+                {
+                    Ok(Ok(Ok(extended))) => Renewed::Done(extended),
+                    Ok(Ok(Err(_))) => Renewed::Failed("lease renewal failed"),
+                    Ok(Err(_)) => Renewed::Failed("lease renewal panicked"),
+                    Err(_) => Renewed::Failed("lease renewal timed out"),
                 }
-            },
+            }
+            Err(_) => Renewed::Failed("lease renewal panicked"),
+        };
+        (id, now, outcome)
+    }
+}
+
+/// Applies the outcome of the extend of entry `id`, sent at `sent_at`, seen at `now`.
+fn settle(
+    state: &mut State,
+    id: u64,
+    sent_at: Instant,
+    outcome: Renewed,
+    now: Instant,
+    lost: &mut Vec<(LockLease, &'static str)>,
+) {
+    // Gone: the request ended while its extend was in flight.
+    let Some(entry) = state.entries.get_mut(&id) else {
+        return;
+    };
+    match outcome {
+        Renewed::Done(Extend::Extended) => {
+            tracing::trace!(lock = %entry.lease.label(), "lease renewed");
+            entry.plan.valid_until = sent_at.checked_add(entry.plan.ttl).unwrap_or(sent_at);
+            let due = entry.plan.next_due(now);
+            state.reschedule(id, due);
+        }
+        Renewed::Done(Extend::Lost) => {
+            if let Some(entry) = state.remove(id) {
+                lost.push((entry.lease, "the lock was gone or held by another request"));
+            }
+        }
+        Renewed::Failed(why) => {
+            tracing::debug!(lock = %entry.lease.label(), why, "lease renewal failed, retrying");
+            crate::telemetry::backend_error("extend");
+            if now >= entry.plan.valid_until {
+                if let Some(entry) = state.remove(id) {
+                    lost.push((entry.lease, "lease validity ran out while renewals failed"));
+                }
+            } else {
+                let due = entry.plan.retry_due(now);
+                state.reschedule(id, due);
+            }
         }
     }
 }

@@ -1,0 +1,519 @@
+//! Lease renewal: cadence, one task per layer, slow acquires, hanging and panicking extends, the
+//! renewal task dying, and the schedule holding only requests in flight.
+//! Each behaviour runs against a real redis-server and against the memory backend.
+
+#[macro_use]
+mod common;
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use http::{Request, Response, StatusCode};
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceBuilder};
+use tower_lock::backend::{
+    Acquire, AcquireOptions, BackendFuture, Extend, LockName, LockToken, Release,
+};
+use tower_lock::key::Header;
+use tower_lock::{LockBackend, LockBody, LockLayer, LockLease, LockPolicy, LockRoutes};
+
+use common::{Fixture, Memory, NS, Redis, body_json, eventually, request, send, until_held};
+
+type Svc = BoxCloneSyncService<Request<String>, Response<LockBody<String>>, Infallible>;
+
+/// What an extend call of the wrapped backend does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Passes the call on.
+    None,
+    /// Panics while making the call.
+    PanicNow,
+    /// Returns a future that panics when polled.
+    PanicLater,
+    /// Returns a future that never completes.
+    Hang,
+}
+
+type FaultFn = Arc<dyn Fn(&LockName, usize) -> Fault + Send + Sync>;
+
+/// A real backend with a recorder and fault injection around `extend`, and an optional delay
+/// before each acquire.
+#[derive(Clone)]
+struct Wrapped<B> {
+    inner: B,
+    extends: Arc<AtomicUsize>,
+    /// The tokio tasks extend calls were made from.
+    callers: Arc<Mutex<HashSet<tokio::task::Id>>>,
+    /// Added to each acquire of a lock whose name contains `slow`.
+    acquire_delay: Duration,
+    /// Given the lock and the number of extend calls before this one.
+    fault: FaultFn,
+}
+
+impl<B> Wrapped<B> {
+    fn new(inner: B) -> Self {
+        Self {
+            inner,
+            extends: Arc::default(),
+            callers: Arc::default(),
+            acquire_delay: Duration::ZERO,
+            fault: Arc::new(|_, _| Fault::None),
+        }
+    }
+
+    fn fault(mut self, fault: impl Fn(&LockName, usize) -> Fault + Send + Sync + 'static) -> Self {
+        self.fault = Arc::new(fault);
+        self
+    }
+
+    fn extends(&self) -> usize {
+        self.extends.load(Ordering::SeqCst)
+    }
+}
+
+impl<B: LockBackend> LockBackend for Wrapped<B> {
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
+        let call = self.inner.acquire(name, token, options);
+        let delay = if name.lock_key().contains("slow") {
+            self.acquire_delay
+        } else {
+            Duration::ZERO
+        };
+        Box::pin(async move {
+            let outcome = call.await;
+            tokio::time::sleep(delay).await;
+            outcome
+        })
+    }
+    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
+        self.inner.release(name, token)
+    }
+    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
+        let before = self.extends.fetch_add(1, Ordering::SeqCst);
+        if let Some(id) = tokio::task::try_id() {
+            self.callers.lock().unwrap().insert(id);
+        }
+        match (self.fault)(name, before) {
+            Fault::None => self.inner.extend(name, token, ttl),
+            Fault::PanicNow => panic!("extend panicked (injected)"),
+            Fault::PanicLater => Box::pin(async { panic!("extend future panicked (injected)") }),
+            Fault::Hang => Box::pin(std::future::pending()),
+        }
+    }
+}
+
+/// A handler that holds for `x-hold-ms` (returning early when its lease is lost, if
+/// `x-watch-lost` is set) and answers `{"lost": bool, "elapsed_ms": n}`.
+fn handler() -> impl tower::Service<
+    Request<String>,
+    Response = Response<String>,
+    Error = Infallible,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
+    tower::service_fn(|req: Request<String>| async move {
+        let started = Instant::now();
+        let lease = req.extensions().get::<LockLease>().cloned();
+        let hold = req
+            .headers()
+            .get("x-hold-ms")
+            .map_or(0, |v| v.to_str().unwrap().parse().unwrap());
+        let sleep = tokio::time::sleep(Duration::from_millis(hold));
+        match (&lease, req.headers().contains_key("x-watch-lost")) {
+            (Some(lease), true) => {
+                tokio::select! {
+                    _ = sleep => {}
+                    _ = lease.lost() => {}
+                }
+            }
+            _ => sleep.await,
+        }
+        let body = serde_json::json!({
+            "locked": lease.is_some(),
+            "lost": lease.as_ref().is_some_and(LockLease::is_lost),
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+        });
+        Ok::<_, Infallible>(Response::new(body.to_string()))
+    })
+}
+
+fn service<B: LockBackend>(layer: LockLayer<Header, B>) -> Svc {
+    BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service(handler()))
+}
+
+fn layer<B: LockBackend>(backend: B) -> LockLayer<Header, B> {
+    LockLayer::new(backend, Header::new("x-key")).namespace(NS)
+}
+
+fn holding(key: &str, ms: u64) -> http::request::Builder {
+    request(key)
+        .header("x-hold-ms", ms.to_string())
+        .header("x-watch-lost", "1")
+}
+
+/// A lease of 300 ms is renewed every 100 ms: about ten extends in a second, not one per TTL
+/// and not a busy loop.
+async fn renewal_cadence_follows_the_interval<F: Fixture>() {
+    let fixture = F::start().await;
+    let backend = Wrapped::new(fixture.backend());
+    let auto = service(layer(backend.clone()).ttl(Duration::from_millis(300)));
+    let response = send(&auto, holding("k", 1000)).await;
+    assert_eq!(body_json(response).await["lost"], false);
+    let extends = backend.extends();
+    assert!(
+        (6..=13).contains(&extends),
+        "{extends} extends in 1 s at a 100 ms interval"
+    );
+    // An explicit interval is followed too: ttl 1 s renewed every 100 ms.
+    let backend = Wrapped::new(fixture.backend());
+    let every = service(
+        layer(backend.clone())
+            .ttl(Duration::from_secs(1))
+            .renew_every(Duration::from_millis(100)),
+    );
+    send(&every, holding("k", 1000)).await;
+    let extends = backend.extends();
+    assert!(
+        (6..=13).contains(&extends),
+        "{extends} extends in 1 s at a 100 ms interval"
+    );
+}
+
+/// One task renews every lease of a layer, however many requests hold one.
+async fn one_renewal_task_renews_every_lease_of_a_layer<F: Fixture>() {
+    let fixture = F::start().await;
+    let backend = Wrapped::new(fixture.backend());
+    let service = service(layer(backend.clone()).ttl(Duration::from_millis(600)));
+    let holders: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(send(&service, holding(&format!("k{i}"), 800))))
+        .collect();
+    for holder in holders {
+        assert_eq!(body_json(holder.await.unwrap()).await["lost"], false);
+    }
+    assert!(backend.extends() >= 40, "{} extends", backend.extends());
+    let callers = backend.callers.lock().unwrap().len();
+    assert_eq!(callers, 1, "extends came from {callers} tasks");
+}
+
+/// A 2 s lease acquired in 1.6 s (still above `min_validity`) is renewed at once, not declared
+/// lost at the end of its validity without one try; and at once even when the renewal task is
+/// asleep until a later renewal of another lease (registered at about 1.45 s, first due
+/// about 0.67 s later, after the slow lease's validity).
+async fn slow_acquire_is_renewed_before_it_expires<F: Fixture>() {
+    let fixture = F::start().await;
+    let mut backend = Wrapped::new(fixture.backend());
+    backend.acquire_delay = Duration::from_millis(1600);
+    let service = service(
+        layer(backend.clone())
+            .ttl(Duration::from_secs(2))
+            .acquire_timeout(Duration::from_secs(3)),
+    );
+    let slow = tokio::spawn(send(&service, holding("slow", 2500)));
+    until_held(&fixture, 1).await;
+    tokio::time::sleep(Duration::from_millis(1450)).await;
+    let other = tokio::spawn(send(&service, holding("other", 2500)));
+    // Past the slow lease's first validity (its acquire started before `until_held` returned).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        send(&service, request("slow")).await.status(),
+        StatusCode::CONFLICT,
+        "the slowly acquired lock expired"
+    );
+    for holder in [slow, other] {
+        let response = holder.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_json(response).await["lost"], false);
+    }
+}
+
+/// An extend that never answers (and an `acquire_timeout` far longer than the TTL) does not
+/// delay the signal: the lease is reported lost when its validity ends.
+async fn lost_fires_by_validity_end_while_extend_hangs<F: Fixture>() {
+    let fixture = F::start().await;
+    let backend = Wrapped::new(fixture.backend()).fault(|_, _| Fault::Hang);
+    let service = service(
+        layer(backend.clone())
+            .ttl(Duration::from_millis(400))
+            .acquire_timeout(Duration::from_secs(5))
+            .renew_timeout(Duration::from_secs(5)),
+    );
+    let started = Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(3), send(&service, holding("k", 5000)))
+        .await
+        .expect("the handler was not told its lease ran out");
+    let elapsed = started.elapsed();
+    let body = body_json(response).await;
+    assert_eq!(body["lost"], true);
+    // Validity ends 400 ms after the acquire was sent; allow for scheduling delays on a loaded
+    // machine (without the bound on the extend, this took the 5 s acquire timeout).
+    assert!(
+        elapsed < Duration::from_millis(400 + 400),
+        "lost reported {elapsed:?} after the request started"
+    );
+    assert!(backend.extends() >= 1);
+}
+
+/// `renew_timeout` gives up an extend that hangs and tries again while the lease is valid.
+async fn renew_timeout_gives_up_a_hanging_extend_and_retries<F: Fixture>() {
+    let fixture = F::start().await;
+    // Only the first extend hangs.
+    let backend = Wrapped::new(fixture.backend()).fault(|_, before| {
+        if before == 0 {
+            Fault::Hang
+        } else {
+            Fault::None
+        }
+    });
+    let service = service(
+        layer(backend.clone())
+            .ttl(Duration::from_millis(600))
+            .acquire_timeout(Duration::from_secs(5))
+            .renew_timeout(Duration::from_millis(50)),
+    );
+    let response = send(&service, holding("k", 1500)).await;
+    assert_eq!(body_json(response).await["lost"], false);
+    assert!(backend.extends() >= 3, "{} extends", backend.extends());
+}
+
+/// A backend call that panics (while being made, or in its future) counts as one failed
+/// renewal of that lease: the others go on being renewed, and that one is reported lost when its
+/// validity ends.
+async fn panicking_extend_does_not_stop_other_renewals<F: Fixture>() {
+    let fixture = F::start().await;
+    let backend = Wrapped::new(fixture.backend()).fault(|name, _| {
+        if name.lock_key().contains("boom-now") {
+            Fault::PanicNow
+        } else if name.lock_key().contains("boom-later") {
+            Fault::PanicLater
+        } else {
+            Fault::None
+        }
+    });
+    let service = service(layer(backend.clone()).ttl(Duration::from_millis(300)));
+    let now = tokio::spawn(send(&service, holding("boom-now", 1500)));
+    let later = tokio::spawn(send(&service, holding("boom-later", 1500)));
+    let fine = tokio::spawn(send(&service, holding("k", 1500)));
+    until_held(&fixture, 3).await;
+    for panicked in [now, later] {
+        let response = tokio::time::timeout(Duration::from_secs(1), panicked)
+            .await
+            .expect("a lease whose renewals panic was not reported lost")
+            .unwrap();
+        assert_eq!(body_json(response).await["lost"], true);
+    }
+    // Well past its first TTL, the healthy lease is still held.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        send(&service, request("k")).await.status(),
+        StatusCode::CONFLICT
+    );
+    let response = fine.await.unwrap();
+    assert_eq!(body_json(response).await["lost"], false);
+}
+
+/// A `renew_every` given in `LockRoutes::defaults` is rescaled when a policy sets a shorter TTL:
+/// at most half the TTL, so the lease is renewed in time.
+async fn renew_every_from_defaults_is_rescaled_to_a_shorter_policy_ttl<F: Fixture>() {
+    let fixture = F::start().await;
+    let routes = LockRoutes::new(fixture.backend())
+        .defaults(|layer| layer.namespace(NS).renew_every(Duration::from_secs(2)))
+        .route(
+            "/work",
+            LockPolicy::template("{header.x-key}")
+                .unwrap()
+                .ttl(Duration::from_millis(300)),
+        )
+        .unwrap();
+    let service = BoxCloneSyncService::new(routes.layer(handler()));
+    let holder = tokio::spawn(send(&service, holding("k", 1000)));
+    until_held(&fixture, 1).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        send(&service, request("k")).await.status(),
+        StatusCode::CONFLICT,
+        "the lease was not renewed within its 300 ms TTL"
+    );
+    let response = holder.await.unwrap();
+    let body = body_json(response).await;
+    assert_eq!(body["locked"], true);
+    assert_eq!(body["lost"], false);
+}
+
+/// `no_renewal`: not one extend, and the handler is told when the TTL has run out.
+async fn without_renewal_the_lease_is_lost_at_its_ttl<F: Fixture>() {
+    let fixture = F::start().await;
+    let backend = Wrapped::new(fixture.backend());
+    let service = service(
+        layer(backend.clone())
+            .ttl(Duration::from_millis(300))
+            .no_renewal(),
+    );
+    let response = send(&service, holding("k", 3000)).await;
+    let body = body_json(response).await;
+    assert_eq!(body["lost"], true);
+    let elapsed = body["elapsed_ms"].as_u64().unwrap();
+    assert!((100..900).contains(&elapsed), "lost after {elapsed} ms");
+    assert_eq!(backend.extends(), 0);
+}
+
+/// 100 000 short requests with a one-hour TTL: the renewal schedule holds at most the requests
+/// in flight, and nothing once they are done; after a burst of held requests its memory is
+/// given back. (20 000 on Redis: the schedule does not depend on the backend, and round trips
+/// make 100 000 slow.)
+async fn ended_requests_leave_the_renewal_schedule<F: Fixture>() {
+    const IN_FLIGHT: usize = 32;
+    let requests = if std::any::type_name::<F>().ends_with("Redis") {
+        20_000
+    } else {
+        100_000
+    };
+    let fixture = F::start().await;
+    let layer = layer(fixture.backend())
+        .ttl(Duration::from_secs(3600))
+        .fencing(false);
+    let service = service(layer.clone());
+    let mut requests = futures_util::stream::iter(0..requests)
+        .map(|i| send(&service, request(&format!("k{i}"))))
+        .buffer_unordered(IN_FLIGHT);
+    let mut served = 0;
+    while let Some(response) = requests.next().await {
+        assert_eq!(response.status(), StatusCode::OK);
+        served += 1;
+        if served % 1000 == 0 {
+            let (stored, _) = layer.renewal_entries();
+            assert!(stored <= IN_FLIGHT, "{stored} leases stored after {served}");
+        }
+    }
+    assert_eq!(layer.renewal_entries().0, 0);
+    // A burst of 2 000 held requests, then none.
+    let burst: Vec<_> = (0..2000)
+        .map(|i| {
+            tokio::spawn(send(
+                &service,
+                request(&format!("b{i}")).header("x-hold-ms", "300"),
+            ))
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), async || layer.renewal_entries().0
+            >= 1000)
+        .await,
+        "the burst did not register"
+    );
+    assert!(layer.renewal_entries().1 >= 1000);
+    for request in burst {
+        assert_eq!(request.await.unwrap().status(), StatusCode::OK);
+    }
+    let (stored, capacity) = layer.renewal_entries();
+    assert_eq!(stored, 0);
+    assert!(
+        capacity <= 128,
+        "room for {capacity} leases kept after the burst"
+    );
+}
+
+/// A tight loop of short requests beside many renewed leases: every lease is renewed in time.
+async fn renewals_keep_up_under_a_tight_loop_of_short_requests<F: Fixture>() {
+    let fixture = F::start().await;
+    let layer = layer(fixture.backend())
+        .ttl(Duration::from_millis(300))
+        .fencing(false);
+    let service = service(layer);
+    let holders: Vec<_> = (0..300)
+        .map(|i| tokio::spawn(send(&service, holding(&format!("h{i}"), 1500))))
+        .collect();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        let batch: Vec<_> = (0..16)
+            .map(|_| {
+                i += 1;
+                send(&service, request(&format!("s{i}")))
+            })
+            .collect();
+        for response in futures_util::future::join_all(batch).await {
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+    }
+    let mut lost = 0;
+    for holder in holders {
+        if body_json(holder.await.unwrap()).await["lost"] == true {
+            lost += 1;
+        }
+    }
+    assert_eq!(
+        lost, 0,
+        "{lost} of 300 leases lost beside {i} short requests"
+    );
+}
+
+suite!(
+    renewal_cadence_follows_the_interval,
+    one_renewal_task_renews_every_lease_of_a_layer,
+    slow_acquire_is_renewed_before_it_expires,
+    lost_fires_by_validity_end_while_extend_hangs,
+    renew_timeout_gives_up_a_hanging_extend_and_retries,
+    panicking_extend_does_not_stop_other_renewals,
+    renew_every_from_defaults_is_rescaled_to_a_shorter_policy_ttl,
+    without_renewal_the_lease_is_lost_at_its_ttl,
+    ended_requests_leave_the_renewal_schedule,
+    renewals_keep_up_under_a_tight_loop_of_short_requests,
+);
+
+/// The renewal task lives on the runtime of the first request. When that runtime shuts down
+/// while requests of another runtime hold leases, those leases are reported lost (not silently
+/// left to expire), and the next request starts a task on a live runtime. Memory backend only: a
+/// Redis connection's driver dies with the runtime that made it.
+#[test]
+fn leases_of_a_dead_renewal_task_are_marked_lost() {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let memory = tower_lock::MemoryBackend::new();
+    let service = service(
+        layer(memory.clone())
+            .ttl(Duration::from_secs(10))
+            .renew_every(Duration::from_millis(100)),
+    );
+    let first = runtime();
+    let second = runtime();
+    // The renewal task starts on `first`.
+    first.block_on(async {
+        assert_eq!(send(&service, request("a")).await.status(), StatusCode::OK);
+    });
+    // A lease from `second` goes to that task.
+    let holder = second.spawn(send(&service, holding("b", 5000)));
+    second.block_on(async {
+        assert!(eventually(Duration::from_secs(5), async || memory.held() == 1).await);
+    });
+    drop(first);
+    let response = second
+        .block_on(async { tokio::time::timeout(Duration::from_secs(2), holder).await })
+        .expect("the lease of a dead renewal task was not reported lost")
+        .unwrap();
+    let body = second.block_on(body_json(response));
+    assert_eq!(body["lost"], true);
+    // New leases are renewed on a live runtime.
+    second.block_on(async {
+        let service = service.clone();
+        let holder = tokio::spawn(send(&service, holding("c", 400)));
+        let response = holder.await.unwrap();
+        assert_eq!(body_json(response).await["lost"], false);
+    });
+}
