@@ -32,13 +32,14 @@
 //! assert_eq!(key.as_str(), "acme:42");
 //! ```
 
-mod extract;
+pub(crate) mod pattern;
+mod sources;
 mod template;
 
 use std::borrow::Cow;
 use std::fmt;
 
-pub use extract::{And, Global, Header, PathParam, PathSegment, Query};
+pub use sources::{And, Global, Header, PathParam, PathSegment, Query};
 pub use template::{KeyTemplate, TemplateError};
 
 /// Extracts the lock key from a request's head.
@@ -141,8 +142,18 @@ impl LockKey {
     }
 
     /// Appends user-controlled material, escaped, with no separator.
+    ///
+    /// Only `:` separates material unambiguously: after `push_literal("-")` between two
+    /// materials, `("1-2", "3")` and `("1", "2-3")` give one key. Key templates escape every
+    /// character their separators use, and refuse placeholders without a separator.
     pub fn push_material(&mut self, material: impl AsRef<[u8]>) {
         escape_into(&mut self.0, material.as_ref());
+    }
+
+    /// Appends user-controlled material, escaping also every ASCII byte in `extra` (a bit per
+    /// byte value): the separators of a key template.
+    pub(crate) fn push_material_escaping(&mut self, material: &[u8], extra: u128) {
+        escape_with(&mut self.0, material, extra);
     }
 
     /// The escaped text of the key (without namespace).
@@ -169,9 +180,19 @@ impl fmt::Debug for LockKey {
 }
 
 fn escape_into(out: &mut String, material: &[u8]) {
+    escape_with(out, material, 0);
+}
+
+/// Whether `byte` is kept as itself in a key's text (everything else is `%XX`), before any
+/// template-specific escapes.
+pub(crate) fn kept_plain(byte: u8) -> bool {
+    byte.is_ascii_graphic() && !matches!(byte, b'%' | b':' | b'{' | b'}' | b'#')
+}
+
+fn escape_with(out: &mut String, material: &[u8], extra: u128) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &byte in material {
-        let plain = byte.is_ascii_graphic() && !matches!(byte, b'%' | b':' | b'{' | b'}' | b'#');
+        let plain = kept_plain(byte) && (byte >= 128 || extra & (1u128 << byte) == 0);
         if plain {
             out.push(byte as char);
         } else {
