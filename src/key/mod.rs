@@ -14,10 +14,20 @@
 //!
 //! User-controlled material (a header value, a query parameter) goes through [`LockKey::new`],
 //! which percent-escapes every byte that is not printable ASCII and every byte that has a meaning
-//! in our key layout (`%`, `:`, `{`, `}`, `#`). So material is binary-safe, two different inputs
-//! never produce the same key, and braces in user input can never choose a Redis Cluster hash slot.
-//! The layer adds the namespace (default `tower-lock:`) and replaces keys longer than its bound
-//! (default 256 bytes) with a SHA-256 digest.
+//! in our key layout (`%`, `:`, `{`, `}`, `#`). So material is binary-safe, parts joined with `:`
+//! never run into each other, and braces in user input can never choose a Redis Cluster hash
+//! slot. A [key template](KeyTemplate) also escapes, in its values, every character its
+//! separators are made of, and refuses placeholders with no separator between them, so within
+//! one template two different tuples of values never produce the same key. Query values are
+//! decoded to bytes (`%FE` and `%FF` stay different), and a key parameter given twice is a 400.
+//!
+//! The layer adds the namespace (default `tower-lock:`) and the key as a Redis Cluster hash tag
+//! (`tower-lock:{account:42}`), names the empty key by a marker no material can produce (so its
+//! hash tag is not empty and its fencing counter stays in its slot), and replaces keys longer
+//! than its bound (default 256 bytes) with a SHA-256 digest.
+//!
+//! Keys of different extractors can meet: `Header::new("x-id")` and `PathParam::new("id")` both
+//! give `42`. In one namespace, give each route's key a prefix of its own (`account:{path.id}`).
 //!
 //! ```
 //! use tower_lock::key::{KeyExtractor, KeyExtractorExt, Header, PathSegment, LockKey};

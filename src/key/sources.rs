@@ -59,9 +59,13 @@ impl KeyExtractor for Header {
     }
 }
 
-/// Locks on a query-string parameter (decoded as `application/x-www-form-urlencoded`).
+/// Locks on a query-string parameter, decoded as `application/x-www-form-urlencoded` to bytes
+/// (`+` is a space; `%FE` and `%FF` stay different bytes).
 ///
-/// A request without the parameter is rejected with 400 unless [`Query::optional`] is set.
+/// A request without the parameter is rejected with 400 unless [`Query::optional`] is set. A
+/// request giving the parameter more than once is rejected with 400: which value the handler
+/// reads depends on the framework (axum's `Query<HashMap<_, _>>` keeps the last), so the lock
+/// would be a guess.
 #[derive(Clone, Debug)]
 pub struct Query {
     name: Arc<str>,
@@ -134,7 +138,9 @@ fn form_decode(text: &str) -> Vec<u8> {
 
 /// Locks on the `n`-th segment of the URI path (0-based, after the leading `/`), percent-decoded.
 ///
-/// `PathSegment::new(1)` on `/accounts/42/deposit` locks on `42`.
+/// `PathSegment::new(1)` on `/accounts/42/deposit` locks on `42`. The path is the URI the layer
+/// sees: under axum's `Router::nest` it lacks the nest prefix. Prefer [`PathParam`], which reads
+/// the router's match.
 #[derive(Clone, Copy, Debug)]
 pub struct PathSegment {
     index: usize,

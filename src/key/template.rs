@@ -6,25 +6,33 @@
 //!
 //! | placeholder | value | missing |
 //! |---|---|---|
-//! | `{path.NAME}` | path parameter `NAME` of the route pattern, percent-decoded | 400 |
+//! | `{path.NAME}` | path parameter `NAME` of the matched route, percent-decoded to bytes | 400 |
 //! | `{header.NAME}` | first value of request header `NAME` (case-insensitive) | 400 |
-//! | `{query.NAME}` | first query parameter `NAME`, decoded as `application/x-www-form-urlencoded` | 400 |
+//! | `{query.NAME}` | query parameter `NAME`, decoded as `application/x-www-form-urlencoded` to bytes; given twice, 400 | 400 |
 //! | `{method}` | the HTTP method, e.g. `PUT` | never |
 //! | `{matched_path}` | the route pattern, e.g. `/accounts/{id}` | 400 |
 //!
 //! `{{` and `}}` are a literal `{` and `}`. Whitespace inside braces is not allowed.
 //!
-//! The route pattern used by `{path.NAME}` and `{matched_path}` is axum's
-//! [`MatchedPath`](https://docs.rs/axum/latest/axum/extract/struct.MatchedPath.html) when present
-//! (with the `axum` feature, when the layer is added with `route_layer`), otherwise the pattern
-//! given with [`KeyTemplate::with_pattern`]. Patterns may write parameters as `{id}` or `:id`, and
-//! a trailing wildcard as `{*rest}`.
+//! `{path.NAME}` reads the value the router matched, and `{matched_path}` the pattern it matched:
+//! a [`LockRoutes`](crate::LockRoutes) table's own route first; then, with the `axum` feature and
+//! the layer added with `route_layer`, axum's match (right under `Router::nest` and
+//! `nest_service` too, where axum strips the prefix from the URI); otherwise the pattern given
+//! with [`KeyTemplate::with_pattern`], matched against the URI path as axum's router does.
+//! Patterns use axum 0.8's syntax: `{id}`, text before a parameter (`/files/v{version}`), a final
+//! catch-all `{*rest}`.
 //!
 //! Request material (values of placeholders) is escaped as described in
 //! [key hygiene](super#key-hygiene), so a `:` or a brace in a header value can neither forge
 //! another key nor pick a Redis Cluster hash slot. Literal text is escaped the same way, except
 //! that `:` is kept, so `account:{path.id}` reads `account:42`. A template always yields a key or
 //! a rejection, never "no lock".
+//!
+//! Two placeholders need a separator between them: literal text with at least one punctuation
+//! character that stays as itself in the key (`:`, `-`, `/`, `.`, …; not a letter, digit, space,
+//! `%`, `#` or brace, which are letters of values or escaped). Every such separator character is
+//! then escaped in the template's values (`{header.a}-{header.b}` gives `1%2D2-3` for `1-2` and
+//! `3`), so two different tuples of values never share a key. `:` keeps keys most readable.
 //!
 //! [`KeyTemplate::parse`] reports a malformed template as a [`TemplateError`] with the byte
 //! position and what was expected there, and [`KeyTemplate::with_pattern`] checks that every
@@ -71,11 +79,19 @@ const SOURCES: &str = "one of `path.NAME`, `header.NAME`, `query.NAME`, `method`
 /// Literal text with placeholders: `{path.NAME}` (a path parameter of the route pattern),
 /// `{header.NAME}` (a request header), `{query.NAME}` (a query parameter), `{method}` and
 /// `{matched_path}` (the route pattern). `{{` and `}}` are literal braces; whitespace inside
-/// braces is not allowed. Placeholder values are escaped, literal `:` is kept, and a request
-/// without a referenced part is rejected with 400 naming that part.
+/// braces is not allowed; two placeholders need a punctuation separator between them.
+/// Placeholder values are escaped (separator characters included), literal `:` is kept, and a
+/// request without a referenced part is rejected with 400 naming that part.
 ///
-/// The route pattern is axum's `MatchedPath` when present (with the `axum` feature), otherwise
-/// the one given with [`KeyTemplate::with_pattern`].
+/// The route and its parameters are the ones the router matched (a `LockRoutes` table, or axum
+/// with the `axum` feature; right under `Router::nest` and `nest_service`), otherwise the pattern
+/// given with [`KeyTemplate::with_pattern`], matched against the URI path as axum's router does.
+///
+/// A separator is literal text with at least one punctuation character kept as itself in the
+/// key (`:`, `-`, `/`, `.`, …; not a letter, digit, space, `%`, `#` or brace). Every separator
+/// character is escaped in the template's values: `{header.a}-{header.b}` gives `1%2D2-3` for
+/// `1-2` and `3`, and `1-2%2D3` for `1` and `2-3`. So one template never gives two different
+/// tuples of values the same key.
 ///
 /// ```
 /// use tower_lock::key::{KeyExtractor, KeyTemplate};
