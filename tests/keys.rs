@@ -275,7 +275,33 @@ async fn repeated_query_parameter_is_a_400<F: Fixture>() {
     }
 }
 
+/// The empty key (an empty header value) is one lock like any other, under a marker that keeps
+/// its hash tag non-empty.
+async fn empty_key_is_one_lock_under_a_non_empty_hash_tag<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Arc::new(Notify::new());
+    let app = Router::new().route(
+        "/work",
+        handler(gate.clone()).route_layer(common::layer(&fixture)),
+    );
+    let request = |gated: bool| {
+        let mut request = Request::post("/work").header("x-key", "");
+        if gated {
+            request = request.header("x-gate", "1");
+        }
+        app.clone().oneshot(request.body(Body::empty()).unwrap())
+    };
+    let holder = tokio::spawn(request(true));
+    until_held(&fixture, 1).await;
+    assert_eq!(request(false).await.unwrap().status(), StatusCode::CONFLICT);
+    gate.notify_one();
+    let response = holder.await.unwrap().unwrap();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&bytes[..], format!("{NS}{{#empty}}").as_bytes());
+}
+
 suite!(
+    empty_key_is_one_lock_under_a_non_empty_hash_tag,
     nested_router_locks_on_the_account_not_the_operation,
     route_table_pattern_wins_over_axum_matched_path,
     parameter_after_static_text_is_read,
