@@ -87,8 +87,17 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The name of the lock for `key`: the namespace, then the key as a Redis Cluster hash tag
+    /// (`ns{key}`), or a digest of the key when it is longer than `max_key_len`.
     pub(crate) fn lock_name(&self, key: &LockKey) -> LockName {
-        if key.len() <= self.max_key_len {
+        /// What the empty key is named in a lock name.
+        const EMPTY_KEY: &str = "#empty";
+        if key.is_empty() {
+            // `ns{}` would not be a hash tag: Redis Cluster would hash the lock and its fence
+            // counter (`ns{}:fence`) to different slots. Material and literals never give `#`,
+            // and a digest is `#` and 64 hex digits, so this name is the empty key's alone.
+            LockName::new(&self.namespace, EMPTY_KEY)
+        } else if key.len() <= self.max_key_len {
             LockName::new(&self.namespace, key.as_str())
         } else {
             let digest = sha2::Sha256::digest(key.as_str().as_bytes());

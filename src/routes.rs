@@ -42,6 +42,7 @@ use tower_service::Service;
 use crate::backend::LockBackend;
 use crate::body::LockBody;
 use crate::future::ResponseFuture;
+use crate::key::pattern::{PathParams, TableMatch};
 use crate::key::{KeyExtractor, TemplateError};
 use crate::layer::{Core, LockLayer};
 use crate::policy::{LockPolicy, PolicyKey};
@@ -314,12 +315,29 @@ where
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let inner = take_ready(&mut self.inner);
-        let (parts, body) = request.into_parts();
-        let route = self.routes.iter().find(|route| {
-            route.key.applies_to(&parts.method) && route.matcher.at(parts.uri.path()).is_ok()
+        let (mut parts, body) = request.into_parts();
+        let matched = self.routes.iter().find_map(|route| {
+            if !route.key.applies_to(&parts.method) {
+                return None;
+            }
+            let matched = route.matcher.at(parts.uri.path()).ok()?;
+            Some((route, PathParams::from_raw(matched.params.iter())))
         });
-        let (core, key) = match route {
-            Some(route) => (route.core.clone(), route.key.extract(&parts)),
+        let (core, key) = match matched {
+            Some((route, params)) => {
+                // The key reads the parameters and pattern of the route this table matched, not
+                // those of a router around it (axum's `MatchedPath` may be `/api/{*rest}`).
+                let previous = parts.extensions.insert(TableMatch {
+                    pattern: route.pattern.clone(),
+                    params,
+                });
+                let key = route.key.extract(&parts);
+                match previous {
+                    Some(previous) => parts.extensions.insert(previous),
+                    None => parts.extensions.remove::<TableMatch>(),
+                };
+                (route.core.clone(), key)
+            }
             None => (self.fallback.clone(), Ok(None)),
         };
         ResponseFuture::new(core, key, inner, Request::from_parts(parts, body))

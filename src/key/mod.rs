@@ -14,10 +14,20 @@
 //!
 //! User-controlled material (a header value, a query parameter) goes through [`LockKey::new`],
 //! which percent-escapes every byte that is not printable ASCII and every byte that has a meaning
-//! in our key layout (`%`, `:`, `{`, `}`, `#`). So material is binary-safe, two different inputs
-//! never produce the same key, and braces in user input can never choose a Redis Cluster hash slot.
-//! The layer adds the namespace (default `tower-lock:`) and replaces keys longer than its bound
-//! (default 256 bytes) with a SHA-256 digest.
+//! in our key layout (`%`, `:`, `{`, `}`, `#`). So material is binary-safe, parts joined with `:`
+//! never run into each other, and braces in user input can never choose a Redis Cluster hash
+//! slot. A [key template](KeyTemplate) also escapes, in its values, every character its
+//! separators are made of, and refuses placeholders with no separator between them, so within
+//! one template two different tuples of values never produce the same key. Query values are
+//! decoded to bytes (`%FE` and `%FF` stay different), and a key parameter given twice is a 400.
+//!
+//! The layer adds the namespace (default `tower-lock:`) and the key as a Redis Cluster hash tag
+//! (`tower-lock:{account:42}`), names the empty key by a marker no material can produce (so its
+//! hash tag is not empty and its fencing counter stays in its slot), and replaces keys longer
+//! than its bound (default 256 bytes) with a SHA-256 digest.
+//!
+//! Keys of different extractors can meet: `Header::new("x-id")` and `PathParam::new("id")` both
+//! give `42`. In one namespace, give each route's key a prefix of its own (`account:{path.id}`).
 //!
 //! ```
 //! use tower_lock::key::{KeyExtractor, KeyExtractorExt, Header, PathSegment, LockKey};
@@ -32,13 +42,14 @@
 //! assert_eq!(key.as_str(), "acme:42");
 //! ```
 
-mod extract;
+pub(crate) mod pattern;
+mod sources;
 mod template;
 
 use std::borrow::Cow;
 use std::fmt;
 
-pub use extract::{And, Global, Header, PathParam, PathSegment, Query};
+pub use sources::{And, Global, Header, PathParam, PathSegment, Query};
 pub use template::{KeyTemplate, TemplateError};
 
 /// Extracts the lock key from a request's head.
@@ -141,8 +152,18 @@ impl LockKey {
     }
 
     /// Appends user-controlled material, escaped, with no separator.
+    ///
+    /// Only `:` separates material unambiguously: after `push_literal("-")` between two
+    /// materials, `("1-2", "3")` and `("1", "2-3")` give one key. Key templates escape every
+    /// character their separators use, and refuse placeholders without a separator.
     pub fn push_material(&mut self, material: impl AsRef<[u8]>) {
         escape_into(&mut self.0, material.as_ref());
+    }
+
+    /// Appends user-controlled material, escaping also every ASCII byte in `extra` (a bit per
+    /// byte value): the separators of a key template.
+    pub(crate) fn push_material_escaping(&mut self, material: &[u8], extra: u128) {
+        escape_with(&mut self.0, material, extra);
     }
 
     /// The escaped text of the key (without namespace).
@@ -169,9 +190,19 @@ impl fmt::Debug for LockKey {
 }
 
 fn escape_into(out: &mut String, material: &[u8]) {
+    escape_with(out, material, 0);
+}
+
+/// Whether `byte` is kept as itself in a key's text (everything else is `%XX`), before any
+/// template-specific escapes.
+pub(crate) fn kept_plain(byte: u8) -> bool {
+    byte.is_ascii_graphic() && !matches!(byte, b'%' | b':' | b'{' | b'}' | b'#')
+}
+
+fn escape_with(out: &mut String, material: &[u8], extra: u128) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &byte in material {
-        let plain = byte.is_ascii_graphic() && !matches!(byte, b'%' | b':' | b'{' | b'}' | b'#');
+        let plain = kept_plain(byte) && (byte >= 128 || extra & (1u128 << byte) == 0);
         if plain {
             out.push(byte as char);
         } else {

@@ -6,25 +6,33 @@
 //!
 //! | placeholder | value | missing |
 //! |---|---|---|
-//! | `{path.NAME}` | path parameter `NAME` of the route pattern, percent-decoded | 400 |
+//! | `{path.NAME}` | path parameter `NAME` of the matched route, percent-decoded to bytes | 400 |
 //! | `{header.NAME}` | first value of request header `NAME` (case-insensitive) | 400 |
-//! | `{query.NAME}` | first query parameter `NAME`, decoded as `application/x-www-form-urlencoded` | 400 |
+//! | `{query.NAME}` | query parameter `NAME`, decoded as `application/x-www-form-urlencoded` to bytes; given twice, 400 | 400 |
 //! | `{method}` | the HTTP method, e.g. `PUT` | never |
 //! | `{matched_path}` | the route pattern, e.g. `/accounts/{id}` | 400 |
 //!
 //! `{{` and `}}` are a literal `{` and `}`. Whitespace inside braces is not allowed.
 //!
-//! The route pattern used by `{path.NAME}` and `{matched_path}` is axum's
-//! [`MatchedPath`](https://docs.rs/axum/latest/axum/extract/struct.MatchedPath.html) when present
-//! (with the `axum` feature, when the layer is added with `route_layer`), otherwise the pattern
-//! given with [`KeyTemplate::with_pattern`]. Patterns may write parameters as `{id}` or `:id`, and
-//! a trailing wildcard as `{*rest}`.
+//! `{path.NAME}` reads the value the router matched, and `{matched_path}` the pattern it matched:
+//! a [`LockRoutes`](crate::LockRoutes) table's own route first; then, with the `axum` feature and
+//! the layer added with `route_layer`, axum's match (right under `Router::nest` and
+//! `nest_service` too, where axum strips the prefix from the URI); otherwise the pattern given
+//! with [`KeyTemplate::with_pattern`], matched against the URI path as axum's router does.
+//! Patterns use axum 0.8's syntax: `{id}`, text before a parameter (`/files/v{version}`), a final
+//! catch-all `{*rest}`.
 //!
 //! Request material (values of placeholders) is escaped as described in
 //! [key hygiene](super#key-hygiene), so a `:` or a brace in a header value can neither forge
 //! another key nor pick a Redis Cluster hash slot. Literal text is escaped the same way, except
 //! that `:` is kept, so `account:{path.id}` reads `account:42`. A template always yields a key or
 //! a rejection, never "no lock".
+//!
+//! Two placeholders need a separator between them: literal text with at least one punctuation
+//! character that stays as itself in the key (`:`, `-`, `/`, `.`, …; not a letter, digit, space,
+//! `%`, `#` or brace, which are letters of values or escaped). Every such separator character is
+//! then escaped in the template's values (`{header.a}-{header.b}` gives `1%2D2-3` for `1-2` and
+//! `3`), so two different tuples of values never share a key. `:` keeps keys most readable.
 //!
 //! [`KeyTemplate::parse`] reports a malformed template as a [`TemplateError`] with the byte
 //! position and what was expected there, and [`KeyTemplate::with_pattern`] checks that every
@@ -60,8 +68,9 @@ use std::sync::Arc;
 use http::HeaderName;
 use http::request::Parts;
 
-use super::extract::path_param;
-use super::{KeyExtractor, KeyRejection, LockKey};
+use super::pattern::{Pattern, path_params, route_pattern};
+use super::sources::query_value;
+use super::{KeyExtractor, KeyRejection, LockKey, kept_plain};
 
 const SOURCES: &str = "one of `path.NAME`, `header.NAME`, `query.NAME`, `method`, `matched_path`";
 
@@ -70,11 +79,19 @@ const SOURCES: &str = "one of `path.NAME`, `header.NAME`, `query.NAME`, `method`
 /// Literal text with placeholders: `{path.NAME}` (a path parameter of the route pattern),
 /// `{header.NAME}` (a request header), `{query.NAME}` (a query parameter), `{method}` and
 /// `{matched_path}` (the route pattern). `{{` and `}}` are literal braces; whitespace inside
-/// braces is not allowed. Placeholder values are escaped, literal `:` is kept, and a request
-/// without a referenced part is rejected with 400 naming that part.
+/// braces is not allowed; two placeholders need a punctuation separator between them.
+/// Placeholder values are escaped (separator characters included), literal `:` is kept, and a
+/// request without a referenced part is rejected with 400 naming that part.
 ///
-/// The route pattern is axum's `MatchedPath` when present (with the `axum` feature), otherwise
-/// the one given with [`KeyTemplate::with_pattern`].
+/// The route and its parameters are the ones the router matched (a `LockRoutes` table, or axum
+/// with the `axum` feature; right under `Router::nest` and `nest_service`), otherwise the pattern
+/// given with [`KeyTemplate::with_pattern`], matched against the URI path as axum's router does.
+///
+/// A separator is literal text with at least one punctuation character kept as itself in the
+/// key (`:`, `-`, `/`, `.`, …; not a letter, digit, space, `%`, `#` or brace). Every separator
+/// character is escaped in the template's values: `{header.a}-{header.b}` gives `1%2D2-3` for
+/// `1-2` and `3`, and `1-2%2D3` for `1` and `2-3`. So one template never gives two different
+/// tuples of values the same key.
 ///
 /// ```
 /// use tower_lock::key::{KeyExtractor, KeyTemplate};
@@ -90,18 +107,24 @@ const SOURCES: &str = "one of `path.NAME`, `header.NAME`, `query.NAME`, `method`
 #[derive(Clone, Debug)]
 pub struct KeyTemplate {
     compiled: Arc<Compiled>,
-    pattern: Option<Arc<str>>,
+    pattern: Option<Pattern>,
 }
 
 #[derive(Debug)]
 struct Compiled {
     source: Box<str>,
     parts: Box<[Part]>,
+    /// ASCII bytes escaped in material besides the usual ones: the separators' (a bit per byte).
+    escape: u128,
 }
 
 #[derive(Debug)]
 enum Part {
-    Literal(Box<str>),
+    Literal {
+        text: Box<str>,
+        /// Byte offset of the literal in the template text.
+        at: usize,
+    },
     Placeholder {
         source: Source,
         /// Byte range of the placeholder, braces included, in the template text.
@@ -145,8 +168,12 @@ impl KeyTemplate {
 
         let mut parts = Vec::new();
         let mut literal = String::new();
+        let mut literal_at = 0;
         let mut chars = text.char_indices().peekable();
         while let Some((at, c)) = chars.next() {
+            if literal.is_empty() {
+                literal_at = at;
+            }
             match c {
                 '{' if chars.next_if(|&(_, c)| c == '{').is_some() => literal.push('{'),
                 '}' if chars.next_if(|&(_, c)| c == '}').is_some() => literal.push('}'),
@@ -185,7 +212,10 @@ impl KeyTemplate {
                     let source = parse_source(&text[start..end], start)
                         .map_err(|(position, expected, found)| error(position, &expected, found))?;
                     if !literal.is_empty() {
-                        parts.push(Part::Literal(std::mem::take(&mut literal).into()));
+                        parts.push(Part::Literal {
+                            text: std::mem::take(&mut literal).into(),
+                            at: literal_at,
+                        });
                     }
                     parts.push(Part::Placeholder {
                         source,
@@ -196,25 +226,39 @@ impl KeyTemplate {
             }
         }
         if !literal.is_empty() {
-            parts.push(Part::Literal(literal.into()));
+            parts.push(Part::Literal {
+                text: literal.into(),
+                at: literal_at,
+            });
         }
+        let escape = separators(text, &parts)?;
 
         Ok(Self {
             compiled: Arc::new(Compiled {
                 source: text.into(),
                 parts: parts.into(),
+                escape,
             }),
             pattern: None,
         })
     }
 
-    /// Sets the route pattern, such as `/accounts/{id}/deposit`, for stacks without axum's
-    /// `MatchedPath`; `:id` and a trailing `{*rest}` are understood too.
+    /// Sets the route pattern, such as `/accounts/{id}/deposit`, for stacks without a router
+    /// that reports its match. The syntax is axum 0.8's: `{id}`, text before a parameter
+    /// (`/files/v{version}`), a final catch-all `{*rest}`; the pattern matches the URI path the
+    /// way axum's router (matchit) does.
     ///
-    /// Fails when a `{path.NAME}` of the template is not a parameter of `pattern`; the error
-    /// points at that placeholder.
+    /// Fails when axum would refuse `pattern` (the error is at byte 0 and names the reason), or
+    /// when a `{path.NAME}` of the template is not a parameter of `pattern` (the error points at
+    /// that placeholder).
     pub fn with_pattern(mut self, pattern: &str) -> Result<Self, TemplateError> {
-        let params = pattern_params(pattern);
+        let compiled = Pattern::parse(pattern).map_err(|reason| TemplateError {
+            template: self.as_str().into(),
+            position: 0,
+            expected: "a route pattern axum accepts".into(),
+            found: format!("`{pattern}`: {reason}"),
+        })?;
+        let params: Vec<&str> = compiled.params().collect();
         for part in self.compiled.parts.iter() {
             if let Part::Placeholder {
                 source: Source::Path(name),
@@ -236,7 +280,7 @@ impl KeyTemplate {
                 });
             }
         }
-        self.pattern = Some(pattern.into());
+        self.pattern = Some(compiled);
         Ok(self)
     }
 
@@ -249,17 +293,8 @@ impl KeyTemplate {
     pub fn placeholders(&self) -> impl Iterator<Item = &str> + '_ {
         self.compiled.parts.iter().filter_map(|part| match part {
             Part::Placeholder { span, .. } => Some(&self.compiled.source[span.clone()]),
-            Part::Literal(_) => None,
+            Part::Literal { .. } => None,
         })
-    }
-
-    fn route_pattern<'a>(&'a self, parts: &'a Parts) -> Option<&'a str> {
-        #[cfg(feature = "axum")]
-        if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
-            return Some(matched.as_str());
-        }
-        let _ = parts;
-        self.pattern.as_deref()
     }
 }
 
@@ -310,45 +345,89 @@ fn parse_source(body: &str, start: usize) -> Result<Source, (usize, String, Stri
     }
 }
 
-/// The parameter names of a route pattern, as [`path_param`] reads them.
-fn pattern_params(pattern: &str) -> Vec<&str> {
-    let mut params = Vec::new();
-    for segment in pattern.strip_prefix('/').unwrap_or(pattern).split('/') {
-        if let Some(param) = segment
-            .strip_prefix("{*")
-            .and_then(|p| p.strip_suffix('}'))
-            .or_else(|| segment.strip_prefix('*'))
-        {
-            // `path_param` stops at the wildcard: nothing after it can match.
-            params.push(param);
-            break;
+/// Checks that every literal between two placeholders separates them, and returns the set of
+/// separator characters that material must escape.
+///
+/// Why this makes keys injective: material never contains a separator character unescaped (nor
+/// does an escape `%XX`, whose `%` and hex digits are not separator characters), and every
+/// separating literal has at least one of them, kept plain in the key. So, reading the key from
+/// the left, the first separator character after a placeholder's value is at a fixed offset in
+/// the next separator: where each value ends is determined by the key, and percent-escaping is
+/// injective, so the values are too.
+fn separators(text: &str, parts: &[Part]) -> Result<u128, TemplateError> {
+    let mut escape = 0u128;
+    for (index, part) in parts.iter().enumerate() {
+        let (Some(Part::Placeholder { span: before, .. }), Some(Part::Placeholder { span, .. })) = (
+            index.checked_sub(1).and_then(|i| parts.get(i)),
+            parts.get(index + 1),
+        ) else {
+            // Leading and trailing literals are fixed text: they need nothing.
+            if let (Part::Placeholder { span: first, .. }, Some(Part::Placeholder { span, .. })) =
+                (part, parts.get(index + 1))
+            {
+                return Err(TemplateError {
+                    template: text.into(),
+                    position: span.start,
+                    expected: "a separator such as `:` between two placeholders".into(),
+                    found: format!(
+                        "`{}` right after `{}`",
+                        &text[span.clone()],
+                        &text[first.clone()]
+                    ),
+                });
+            }
+            continue;
+        };
+        let Part::Literal { text: literal, at } = part else {
+            // Three placeholders in a row: refused above, at the first pair.
+            continue;
+        };
+        let mut found = false;
+        for byte in literal.bytes() {
+            if (byte == b':' || kept_plain(byte)) && !byte.is_ascii_alphanumeric() {
+                escape |= 1u128 << byte;
+                found = true;
+            }
         }
-        if let Some(param) = segment
-            .strip_prefix('{')
-            .and_then(|p| p.strip_suffix('}'))
-            .or_else(|| segment.strip_prefix(':'))
-        {
-            params.push(param);
+        if !found {
+            return Err(TemplateError {
+                template: text.into(),
+                position: *at,
+                expected: "a separator with a punctuation character that is kept in the key, \
+                           such as `:`, `-` or `/` (letters, digits, spaces, `%`, `#` and \
+                           braces cannot separate two values)"
+                    .into(),
+                found: format!(
+                    "`{}` between `{}` and `{}`",
+                    &text[before.end..span.start],
+                    &text[before.clone()],
+                    &text[span.clone()]
+                ),
+            });
         }
     }
-    params
+    Ok(escape)
 }
 
 impl KeyExtractor for KeyTemplate {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
+        let escape = self.compiled.escape;
         let mut key = LockKey::empty();
+        let mut path = None;
         for part in self.compiled.parts.iter() {
             let source = match part {
-                Part::Literal(text) => {
+                Part::Literal { text, .. } => {
                     key.push_literal(text);
                     continue;
                 }
                 Part::Placeholder { source, .. } => source,
             };
             match source {
-                Source::Method => key.push_material(parts.method.as_str()),
-                Source::MatchedPath => match self.route_pattern(parts) {
-                    Some(pattern) => key.push_material(pattern),
+                Source::Method => {
+                    key.push_material_escaping(parts.method.as_str().as_bytes(), escape)
+                }
+                Source::MatchedPath => match route_pattern(parts, self.pattern.as_ref()) {
+                    Some(pattern) => key.push_material_escaping(pattern.as_bytes(), escape),
                     None => {
                         return Err(KeyRejection::new(
                             "no route pattern is known for `{matched_path}`; give one with \
@@ -358,40 +437,27 @@ impl KeyExtractor for KeyTemplate {
                     }
                 },
                 Source::Header(name) => match parts.headers.get(name) {
-                    Some(value) => key.push_material(value.as_bytes()),
+                    Some(value) => key.push_material_escaping(value.as_bytes(), escape),
                     None => return Err(KeyRejection::missing(format_args!("header `{name}`"))),
                 },
-                Source::Query(name) => {
-                    let found = parts.uri.query().and_then(|query| {
-                        form_urlencoded::parse(query.as_bytes())
-                            .find(|(found, _)| **found == **name)
-                            .map(|(_, value)| value)
-                    });
-                    match found {
-                        Some(value) => key.push_material(value.as_bytes()),
-                        None => {
-                            return Err(KeyRejection::missing(format_args!(
-                                "query parameter `{name}`"
-                            )));
-                        }
-                    }
-                }
-                Source::Path(name) => {
-                    let Some(pattern) = self.route_pattern(parts) else {
-                        return Err(KeyRejection::new(format!(
-                            "no route pattern is known for path parameter `{name}`; give one \
-                             with `KeyTemplate::with_pattern`, or add the layer with axum's \
-                             `route_layer`"
+                Source::Query(name) => match query_value(parts, name)? {
+                    Some(value) => key.push_material_escaping(&value, escape),
+                    None => {
+                        return Err(KeyRejection::missing(format_args!(
+                            "query parameter `{name}`"
                         )));
-                    };
-                    match path_param(pattern, parts.uri.path(), name) {
-                        Some(value) => key.push_material(value),
-                        None => {
-                            return Err(KeyRejection::missing(format_args!(
-                                "path parameter `{name}`"
-                            )));
-                        }
                     }
+                },
+                Source::Path(name) => {
+                    let params = match &mut path {
+                        Some(params) => params,
+                        None => path.insert(path_params(
+                            parts,
+                            self.pattern.as_ref(),
+                            &format!("path parameter `{name}`"),
+                        )?),
+                    };
+                    key.push_material_escaping(params.get(name)?, escape);
                 }
             }
         }
@@ -456,404 +522,4 @@ impl fmt::Display for TemplateError {
 impl std::error::Error for TemplateError {}
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
-        let mut builder = http::Request::builder().method(method).uri(uri);
-        for (name, value) in headers {
-            builder = builder.header(*name, *value);
-        }
-        builder.body(()).unwrap().into_parts().0
-    }
-
-    fn key(template: &KeyTemplate, parts: &Parts) -> String {
-        template
-            .extract(parts)
-            .expect("keyed")
-            .expect("a template always locks")
-            .as_str()
-            .to_owned()
-    }
-
-    fn rejection(template: &KeyTemplate, parts: &Parts) -> String {
-        template
-            .extract(parts)
-            .expect_err("rejected")
-            .detail()
-            .to_owned()
-    }
-
-    fn parse_error(text: &str) -> (usize, String, String) {
-        let error = KeyTemplate::parse(text).expect_err("invalid template");
-        (
-            error.position(),
-            error.expected().into(),
-            error.found().into(),
-        )
-    }
-
-    #[test]
-    fn path_placeholder_reads_the_parameter_of_the_given_pattern() {
-        let template = KeyTemplate::parse("account:{path.id}")
-            .unwrap()
-            .with_pattern("/accounts/{id}/deposit")
-            .unwrap();
-        let parts = request("POST", "/accounts/a%20b/deposit", &[]);
-        assert_eq!(key(&template, &parts), "account:a%20b");
-    }
-
-    #[test]
-    fn path_placeholder_understands_colon_and_wildcard_patterns() {
-        let colon = KeyTemplate::parse("{path.id}")
-            .unwrap()
-            .with_pattern("/accounts/:id")
-            .unwrap();
-        assert_eq!(key(&colon, &request("GET", "/accounts/7", &[])), "7");
-        let wildcard = KeyTemplate::parse("file:{path.rest}")
-            .unwrap()
-            .with_pattern("/files/{*rest}")
-            .unwrap();
-        assert_eq!(
-            key(&wildcard, &request("GET", "/files/a/b.txt", &[])),
-            "file:a/b.txt"
-        );
-    }
-
-    #[test]
-    fn header_placeholder_is_case_insensitive_and_takes_the_first_value() {
-        let template = KeyTemplate::parse("{header.X-Tenant-Id}:{query.doc}").unwrap();
-        let parts = request(
-            "GET",
-            "/docs?doc=d1",
-            &[("x-tenant-id", "acme"), ("x-tenant-id", "other")],
-        );
-        assert_eq!(key(&template, &parts), "acme:d1");
-    }
-
-    #[test]
-    fn query_placeholder_is_form_decoded() {
-        let template = KeyTemplate::parse("doc:{query.doc}").unwrap();
-        let parts = request("GET", "/x?a=1&doc=b+c%2F", &[]);
-        assert_eq!(key(&template, &parts), "doc:b%20c/");
-    }
-
-    #[test]
-    fn method_and_matched_path_come_from_the_request_and_the_given_pattern() {
-        let template = KeyTemplate::parse("{method}:{matched_path}")
-            .unwrap()
-            .with_pattern("/accounts/{id}")
-            .unwrap();
-        let parts = request("PUT", "/accounts/1", &[]);
-        // The braces of the pattern are material, so they are escaped.
-        assert_eq!(key(&template, &parts), "PUT:/accounts/%7Bid%7D");
-    }
-
-    #[test]
-    fn literal_only_template_is_a_constant_key() {
-        let template = KeyTemplate::parse("global").unwrap();
-        assert_eq!(key(&template, &request("GET", "/", &[])), "global");
-        assert_eq!(template.placeholders().count(), 0);
-    }
-
-    #[test]
-    fn user_material_is_escaped_while_literal_colons_are_kept() {
-        let template = KeyTemplate::parse("t:{header.x-tenant}:q:{query.q}").unwrap();
-        let parts = request("GET", "/?q=%7Bslot%7D%3Ax", &[("x-tenant", "a:b{c}#")]);
-        assert_eq!(key(&template, &parts), "t:a%3Ab%7Bc%7D%23:q:%7Bslot%7D%3Ax");
-    }
-
-    #[test]
-    fn double_braces_are_literal_braces_and_are_escaped_in_the_key() {
-        let template = KeyTemplate::parse("{{tag}}:{method}").unwrap();
-        assert_eq!(template.placeholders().collect::<Vec<_>>(), ["{method}"]);
-        assert_eq!(key(&template, &request("GET", "/", &[])), "%7Btag%7D:GET");
-        let nested = KeyTemplate::parse("{{{method}}}").unwrap();
-        assert_eq!(key(&nested, &request("GET", "/", &[])), "%7BGET%7D");
-    }
-
-    #[test]
-    fn as_str_and_placeholders_report_the_source() {
-        let text = "{header.x-tenant-id}:{query.doc}:{path.id}";
-        let template = KeyTemplate::parse(text).unwrap();
-        assert_eq!(template.as_str(), text);
-        assert_eq!(
-            template.placeholders().collect::<Vec<_>>(),
-            ["{header.x-tenant-id}", "{query.doc}", "{path.id}"]
-        );
-    }
-
-    #[test]
-    fn clones_share_the_compiled_template() {
-        let template = KeyTemplate::parse("a:{method}").unwrap();
-        let clone = template.clone();
-        assert!(Arc::ptr_eq(&template.compiled, &clone.compiled));
-    }
-
-    #[test]
-    fn missing_header_is_rejected_naming_the_header() {
-        let template = KeyTemplate::parse("{header.X-Tenant-Id}").unwrap();
-        let detail = rejection(&template, &request("GET", "/", &[]));
-        assert_eq!(
-            detail,
-            "the request has no header `x-tenant-id`, which the lock key needs"
-        );
-    }
-
-    #[test]
-    fn missing_query_parameter_is_rejected_naming_the_parameter() {
-        let template = KeyTemplate::parse("{query.doc}").unwrap();
-        let detail = rejection(&template, &request("GET", "/x?a=1", &[]));
-        assert_eq!(
-            detail,
-            "the request has no query parameter `doc`, which the lock key needs"
-        );
-        assert!(rejection(&template, &request("GET", "/x", &[])).contains("`doc`"));
-    }
-
-    #[test]
-    fn missing_path_parameter_is_rejected_naming_the_parameter() {
-        let template = KeyTemplate::parse("{path.id}")
-            .unwrap()
-            .with_pattern("/accounts/{id}")
-            .unwrap();
-        let detail = rejection(&template, &request("GET", "/accounts", &[]));
-        assert_eq!(
-            detail,
-            "the request has no path parameter `id`, which the lock key needs"
-        );
-    }
-
-    #[test]
-    fn path_and_matched_path_without_any_pattern_are_rejected() {
-        let path = KeyTemplate::parse("{path.id}").unwrap();
-        let detail = rejection(&path, &request("GET", "/accounts/1", &[]));
-        assert!(
-            detail.starts_with("no route pattern is known for path parameter `id`; "),
-            "{detail}"
-        );
-        let matched = KeyTemplate::parse("{matched_path}").unwrap();
-        let detail = rejection(&matched, &request("GET", "/accounts/1", &[]));
-        assert!(
-            detail.starts_with("no route pattern is known for `{matched_path}`; "),
-            "{detail}"
-        );
-    }
-
-    #[test]
-    fn first_missing_part_in_template_order_is_reported() {
-        let template = KeyTemplate::parse("{query.a}:{header.b}").unwrap();
-        assert!(rejection(&template, &request("GET", "/", &[])).contains("query parameter `a`"));
-    }
-
-    #[test]
-    fn with_pattern_rejects_unknown_path_parameters_at_the_placeholder() {
-        let error = KeyTemplate::parse("a:{path.id}:{path.nope}")
-            .unwrap()
-            .with_pattern("/accounts/{id}")
-            .unwrap_err();
-        assert_eq!(error.position(), 12);
-        assert_eq!(
-            error.expected(),
-            "a parameter of the route pattern `/accounts/{id}` (it has `id`)"
-        );
-        assert_eq!(error.found(), "`{path.nope}`");
-
-        let error = KeyTemplate::parse("{path.id}")
-            .unwrap()
-            .with_pattern("/health")
-            .unwrap_err();
-        assert_eq!(error.position(), 0);
-        assert_eq!(
-            error.expected(),
-            "a parameter of the route pattern `/health` (it has none)"
-        );
-    }
-
-    #[test]
-    fn with_pattern_ignores_parameters_after_a_wildcard() {
-        // `path_param` stops at the wildcard, so a parameter after it could never be found.
-        assert!(
-            KeyTemplate::parse("{path.id}")
-                .unwrap()
-                .with_pattern("/files/{*rest}/{id}")
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn unknown_source_is_reported_at_the_opening_brace() {
-        let error = KeyTemplate::parse("acc:{pth.id}").unwrap_err();
-        assert_eq!(error.position(), 4);
-        assert_eq!(error.expected(), SOURCES);
-        assert_eq!(
-            error.to_string(),
-            "key template `acc:{pth.id}`: at byte 4: expected one of `path.NAME`, \
-             `header.NAME`, `query.NAME`, `method`, `matched_path`, found `pth.id`"
-        );
-        assert_eq!(
-            parse_error("{foo.x}"),
-            (0, SOURCES.into(), "`foo.x`".into())
-        );
-        assert_eq!(
-            parse_error("x{method.x}"),
-            (1, SOURCES.into(), "`method.x`".into())
-        );
-    }
-
-    #[test]
-    fn unterminated_placeholder_is_reported_at_its_opening_brace() {
-        assert_eq!(
-            parse_error("doc:{query.doc"),
-            (
-                4,
-                "`}` to close this placeholder".into(),
-                "the end of the template".into()
-            )
-        );
-        assert_eq!(
-            parse_error("{"),
-            (
-                0,
-                "`}` to close this placeholder".into(),
-                "the end of the template".into()
-            )
-        );
-    }
-
-    #[test]
-    fn brace_inside_a_placeholder_is_reported_where_it_is() {
-        assert_eq!(
-            parse_error("{path.{id}}"),
-            (6, "`}` to close the placeholder".into(), "`{`".into())
-        );
-    }
-
-    #[test]
-    fn stray_closing_brace_is_reported() {
-        assert_eq!(
-            parse_error("account}"),
-            (7, "`}}` for a literal `}`".into(), "a lone `}`".into())
-        );
-        assert_eq!(
-            parse_error("{method}}"),
-            (8, "`}}` for a literal `}`".into(), "a lone `}`".into())
-        );
-    }
-
-    #[test]
-    fn empty_placeholder_is_reported() {
-        assert_eq!(
-            parse_error("a:{}"),
-            (2, SOURCES.into(), "an empty placeholder `{}`".into())
-        );
-    }
-
-    #[test]
-    fn missing_name_after_a_source_is_reported_where_the_name_should_be() {
-        assert_eq!(
-            parse_error("{path.}"),
-            (
-                6,
-                "a path parameter name, as in `{path.NAME}`".into(),
-                "`}`".into()
-            )
-        );
-        assert_eq!(
-            parse_error("ab{header.}"),
-            (
-                10,
-                "a header name, as in `{header.NAME}`".into(),
-                "`}`".into()
-            )
-        );
-        assert_eq!(
-            parse_error("{query}"),
-            (
-                6,
-                "a query parameter name, as in `{query.NAME}`".into(),
-                "`}`".into()
-            )
-        );
-    }
-
-    #[test]
-    fn invalid_header_name_is_reported_at_the_name() {
-        assert_eq!(
-            parse_error("t:{header.x(y)}"),
-            (10, "a valid HTTP header name".into(), "`x(y)`".into())
-        );
-    }
-
-    #[test]
-    fn whitespace_inside_braces_is_reported_where_it_is() {
-        assert_eq!(
-            parse_error("{ path.id}"),
-            (
-                1,
-                "no whitespace inside a placeholder".into(),
-                "whitespace ' '".into()
-            )
-        );
-        assert_eq!(
-            parse_error("k:{path.id\t}"),
-            (
-                10,
-                "no whitespace inside a placeholder".into(),
-                "whitespace '\\t'".into()
-            )
-        );
-        // Outside braces whitespace is literal text (escaped in the key).
-        let template = KeyTemplate::parse("a b").unwrap();
-        assert_eq!(key(&template, &request("GET", "/", &[])), "a%20b");
-    }
-
-    #[test]
-    fn empty_template_is_rejected() {
-        assert_eq!(
-            parse_error(""),
-            (
-                0,
-                "literal text or a placeholder".into(),
-                "an empty template".into()
-            )
-        );
-    }
-
-    #[test]
-    fn positions_are_byte_offsets_after_non_ascii_text() {
-        // `é` is two bytes.
-        assert_eq!(parse_error("é{x}").0, 2);
-    }
-
-    #[cfg(feature = "axum")]
-    #[tokio::test]
-    async fn axum_matched_path_is_preferred_over_the_given_pattern() {
-        use axum::routing::post;
-        use tower::ServiceExt;
-
-        // `MatchedPath` has no public constructor: let an axum router insert it, and extract
-        // the key from the handler's request parts.
-        let template = KeyTemplate::parse("{matched_path}:{path.id}")
-            .unwrap()
-            .with_pattern("/other/{id}")
-            .unwrap();
-        let app = axum::Router::new().route(
-            "/accounts/{id}/deposit",
-            post(move |parts: Parts| async move {
-                match template.extract(&parts) {
-                    Ok(key) => key.unwrap().as_str().to_owned(),
-                    Err(rejection) => format!("rejected: {rejection}"),
-                }
-            }),
-        );
-        let request = http::Request::post("/accounts/42/deposit")
-            .body(axum::body::Body::empty())
-            .unwrap();
-        let response = app.oneshot(request).await.unwrap();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        assert_eq!(&body[..], b"/accounts/%7Bid%7D/deposit:42");
-    }
-}
+mod tests;

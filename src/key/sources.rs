@@ -7,6 +7,7 @@ use http::HeaderName;
 use http::request::Parts;
 use percent_encoding::percent_decode_str;
 
+use super::pattern::{Pattern, path_params};
 use super::{KeyExtractor, KeyRejection, LockKey};
 
 /// Locks on the value of a request header, e.g. `Idempotency-Key`.
@@ -58,9 +59,13 @@ impl KeyExtractor for Header {
     }
 }
 
-/// Locks on a query-string parameter (decoded as `application/x-www-form-urlencoded`).
+/// Locks on a query-string parameter, decoded as `application/x-www-form-urlencoded` to bytes
+/// (`+` is a space; `%FE` and `%FF` stay different bytes).
 ///
-/// A request without the parameter is rejected with 400 unless [`Query::optional`] is set.
+/// A request without the parameter is rejected with 400 unless [`Query::optional`] is set. A
+/// request giving the parameter more than once is rejected with 400: which value the handler
+/// reads depends on the framework (axum's `Query<HashMap<_, _>>` keeps the last), so the lock
+/// would be a guess.
 #[derive(Clone, Debug)]
 pub struct Query {
     name: Arc<str>,
@@ -85,13 +90,8 @@ impl Query {
 
 impl KeyExtractor for Query {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
-        let found = parts.uri.query().and_then(|query| {
-            form_urlencoded::parse(query.as_bytes())
-                .find(|(name, _)| **name == *self.name)
-                .map(|(_, value)| value)
-        });
-        match found {
-            Some(value) => Ok(Some(LockKey::new(value.as_bytes()))),
+        match query_value(parts, &self.name)? {
+            Some(value) => Ok(Some(LockKey::new(value))),
             None if self.optional => Ok(None),
             None => Err(KeyRejection::missing(format_args!(
                 "query parameter `{}`",
@@ -101,9 +101,46 @@ impl KeyExtractor for Query {
     }
 }
 
+/// The value of query parameter `name`, decoded as `application/x-www-form-urlencoded` to bytes
+/// (`+` is a space, `%XX` any byte; nothing is replaced by U+FFFD, so `%FE` and `%FF` differ).
+///
+/// A parameter given more than once is ambiguous (frameworks disagree on which one counts:
+/// axum's `Query<HashMap<_, _>>` keeps the last), so it is rejected with 400.
+pub(crate) fn query_value(parts: &Parts, name: &str) -> Result<Option<Vec<u8>>, KeyRejection> {
+    let Some(query) = parts.uri.query() else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if form_decode(key) != name.as_bytes() {
+            continue;
+        }
+        if found.is_some() {
+            return Err(KeyRejection::new(format!(
+                "the query parameter `{name}` is given more than once, so the lock key would be \
+                 ambiguous"
+            )));
+        }
+        found = Some(form_decode(value));
+    }
+    Ok(found)
+}
+
+fn form_decode(text: &str) -> Vec<u8> {
+    let plus_as_space: Cow<'_, str> = if text.contains('+') {
+        text.replace('+', " ").into()
+    } else {
+        text.into()
+    };
+    percent_encoding::percent_decode_str(&plus_as_space).collect()
+}
+
 /// Locks on the `n`-th segment of the URI path (0-based, after the leading `/`), percent-decoded.
 ///
-/// `PathSegment::new(1)` on `/accounts/42/deposit` locks on `42`.
+/// `PathSegment::new(1)` on `/accounts/42/deposit` locks on `42`. The path is the URI the layer
+/// sees: under axum's `Router::nest` it lacks the nest prefix. Prefer [`PathParam`], which reads
+/// the router's match.
 #[derive(Clone, Copy, Debug)]
 pub struct PathSegment {
     index: usize,
@@ -138,18 +175,21 @@ impl KeyExtractor for PathSegment {
 
 /// Locks on a named path parameter, such as `id` in `/accounts/{id}/deposit`.
 ///
-/// The route pattern comes from axum's [`MatchedPath`](https://docs.rs/axum/latest/axum/extract/struct.MatchedPath.html)
-/// (with the `axum` feature, when the layer is added with `route_layer`), or from the pattern given
-/// with [`PathParam::with_pattern`] for other stacks. Both `{id}` and `:id` are understood, and so is
-/// a trailing wildcard `{*rest}`. Values are percent-decoded, so `a%20b` and `a b` share a lock.
+/// The value is the one the router matched: the route of a [`LockRoutes`](crate::LockRoutes)
+/// table; with the `axum` feature, the parameter axum's router extracted (right under
+/// `Router::nest` and `nest_service` too); otherwise the pattern given with
+/// [`PathParam::with_pattern`], matched against the URI path the way axum's router (matchit)
+/// matches it. Patterns use axum 0.8's syntax: `{id}`, text before a parameter (`v{version}`),
+/// a final catch-all `{*rest}`. Values are percent-decoded to bytes, so `a%20b` and `a b` share a
+/// lock.
 #[derive(Clone, Debug)]
 pub struct PathParam {
     name: Arc<str>,
-    pattern: Option<Arc<str>>,
+    pattern: Option<Pattern>,
 }
 
 impl PathParam {
-    /// Locks on the path parameter `name` of the matched axum route.
+    /// Locks on the path parameter `name` of the matched route (axum, or a `LockRoutes` table).
     pub fn new(name: &str) -> Self {
         Self {
             name: name.into(),
@@ -157,64 +197,34 @@ impl PathParam {
         }
     }
 
-    /// Locks on the parameter `name` of `pattern` (for stacks without axum's `MatchedPath`).
+    /// Locks on the parameter `name` of `pattern` (for stacks without a router that reports its
+    /// match).
+    ///
+    /// # Panics
+    ///
+    /// When axum would refuse `pattern` (see [`LockRoutes`](crate::LockRoutes)), or it has no
+    /// parameter `name`: this happens while building the layer, never on a request path.
     pub fn with_pattern(pattern: &str, name: &str) -> Self {
+        let pattern = Pattern::parse(pattern)
+            .unwrap_or_else(|error| panic!("route pattern `{pattern}`: {error}"));
+        assert!(
+            pattern.params().any(|param| param == name),
+            "route pattern `{}` has no parameter `{name}`",
+            pattern.as_str()
+        );
         Self {
             name: name.into(),
-            pattern: Some(pattern.into()),
+            pattern: Some(pattern),
         }
-    }
-
-    fn pattern<'a>(&'a self, parts: &'a Parts) -> Option<&'a str> {
-        #[cfg(feature = "axum")]
-        if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
-            return Some(matched.as_str());
-        }
-        let _ = parts;
-        self.pattern.as_deref()
     }
 }
 
 impl KeyExtractor for PathParam {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
-        let Some(pattern) = self.pattern(parts) else {
-            return Err(KeyRejection::new(format!(
-                "no route pattern is known for path parameter `{}`",
-                self.name
-            )));
-        };
-        match path_param(pattern, parts.uri.path(), &self.name) {
-            Some(value) => Ok(Some(LockKey::new(value))),
-            None => Err(KeyRejection::missing(format_args!(
-                "path parameter `{}`",
-                self.name
-            ))),
-        }
+        let what = format!("path parameter `{}`", self.name);
+        let params = path_params(parts, self.pattern.as_ref(), &what)?;
+        Ok(Some(LockKey::new(params.get(&self.name)?)))
     }
-}
-
-/// Finds parameter `name` of `pattern` in `path`, percent-decoded.
-pub(crate) fn path_param<'p>(pattern: &str, path: &'p str, name: &str) -> Option<Cow<'p, [u8]>> {
-    let mut rest = path.strip_prefix('/').unwrap_or(path);
-    for pattern_segment in pattern.strip_prefix('/').unwrap_or(pattern).split('/') {
-        let (segment, after) = rest.split_once('/').unwrap_or((rest, ""));
-        if let Some(param) = pattern_segment
-            .strip_prefix("{*")
-            .and_then(|p| p.strip_suffix('}'))
-            .or_else(|| pattern_segment.strip_prefix("*"))
-        {
-            return (param == name && !rest.is_empty()).then(|| percent_decode_str(rest).into());
-        }
-        let param = pattern_segment
-            .strip_prefix('{')
-            .and_then(|p| p.strip_suffix('}'))
-            .or_else(|| pattern_segment.strip_prefix(':'));
-        if param == Some(name) {
-            return (!segment.is_empty()).then(|| percent_decode_str(segment).into());
-        }
-        rest = after;
-    }
-    None
 }
 
 /// Locks every request on one constant key: one request at a time for the whole route.
@@ -295,8 +305,8 @@ mod tests {
             key(&id, "/accounts/a%20b/deposit").unwrap(),
             Some("a%20b".into())
         );
-        let old_style = PathParam::with_pattern("/accounts/:id", "id");
-        assert_eq!(key(&old_style, "/accounts/7").unwrap(), Some("7".into()));
+        let version = PathParam::with_pattern("/files/v{version}", "version");
+        assert_eq!(key(&version, "/files/v2").unwrap(), Some("2".into()));
         let rest = PathParam::with_pattern("/files/{*path}", "path");
         assert_eq!(
             key(&rest, "/files/a/b.txt").unwrap(),

@@ -1,0 +1,328 @@
+//! Route patterns: the one grammar `PathParam` and key templates read, and where the values of
+//! path parameters come from at request time.
+//!
+//! The grammar is axum 0.8's, which is matchit 0.8's plus axum's own checks: a pattern starts
+//! with `/`; a parameter is `{name}`, after optional static text in its segment
+//! (`/files/v{version}`) and ending the segment; a catch-all `{*name}` ends the pattern; `{{` and
+//! `}}` are literal braces; no segment starts with `:` or `*` (axum 0.7's syntax, which axum 0.8
+//! refuses). Matching is matchit's own, so a pattern matches exactly the paths axum routes to it.
+//!
+//! At request time the values of path parameters come, in this order, from:
+//!
+//! 1. the route a [`LockRoutes`](crate::LockRoutes) table matched (its own pattern wins over any
+//!    router around it);
+//! 2. with the `axum` feature, the values axum's router extracted (`RawPathParams`), whenever
+//!    axum's `MatchedPath` is present: right under nesting, since axum strips the nest prefix from
+//!    the URI but not from the pattern;
+//! 3. the pattern given to the extractor, matched against the URI path.
+
+use std::sync::Arc;
+
+use http::request::Parts;
+use percent_encoding::percent_decode_str;
+
+use super::KeyRejection;
+
+/// A route pattern axum would accept, compiled for matching.
+#[derive(Clone)]
+pub(crate) struct Pattern {
+    text: Arc<str>,
+    params: Box<[Box<str>]>,
+    matcher: matchit::Router<()>,
+}
+
+impl std::fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Pattern").field(&self.text).finish()
+    }
+}
+
+impl Pattern {
+    /// Compiles `pattern`, or says why axum would refuse it.
+    pub(crate) fn parse(pattern: &str) -> Result<Self, String> {
+        let params = pattern_params(pattern)?;
+        let mut matcher = matchit::Router::new();
+        matcher
+            .insert(pattern, ())
+            .map_err(|error| error.to_string())?;
+        Ok(Self {
+            text: pattern.into(),
+            params: params.into_iter().map(Into::into).collect(),
+            matcher,
+        })
+    }
+
+    /// The pattern text.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The parameter names, in order.
+    pub(crate) fn params(&self) -> impl Iterator<Item = &str> {
+        self.params.iter().map(|p| &**p)
+    }
+
+    /// The parameters of `path`, percent-decoded, when the pattern matches it.
+    pub(crate) fn matches(&self, path: &str) -> Option<PathParams> {
+        let matched = self.matcher.at(path).ok()?;
+        Some(PathParams::from_raw(matched.params.iter()))
+    }
+}
+
+/// Whether axum 0.8 would accept `pattern` as a route; the error says why not. For
+/// `LockRoutes::route`, which must refuse at build time every pattern that could never match
+/// (or would match differently in axum).
+#[allow(dead_code)] // Until `LockRoutes::route` calls it.
+pub(crate) fn check_pattern(pattern: &str) -> Result<(), String> {
+    Pattern::parse(pattern).map(drop)
+}
+
+/// The parameter names of `pattern`, or why axum 0.8 would refuse it (matchit's own insert
+/// checks the rest).
+///
+/// Refused: an empty pattern, one without a leading `/`, a `?` or `#` (they never reach the path),
+/// a segment starting with `:` or `*` (axum 0.7 syntax, read literally by matchit 0.8), unbalanced
+/// or empty braces, a parameter followed by more text in its segment, a catch-all that is not
+/// last. Two parameters of one name are refused too.
+fn pattern_params(pattern: &str) -> Result<Vec<&str>, String> {
+    if pattern.is_empty() {
+        return Err("a route pattern must start with `/`; use `/` for the root".into());
+    }
+    if !pattern.starts_with('/') {
+        return Err("a route pattern must start with `/`".into());
+    }
+    if let Some(c) = pattern.chars().find(|c| matches!(c, '?' | '#')) {
+        return Err(format!(
+            "a route pattern cannot contain `{c}`: it is never part of a request's path"
+        ));
+    }
+    for segment in pattern.split('/') {
+        if segment.starts_with(':') {
+            return Err(format!(
+                "segment `{segment}` starts with `:`; write a parameter as `{{name}}`"
+            ));
+        }
+        if segment.starts_with('*') {
+            return Err(format!(
+                "segment `{segment}` starts with `*`; write a catch-all as `{{*name}}`"
+            ));
+        }
+    }
+    let bytes = pattern.as_bytes();
+    let mut params: Vec<&str> = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            b'{' if bytes.get(at + 1) == Some(&b'{') => at += 2,
+            b'}' if bytes.get(at + 1) == Some(&b'}') => at += 2,
+            b'}' => {
+                return Err(format!(
+                    "unmatched `}}` at byte {at}; write `}}}}` for a literal `}}`"
+                ));
+            }
+            b'{' => {
+                let Some(len) = pattern[at + 1..].find('}') else {
+                    return Err(format!("unclosed `{{` at byte {at}"));
+                };
+                let inner = &pattern[at + 1..at + 1 + len];
+                let end = at + 1 + len + 1;
+                let (name, catch_all) = match inner.strip_prefix('*') {
+                    Some(name) => (name, true),
+                    None => (inner, false),
+                };
+                if name.is_empty() || name.contains(['{', '*', '/']) {
+                    return Err(format!("invalid parameter `{{{inner}}}` at byte {at}"));
+                }
+                if catch_all && end != bytes.len() {
+                    return Err(format!("the catch-all `{{{inner}}}` must end the pattern"));
+                }
+                if end != bytes.len() && bytes[end] != b'/' {
+                    return Err(format!(
+                        "the parameter `{{{inner}}}` must end its segment (axum allows text \
+                         before a parameter, not after it)"
+                    ));
+                }
+                if params.contains(&name) {
+                    return Err(format!("the parameter `{name}` appears twice"));
+                }
+                params.push(name);
+                at = end;
+            }
+            _ => at += 1,
+        }
+    }
+    Ok(params)
+}
+
+/// Path parameters of a matched request, percent-decoded to bytes.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PathParams(Vec<(Box<str>, Vec<u8>)>);
+
+impl PathParams {
+    /// From raw (percent-encoded) `(name, value)` pairs, as matchit gives them.
+    pub(crate) fn from_raw<'a>(raw: impl Iterator<Item = (&'a str, &'a str)>) -> Self {
+        Self(
+            raw.map(|(name, value)| (name.into(), percent_decode_str(value).collect()))
+                .collect(),
+        )
+    }
+
+    /// The value of parameter `name`. An empty value counts as missing.
+    pub(crate) fn get(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(n, _)| **n == *name)
+            .map(|(_, v)| &v[..])
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// What a [`LockRoutes`](crate::LockRoutes) table matched; put in the request's extensions only
+/// while its key is extracted.
+#[derive(Clone, Debug)]
+pub(crate) struct TableMatch {
+    pub(crate) pattern: Arc<str>,
+    pub(crate) params: PathParams,
+}
+
+/// The route pattern of the request: the table's, axum's `MatchedPath`, or `own`.
+pub(crate) fn route_pattern<'a>(parts: &'a Parts, own: Option<&'a Pattern>) -> Option<&'a str> {
+    if let Some(table) = parts.extensions.get::<TableMatch>() {
+        return Some(&table.pattern);
+    }
+    #[cfg(feature = "axum")]
+    if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
+        return Some(matched.as_str());
+    }
+    own.map(Pattern::as_str)
+}
+
+/// Where a request's path parameters come from (see the module docs).
+pub(crate) enum ParamSource<'a> {
+    /// The table's match, or the pattern's own match of the path.
+    Borrowed(&'a PathParams),
+    /// Values read from the router (axum) or matched now.
+    Owned(PathParams),
+    /// The path does not match the extractor's own pattern.
+    NoMatch,
+}
+
+impl ParamSource<'_> {
+    /// The value of `name`, or the 400 for it.
+    pub(crate) fn get(&self, name: &str) -> Result<&[u8], KeyRejection> {
+        let params = match self {
+            Self::Borrowed(params) => *params,
+            Self::Owned(params) => params,
+            Self::NoMatch => return Err(missing(name)),
+        };
+        params.get(name).ok_or_else(|| missing(name))
+    }
+}
+
+fn missing(name: &str) -> KeyRejection {
+    KeyRejection::missing(format_args!("path parameter `{name}`"))
+}
+
+/// The path parameters of the request (see the module docs); `what` names the placeholder or
+/// extractor in the rejection when no pattern is known at all.
+pub(crate) fn path_params<'a>(
+    parts: &'a Parts,
+    own: Option<&Pattern>,
+    what: &str,
+) -> Result<ParamSource<'a>, KeyRejection> {
+    if let Some(table) = parts.extensions.get::<TableMatch>() {
+        return Ok(ParamSource::Borrowed(&table.params));
+    }
+    #[cfg(feature = "axum")]
+    if let Some(params) = axum_params(parts)? {
+        return Ok(ParamSource::Owned(params));
+    }
+    match own {
+        Some(pattern) => Ok(match pattern.matches(parts.uri.path()) {
+            Some(params) => ParamSource::Owned(params),
+            None => ParamSource::NoMatch,
+        }),
+        None => Err(KeyRejection::new(format!(
+            "no route pattern is known for {what}; give one with `with_pattern`, or add the \
+             layer with axum's `route_layer`"
+        ))),
+    }
+}
+
+/// The values axum's router extracted, when the request went through an axum route.
+#[cfg(feature = "axum")]
+fn axum_params(parts: &Parts) -> Result<Option<PathParams>, KeyRejection> {
+    use axum::extract::rejection::RawPathParamsRejection;
+    use axum::extract::{FromRequestParts, MatchedPath, RawPathParams};
+    use futures_util::FutureExt;
+
+    if parts.extensions.get::<MatchedPath>().is_none() {
+        return Ok(None);
+    }
+    // `RawPathParams` reads axum's private params extension through `&mut Parts`: give it a
+    // scratch head carrying only the extensions. Its future never waits.
+    let mut scratch = http::Request::new(()).into_parts().0;
+    scratch.extensions = parts.extensions.clone();
+    match RawPathParams::from_request_parts(&mut scratch, &()).now_or_never() {
+        Some(Ok(raw)) => Ok(Some(PathParams(
+            raw.iter()
+                .map(|(name, value)| (name.into(), value.as_bytes().to_vec()))
+                .collect(),
+        ))),
+        Some(Err(RawPathParamsRejection::InvalidUtf8InPathParam(_))) => Err(KeyRejection::new(
+            "a path parameter is not valid UTF-8 once percent-decoded",
+        )),
+        // A route without parameters.
+        Some(Err(_)) => Ok(Some(PathParams::default())),
+        None => Err(KeyRejection::new(
+            "the route's path parameters are not ready",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_patterns_give_their_parameters() {
+        assert_eq!(pattern_params("/").unwrap(), Vec::<&str>::new());
+        assert_eq!(pattern_params("/accounts/{id}/{op}").unwrap(), ["id", "op"]);
+        assert_eq!(pattern_params("/files/v{version}").unwrap(), ["version"]);
+        assert_eq!(pattern_params("/files/{*rest}").unwrap(), ["rest"]);
+        assert_eq!(pattern_params("/{{lit}}/{id}").unwrap(), ["id"]);
+        assert!(check_pattern("/files/v{version}").is_ok());
+    }
+
+    #[test]
+    fn patterns_axum_refuses_are_refused() {
+        for pattern in [
+            "",
+            "*",
+            "accounts/{id}",
+            "/accounts/:id",
+            "/a/*rest",
+            "/a?x=1",
+            "/a#b",
+            "/{}",
+            "/{*}",
+            "/{id",
+            "/id}",
+            "/{id}.json",
+            "/{*rest}/more",
+            "/{id}/{id}",
+        ] {
+            assert!(check_pattern(pattern).is_err(), "{pattern:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn matching_is_matchits_and_values_are_decoded_bytes() {
+        let pattern = Pattern::parse("/files/v{version}/{*rest}").unwrap();
+        let params = pattern.matches("/files/v2/a%2Fb/c%FF").unwrap();
+        assert_eq!(params.get("version"), Some(&b"2"[..]));
+        assert_eq!(params.get("rest"), Some(&b"a/b/c\xff"[..]));
+        assert!(pattern.matches("/files/2/x").is_none());
+    }
+}
