@@ -42,7 +42,7 @@ use tower_service::Service;
 use crate::backend::LockBackend;
 use crate::body::LockBody;
 use crate::future::ResponseFuture;
-use crate::key::pattern::{PathParams, TableMatch};
+use crate::key::pattern::{Pattern, TableMatch};
 use crate::key::{KeyExtractor, TemplateError};
 use crate::layer::{Core, LockLayer};
 use crate::policy::{LockPolicy, PolicyKey};
@@ -56,7 +56,7 @@ pub struct LockRoutes<B> {
 
 struct Route<B> {
     pattern: Arc<str>,
-    matcher: matchit::Router<()>,
+    matcher: Pattern,
     key: PolicyKey,
     core: Arc<Core<B>>,
 }
@@ -161,11 +161,7 @@ impl<B: LockBackend> LockRoutes<B> {
             pattern: pattern.to_owned(),
             message,
         };
-        check_pattern(pattern).map_err(refuse)?;
-        let mut matcher = matchit::Router::new();
-        matcher
-            .insert(pattern, ())
-            .map_err(|error| refuse(insert_error_message(&error)))?;
+        let matcher = Pattern::parse(pattern).map_err(refuse)?;
         let key = policy.key_extractor().clone().for_pattern(pattern)?;
         let layer = policy.apply(self.base.clone().with_extractor(key.clone()));
         Arc::make_mut(&mut self.routes).push(Route {
@@ -175,90 +171,6 @@ impl<B: LockBackend> LockRoutes<B> {
             core: layer.core().clone(),
         });
         Ok(self)
-    }
-}
-
-/// Refuses a route pattern that no request can match: the patterns axum 0.8 refuses
-/// (`validate_path` and its v0.7 checks; matchit's own errors are checked at insertion), and
-/// literal text that a request path (`http::Uri::path`) never contains.
-fn check_pattern(pattern: &str) -> Result<(), String> {
-    if pattern.is_empty() {
-        return Err("a pattern must start with `/`; write `/` for the root".into());
-    }
-    // axum 0.8: a segment starting with `:` or `*` is the 0.7 syntax, which matchit 0.8 would
-    // match literally (`/accounts/:id` matches only the path `/accounts/:id`).
-    for (index, segment) in pattern.split('/').enumerate() {
-        // The first segment of a pattern without its leading `/`: the fix needs one too.
-        let slash = if index == 0 { "/" } else { "" };
-        if let Some(name) = segment.strip_prefix(':') {
-            let fix = if name.is_empty() { "name" } else { name };
-            return Err(format!(
-                "write `{slash}{{{fix}}}`, not `:{name}`: axum 0.8 refuses this 0.7 syntax, and \
-                 matchit would match `:{name}` only as literal text"
-            ));
-        }
-        if let Some(name) = segment.strip_prefix('*') {
-            let fix = if name.is_empty() { "rest" } else { name };
-            return Err(format!(
-                "write `{slash}{{*{fix}}}`, not `*{name}`: axum 0.8 refuses this 0.7 syntax, and \
-                 matchit would match `*{name}` only as literal text"
-            ));
-        }
-    }
-    if !pattern.starts_with('/') {
-        return Err("a pattern must start with `/`, as every request path does".into());
-    }
-    // The literal text (outside `{param}`; `{{` and `}}` are literal braces).
-    let mut chars = pattern.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '{' | '}' if chars.peek() == Some(&c) => {
-                chars.next();
-            }
-            '{' => {
-                // A parameter: its name is not path text (matchit checks its syntax).
-                for c in chars.by_ref() {
-                    if c == '}' {
-                        break;
-                    }
-                }
-            }
-            '?' => {
-                return Err(concat!(
-                    "the query string is not part of the path: drop `?…` from the pattern ",
-                    "and key on `{query.NAME}` instead"
-                )
-                .into());
-            }
-            '#' => {
-                return Err("a fragment (`#…`) is never sent to the server: drop it".into());
-            }
-            c if c.is_ascii_control() || c == ' ' || matches!(c, '<' | '>' | '`') => {
-                return Err(format!(
-                    "a request path never contains {c:?}: it arrives percent-encoded \
-                     (write `%{:02X}`)",
-                    u32::from(c)
-                ));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// matchit's insertion errors, said with the fix.
-fn insert_error_message(error: &matchit::InsertError) -> String {
-    match error {
-        matchit::InsertError::InvalidParam => "a parameter needs a name and matching braces, \
-             `{name}` or `{*name}` (write `{{` and `}}` for literal braces)"
-            .into(),
-        matchit::InsertError::InvalidParamSegment => "only one parameter per segment, after any \
-             static text: `/files/v{version}`, not `/files/{name}.json`"
-            .into(),
-        matchit::InsertError::InvalidCatchAll => {
-            "a catch-all `{*name}` must be the whole last segment, at the end of the pattern".into()
-        }
-        other => other.to_string(),
     }
 }
 
@@ -320,8 +232,7 @@ where
             if !route.key.applies_to(&parts.method) {
                 return None;
             }
-            let matched = route.matcher.at(parts.uri.path()).ok()?;
-            Some((route, PathParams::from_raw(matched.params.iter())))
+            Some((route, route.matcher.matches(parts.uri.path())?))
         });
         let (core, key) = match matched {
             Some((route, params)) => {

@@ -40,11 +40,12 @@ impl std::fmt::Debug for Pattern {
 impl Pattern {
     /// Compiles `pattern`, or says why axum would refuse it.
     pub(crate) fn parse(pattern: &str) -> Result<Self, String> {
+        refuse_unmatchable(pattern)?;
         let params = pattern_params(pattern)?;
         let mut matcher = matchit::Router::new();
         matcher
             .insert(pattern, ())
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| insert_error_message(&error))?;
         Ok(Self {
             text: pattern.into(),
             params: params.into_iter().map(Into::into).collect(),
@@ -69,12 +70,94 @@ impl Pattern {
     }
 }
 
-/// Whether axum 0.8 would accept `pattern` as a route; the error says why not. For
-/// `LockRoutes::route`, which must refuse at build time every pattern that could never match
-/// (or would match differently in axum).
-#[allow(dead_code)] // Until `LockRoutes::route` calls it.
+/// Whether axum 0.8 would accept `pattern` as a route; the error says why not.
+#[cfg(test)]
 pub(crate) fn check_pattern(pattern: &str) -> Result<(), String> {
     Pattern::parse(pattern).map(drop)
+}
+
+/// Refuses, with the fix, a route pattern that no request can match: the patterns axum 0.8 refuses
+/// (`validate_path` and its v0.7 checks; matchit's own errors are checked at insertion), and
+/// literal text that a request path (`http::Uri::path`) never contains.
+fn refuse_unmatchable(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("a pattern must start with `/`; write `/` for the root".into());
+    }
+    // axum 0.8: a segment starting with `:` or `*` is the 0.7 syntax, which matchit 0.8 would
+    // match literally (`/accounts/:id` matches only the path `/accounts/:id`).
+    for (index, segment) in pattern.split('/').enumerate() {
+        // The first segment of a pattern without its leading `/`: the fix needs one too.
+        let slash = if index == 0 { "/" } else { "" };
+        if let Some(name) = segment.strip_prefix(':') {
+            let fix = if name.is_empty() { "name" } else { name };
+            return Err(format!(
+                "write `{slash}{{{fix}}}`, not `:{name}`: axum 0.8 refuses this 0.7 syntax, and \
+                 matchit would match `:{name}` only as literal text"
+            ));
+        }
+        if let Some(name) = segment.strip_prefix('*') {
+            let fix = if name.is_empty() { "rest" } else { name };
+            return Err(format!(
+                "write `{slash}{{*{fix}}}`, not `*{name}`: axum 0.8 refuses this 0.7 syntax, and \
+                 matchit would match `*{name}` only as literal text"
+            ));
+        }
+    }
+    if !pattern.starts_with('/') {
+        return Err("a pattern must start with `/`, as every request path does".into());
+    }
+    // The literal text (outside `{param}`; `{{` and `}}` are literal braces).
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' | '}' if chars.peek() == Some(&c) => {
+                chars.next();
+            }
+            '{' => {
+                // A parameter: its name is not path text (matchit checks its syntax).
+                for c in chars.by_ref() {
+                    if c == '}' {
+                        break;
+                    }
+                }
+            }
+            '?' => {
+                return Err(concat!(
+                    "the query string is not part of the path: drop `?…` from the pattern ",
+                    "and key on `{query.NAME}` instead"
+                )
+                .into());
+            }
+            '#' => {
+                return Err("a fragment (`#…`) is never sent to the server: drop it".into());
+            }
+            c if c.is_ascii_control() || c == ' ' || matches!(c, '<' | '>' | '`') => {
+                return Err(format!(
+                    "a request path never contains {c:?}: it arrives percent-encoded \
+                     (write `%{:02X}`)",
+                    u32::from(c)
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// matchit's insertion errors, said with the fix.
+fn insert_error_message(error: &matchit::InsertError) -> String {
+    match error {
+        matchit::InsertError::InvalidParam => "a parameter needs a name and matching braces, \
+             `{name}` or `{*name}` (write `{{` and `}}` for literal braces)"
+            .into(),
+        matchit::InsertError::InvalidParamSegment => "only one parameter per segment, after any \
+             static text: `/files/v{version}`, not `/files/{name}.json`"
+            .into(),
+        matchit::InsertError::InvalidCatchAll => {
+            "a catch-all `{*name}` must be the whole last segment, at the end of the pattern".into()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The parameter names of `pattern`, or why axum 0.8 would refuse it (matchit's own insert
