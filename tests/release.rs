@@ -74,10 +74,11 @@ async fn lease_lost_mid_body_ends_the_body_with_an_error<F: Fixture>() {
     let fixture = F::start().await;
     let handler = tower::service_fn(|_req: Request<String>| async {
         let chunks = futures_util::stream::unfold(0, |i| async move {
-            if i == 10 {
+            // Long enough (10 s) that the renewal notices the loss well before the end.
+            if i == 200 {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             let frame = http_body::Frame::data(Bytes::from(format!("chunk {i}\n")));
             Some((Ok::<_, Infallible>(frame), i + 1))
         });
@@ -97,7 +98,7 @@ async fn lease_lost_mid_body_ends_the_body_with_an_error<F: Fixture>() {
     let body = tokio::spawn(response.into_body().collect());
     tokio::time::sleep(Duration::from_millis(150)).await;
     fixture.delete(&name).await;
-    let collected = tokio::time::timeout(Duration::from_secs(5), body)
+    let collected = tokio::time::timeout(Duration::from_secs(20), body)
         .await
         .expect("the body did not end")
         .unwrap();
