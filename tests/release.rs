@@ -177,8 +177,52 @@ async fn background_release_returns_before_the_release_completes<F: Fixture>() {
     until_held(&fixture, 0).await;
 }
 
+/// With the release gated: a held-through body does not end before its release has completed
+/// (deterministic on both backends), unless `release_in_background` is set.
+async fn held_body_ends_after_its_release_unless_in_background<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = GatedRelease {
+        inner: fixture.backend(),
+        gate: gate.clone(),
+    };
+    let service = |background: bool| {
+        ServiceBuilder::new()
+            .layer(
+                LockLayer::new(backend.clone(), Header::new("x-key"))
+                    .namespace(NS)
+                    .release_timeout(Duration::from_secs(30))
+                    .hold_through_body(true)
+                    .release_in_background(background),
+            )
+            .service(tower::service_fn(|_req: Request<String>| async {
+                Ok::<_, Infallible>(Response::new(String::from("body")))
+            }))
+    };
+    for background in [false, true] {
+        let response = service(background)
+            .oneshot(request("k").body(String::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = tokio::spawn(response.into_body().collect());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            body.is_finished(),
+            background,
+            "release_in_background = {background}"
+        );
+        assert_eq!(fixture.held().await, 1, "the release has not run yet");
+        gate.add_permits(1);
+        let body = body.await.unwrap().unwrap().to_bytes();
+        assert_eq!(body, "body");
+        until_held(&fixture, 0).await;
+    }
+}
+
 suite!(
     hold_through_body_releases_before_the_body_ends,
+    held_body_ends_after_its_release_unless_in_background,
     lease_lost_mid_body_ends_the_body_with_an_error,
     background_release_returns_before_the_release_completes,
 );
