@@ -199,7 +199,7 @@ where
         .get(header::RETRY_AFTER)
         .map(|value| format!(", Retry-After: {}", value.to_str().unwrap_or("?")))
         .unwrap_or_default();
-    let body = response.into_body().collect().await.map_err(Into::into)?;
+    let body = response.into_body().collect().await?;
     let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
     println!("{label}:\n    {status}{retry_after}\n    {body}");
     Ok(())

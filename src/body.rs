@@ -1,22 +1,78 @@
 //! The response body of a locked service: the inner body, or a rejection's problem+json.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::task::JoinHandle;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
-/// Something dropped when the body finishes: the lock guard in hold-through-body mode.
-pub(crate) type BodyGuard = Box<dyn Send + Sync>;
+/// The error type of [`LockBody`]: the inner body's error, or the lease lost mid-body under
+/// [`LeaseLostPolicy::Abort`](crate::LeaseLostPolicy::Abort).
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A held lock, type-erased so that the body does not name the backend.
+pub(crate) trait HeldLock: Send + Sync {
+    /// Starts the compare-and-delete (bounded by the release timeout) on the lock's runtime; the
+    /// handle completes once it has finished (or failed, or timed out), after it was reported.
+    fn release(self: Box<Self>) -> JoinHandle<()>;
+}
+
+/// The lock a hold-through-body response carries until its last frame.
+pub(crate) struct BodyLock {
+    held: Box<dyn HeldLock>,
+    /// Under `Abort`: completes when the lease is lost.
+    lost: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Release in the background (`release_in_background`) instead of before the end.
+    background: bool,
+}
+
+impl BodyLock {
+    pub(crate) fn new(
+        held: Box<dyn HeldLock>,
+        lost: Option<WaitForCancellationFutureOwned>,
+        background: bool,
+    ) -> Self {
+        Self {
+            held,
+            lost: lost.map(Box::pin),
+            background,
+        }
+    }
+}
+
+/// The error a held-through body ends with when its lease is lost under `Abort`: the client must
+/// not take the truncated body for a complete one.
+#[derive(Debug)]
+struct LeaseLostMidBody;
+
+impl std::fmt::Display for LeaseLostMidBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the lock's lease was lost while the response body was being sent")
+    }
+}
+
+impl std::error::Error for LeaseLostMidBody {}
 
 pin_project! {
     /// The body of every response of a [`LockService`](crate::LockService).
     ///
-    /// Either the inner service's body, unchanged (and, in hold-through-body mode, holding the lock
-    /// until it is fully sent or dropped), or the problem+json body of a rejection. Its `Data` is
-    /// the inner body's, which must be constructible from [`Bytes`] — true for axum's `Body`,
-    /// hyper's `Full<Bytes>`, `String`-free `http-body-util` bodies and most others.
+    /// Either the inner service's body, unchanged, or the problem+json body of a rejection. In
+    /// hold-through-body mode it holds the lock until the body is fully sent or dropped: the
+    /// compare-and-delete completes *before* the body reports its end (before its last data
+    /// frame when the inner body knows it is the last, else before the end of the stream), so a
+    /// client that reads the whole body and sends its next same-key request never meets its own
+    /// lock (unless [`release_in_background`](crate::LockLayer::release_in_background) is set).
+    /// Under [`LeaseLostPolicy::Abort`](crate::LeaseLostPolicy::Abort), a lease lost while the
+    /// body streams ends the body with an error, never with a clean (truncated) end.
+    ///
+    /// Its `Data` is the inner body's, which must be constructible from [`Bytes`] — true for
+    /// axum's `Body`, hyper's `Full<Bytes>`, `String`-free `http-body-util` bodies and most
+    /// others. Its `Error` is a `Box<dyn Error + Send + Sync>` (the inner body's error, boxed, or
+    /// the lost lease), which axum and hyper accept.
     pub struct LockBody<B> {
         #[pin]
         kind: Kind<B>,
@@ -29,7 +85,13 @@ pin_project! {
         Inner {
             #[pin]
             body: B,
-            guard: Option<BodyGuard>,
+            lock: Option<BodyLock>,
+            // The release in flight, and the frame (or end, `None`) held back until it is done.
+            releasing: Option<JoinHandle<()>>,
+            // (As `Bytes`: the struct does not bound `B`; a zero-copy move for `Bytes` data.)
+            held_back: Option<Option<Frame<Bytes>>>,
+            // The body ended with an error: nothing more to send.
+            failed: bool,
         },
         Rejection {
             data: Option<Bytes>,
@@ -39,16 +101,21 @@ pin_project! {
 
 impl<B> LockBody<B> {
     pub(crate) fn inner(body: B) -> Self {
-        Self {
-            kind: Kind::Inner { body, guard: None },
-        }
+        Self::with_lock(body, None)
     }
 
-    pub(crate) fn holding(body: B, guard: BodyGuard) -> Self {
+    pub(crate) fn holding(body: B, lock: BodyLock) -> Self {
+        Self::with_lock(body, Some(lock))
+    }
+
+    fn with_lock(body: B, lock: Option<BodyLock>) -> Self {
         Self {
             kind: Kind::Inner {
                 body,
-                guard: Some(guard),
+                lock,
+                releasing: None,
+                held_back: None,
+                failed: false,
             },
         }
     }
@@ -63,9 +130,11 @@ impl<B> LockBody<B> {
 impl<B> std::fmt::Debug for LockBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
-            Kind::Inner { guard, .. } => f
+            Kind::Inner {
+                lock, releasing, ..
+            } => f
                 .debug_struct("LockBody::Inner")
-                .field("holds_lock", &guard.is_some())
+                .field("holds_lock", &(lock.is_some() || releasing.is_some()))
                 .finish_non_exhaustive(),
             Kind::Rejection { data } => f
                 .debug_struct("LockBody::Rejection")
@@ -79,23 +148,84 @@ impl<B> Body for LockBody<B>
 where
     B: Body,
     B::Data: From<Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         match self.project().kind.project() {
-            KindProj::Inner { body, guard } => {
-                let frame = std::task::ready!(body.poll_frame(cx));
-                if !matches!(frame, Some(Ok(_))) {
-                    // End of stream or a body error: the response is over, release now.
-                    guard.take();
+            KindProj::Inner {
+                mut body,
+                lock,
+                releasing,
+                held_back,
+                failed,
+            } => loop {
+                if let Some(handle) = releasing {
+                    // A failed or cancelled release was reported (or the runtime is gone and the
+                    // lock expires with its TTL): either way the body may end now.
+                    let _ = ready!(Pin::new(handle).poll(cx));
+                    *releasing = None;
                 }
-                Poll::Ready(frame)
-            }
+                if let Some(frame) = held_back.take() {
+                    return Poll::Ready(frame.map(|frame| Ok(frame.map_data(B::Data::from))));
+                }
+                if *failed {
+                    return Poll::Ready(None);
+                }
+                if let Some(held) = lock
+                    && let Some(lost) = held.lost.as_mut()
+                    && lost.as_mut().poll(cx).is_ready()
+                {
+                    // Abort: the lease is gone. Release (compare-and-delete never touches a new
+                    // holder's lock) in the background and fail the body.
+                    if let Some(held) = lock.take() {
+                        drop(held.held.release());
+                    }
+                    *failed = true;
+                    return Poll::Ready(Some(Err(Box::new(LeaseLostMidBody))));
+                }
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                let last = match &frame {
+                    // The inner body knows this data frame is its last: release before it is
+                    // sent, since a client that knows the length stops reading here.
+                    Some(Ok(frame)) => frame.is_data() && body.is_end_stream(),
+                    None => true,
+                    Some(Err(_)) => {
+                        // The response is broken: release now, in the background.
+                        if let Some(held) = lock.take() {
+                            drop(held.held.release());
+                        }
+                        *failed = true;
+                        false
+                    }
+                };
+                let frame = match frame {
+                    Some(Ok(frame)) => Some(frame),
+                    None => None,
+                    Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
+                };
+                match lock.take() {
+                    Some(held) if last => {
+                        let handle = held.held.release();
+                        if !held.background {
+                            *releasing = Some(handle);
+                        }
+                        *held_back =
+                            Some(frame.map(|frame| {
+                                frame.map_data(|mut d| d.copy_to_bytes(d.remaining()))
+                            }));
+                    }
+                    other => {
+                        *lock = other;
+                        return Poll::Ready(frame.map(Ok));
+                    }
+                }
+            },
             KindProj::Rejection { data } => {
                 Poll::Ready(data.take().map(|data| Ok(Frame::data(data.into()))))
             }
@@ -104,14 +234,42 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body, .. } => body.is_end_stream(),
+            // Not over while the lock is held or its release is in flight: the caller must poll
+            // once more, and that poll completes the release.
+            Kind::Inner {
+                body,
+                lock,
+                releasing,
+                held_back,
+                failed,
+            } => {
+                *failed
+                    || (lock.is_none()
+                        && releasing.is_none()
+                        && held_back.is_none()
+                        && body.is_end_stream())
+            }
             Kind::Rejection { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body, .. } => body.size_hint(),
+            Kind::Inner {
+                body, held_back, ..
+            } => {
+                let held = match held_back {
+                    Some(Some(frame)) => frame.data_ref().map_or(0, |d| d.len() as u64),
+                    _ => 0,
+                };
+                let inner = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(held));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(held));
+                }
+                hint
+            }
             Kind::Rejection { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

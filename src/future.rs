@@ -16,7 +16,7 @@ use crate::backend::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, LockBackend, LockToken,
     Release,
 };
-use crate::body::LockBody;
+use crate::body::{BodyLock, LockBody};
 use crate::guard::{AcquireCleanup, LockGuard, report_release};
 use crate::key::{KeyRejection, LockKey};
 use crate::layer::{Core, LeaseLostPolicy};
@@ -136,12 +136,25 @@ where
                         }),
                     }
                 }
-                Err(_) => State::Rejected {
-                    rejection: Some(Rejection::BackendUnavailable(BackendError::new(
+                Err(_) => {
+                    let error = BackendError::new(
                         BackendErrorKind::Unavailable,
                         "no Tokio runtime to run the lock backend on",
-                    ))),
-                },
+                    );
+                    if core.config.fail_open {
+                        tracing::warn!(%error, "calling the service unlocked (fail-open)");
+                        State::Calling {
+                            future: inner.call(request),
+                            guard: None,
+                            lost: None,
+                        }
+                    } else {
+                        tracing::warn!(%error, "answering 503");
+                        State::Rejected {
+                            rejection: Some(Rejection::BackendUnavailable(error)),
+                        }
+                    }
+                }
             },
         };
         Self { core, span, state }
@@ -197,8 +210,14 @@ where
                     match output {
                         Ok(response) if core.config.hold_through_body => {
                             this.state.set(State::Done);
-                            let response =
-                                response.map(|body| LockBody::holding(body, Box::new(guard)));
+                            let lost = (core.config.lease_lost == LeaseLostPolicy::Abort)
+                                .then(|| guard.lease().lost_owned());
+                            let lock = BodyLock::new(
+                                Box::new(guard),
+                                lost,
+                                core.config.release_in_background,
+                            );
+                            let response = response.map(|body| LockBody::holding(body, lock));
                             return Poll::Ready(Ok(response));
                         }
                         output if core.config.release_in_background => {
@@ -220,7 +239,7 @@ where
                     let released = ready!(release.poll(cx));
                     if let Some(guard) = guard.take() {
                         report_release(
-                            guard.lease(),
+                            &guard.lease().label(),
                             released.map_err(|_| core.config.release_timeout),
                         );
                         guard.disarm();

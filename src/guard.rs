@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, Timeout};
 
 use crate::backend::{BackendError, BackendFuture, LockBackend, LockName, LockToken, Release};
+use crate::body::HeldLock;
 use crate::layer::Core;
 use crate::lease::LockLease;
 
@@ -59,19 +61,32 @@ impl<B: LockBackend> LockGuard<B> {
     }
 }
 
-impl<B: LockBackend> Drop for LockGuard<B> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
+impl<B: LockBackend> LockGuard<B> {
+    /// Ends the lease and spawns the release on the lock's runtime; disarmed.
+    fn spawn_release(&mut self) -> JoinHandle<()> {
+        self.armed = false;
         self.end();
         spawn_release(
             &self.core,
             &self.runtime,
             self.lease.name(),
             self.lease.token(),
-            Some(self.lease.clone()),
-        );
+            ReleaseOf::Lease(self.lease.clone()),
+        )
+    }
+}
+
+impl<B: LockBackend> HeldLock for LockGuard<B> {
+    fn release(mut self: Box<Self>) -> JoinHandle<()> {
+        self.spawn_release()
+    }
+}
+
+impl<B: LockBackend> Drop for LockGuard<B> {
+    fn drop(&mut self) {
+        if self.armed {
+            drop(self.spawn_release());
+        }
     }
 }
 
@@ -113,37 +128,87 @@ impl<B: LockBackend> AcquireCleanup<B> {
 impl<B: LockBackend> Drop for AcquireCleanup<B> {
     fn drop(&mut self) {
         if self.armed {
-            spawn_release(&self.core, &self.runtime, &self.name, self.token, None);
+            spawn_release(
+                &self.core,
+                &self.runtime,
+                &self.name,
+                self.token,
+                ReleaseOf::AbandonedAcquire(self.name.clone(), self.core.config.log_keys),
+            );
         }
     }
 }
 
-/// Spawns a compare-and-delete on `runtime`. The backend call is made here (no timer: this may
-/// run in a `Drop` outside the runtime) and awaited with the release timeout on the runtime. If
-/// the runtime is shutting down, the lock expires with its TTL.
+/// What a spawned release deletes, for its report.
+enum ReleaseOf {
+    /// A held lock.
+    Lease(LockLease),
+    /// Whatever an acquire whose outcome is unknown may have taken (and whether traces show keys).
+    AbandonedAcquire(LockName, bool),
+}
+
+/// Spawns a compare-and-delete on `runtime` and reports its outcome. The backend call is made
+/// here (no timer: this may run in a `Drop` outside the runtime) and awaited with the release
+/// timeout on the runtime. If the runtime is shutting down, the lock expires with its TTL (the
+/// handle then reports a cancelled task).
 fn spawn_release<B: LockBackend>(
     core: &Core<B>,
     runtime: &Handle,
     name: &LockName,
     token: LockToken,
-    lease: Option<LockLease>,
-) {
-    let release = core.backend.release(name, token);
+    of: ReleaseOf,
+) -> JoinHandle<()> {
     let timeout = core.config.release_timeout;
-    runtime.spawn(async move {
-        let outcome = tokio::time::timeout(timeout, release).await;
-        if let Some(lease) = lease {
-            report_release(&lease, outcome.map_err(|_| timeout));
+    let release = match of {
+        ReleaseOf::Lease(_) => core.backend.release(name, token),
+        ReleaseOf::AbandonedAcquire(..) => {
+            core.backend.release_abandoned(name, token, core.config.ttl)
         }
-    });
+    };
+    runtime.spawn(async move {
+        let outcome = tokio::time::timeout(timeout, release)
+            .await
+            .map_err(|_| timeout);
+        match of {
+            ReleaseOf::Lease(lease) => report_release(&lease.label(), outcome),
+            ReleaseOf::AbandonedAcquire(name, log_keys) => {
+                report_cleanup(&name.label(log_keys), outcome)
+            }
+        }
+    })
 }
 
-/// Traces what a release did.
+/// Traces (and counts the failures of) the clean-up of an acquire whose outcome is unknown.
+fn report_cleanup(lock: &str, outcome: Result<Result<Release, BackendError>, std::time::Duration>) {
+    match outcome {
+        Ok(Ok(Release::Released)) => {
+            tracing::debug!(%lock, "lock taken by an abandoned acquire released")
+        }
+        Ok(Ok(_)) => tracing::debug!(%lock, "abandoned acquire had taken no lock"),
+        Ok(Err(error)) => {
+            crate::telemetry::backend_error("release");
+            tracing::warn!(
+                %lock,
+                %error,
+                "clean-up release after an abandoned acquire failed; a lock it took expires with its TTL"
+            )
+        }
+        Err(after) => {
+            crate::telemetry::backend_error("release");
+            tracing::warn!(
+                %lock,
+                ?after,
+                "clean-up release after an abandoned acquire timed out; a lock it took expires with its TTL"
+            )
+        }
+    }
+}
+
+/// Traces what a release did (and counts its failures).
 pub(crate) fn report_release(
-    lease: &LockLease,
+    lock: &str,
     outcome: Result<Result<Release, BackendError>, std::time::Duration>,
 ) {
-    let lock = lease.label();
     match outcome {
         Ok(Ok(Release::Released)) => tracing::debug!(%lock, "lock released"),
         Ok(Ok(Release::Expired)) => {

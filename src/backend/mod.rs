@@ -49,6 +49,24 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
 
     /// Resets the expiry of `name` to `ttl` if (and only if) it still holds `token`.
     fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend>;
+
+    /// Cleans up after an acquire of `name` for `token` (with lease `ttl`) whose outcome is
+    /// unknown — it timed out, failed, or was dropped mid-flight — and may still reach the
+    /// backend later: deletes the lock if it holds `token`, like [`LockBackend::release`], and,
+    /// on backends where a late acquire can overtake this call (another connection), keeps that
+    /// acquire from taking the lock afterwards.
+    ///
+    /// The default is [`LockBackend::release`], right for backends where an acquire cannot land
+    /// after a later call (in-process ones).
+    fn release_abandoned(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        ttl: Duration,
+    ) -> BackendFuture<Release> {
+        let _ = ttl;
+        self.release(name, token)
+    }
 }
 
 /// How to acquire a lock. New fields arrive with defaults, so build it with [`AcquireOptions::new`].

@@ -12,10 +12,15 @@ use super::{
 };
 
 /// `SET NX PX`; on success bump the fencing counter (when ARGV[3] is 1), else report the holder's
-/// PTTL. One round trip.
+/// PTTL. One round trip. An acquire whose clean-up already ran (its tombstone KEYS[3] exists:
+/// it reached Redis after the clean-up, e.g. on a socket that broke while Redis was stalled)
+/// takes nothing; nobody waits for its answer.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {0, -3}
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == '1' then
     return {1, redis.call('INCR', KEYS[2])}
@@ -41,6 +46,35 @@ return 0
 ",
     )
 });
+
+/// The clean-up of an acquire whose outcome is unknown: compare-and-delete (1 released, 0 gone,
+/// -1 held by another token) and, when the lock was not ours, a tombstone (KEYS[2], for ARGV[2]
+/// ms) that keeps our acquire, should it still arrive, from taking the lock.
+static RELEASE_ABANDONED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+if holder then return -1 end
+return 0
+",
+    )
+});
+
+/// How long a tombstone outlives the clean-up that wrote it: an abandoned acquire that reaches
+/// Redis later than this (Redis stalled for longer) could still take the lock for one TTL.
+fn tombstone_ttl(ttl: Duration) -> Duration {
+    ttl.saturating_mul(10).max(Duration::from_secs(60))
+}
+
+/// The tombstone of `token`'s acquire of `name`: same hash tag, so the same Cluster slot.
+fn tombstone_key(name: &LockName, token: LockToken) -> String {
+    format!("{}:abandoned:{}", name.lock_key(), token.to_hex())
+}
 
 /// Compare-and-expire: 1 extended, 0 gone or held by another token.
 static EXTEND: LazyLock<Script> = LazyLock::new(|| {
@@ -87,21 +121,30 @@ impl RedisBackend {
 
     /// A backend for `url` (`redis://host:port/db`). The connection is opened lazily, on the first
     /// lock, and re-opened after failures, so this succeeds even while Redis is down.
+    ///
+    /// Called on a Tokio runtime, it also checks the eviction policy in the background, as
+    /// [`RedisBackend::connect`] does.
     pub fn from_url(url: &str) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
-        Ok(Self::new(
-            client.get_connection_manager_lazy(Self::config())?,
-        ))
+        let backend = Self::new(client.get_connection_manager_lazy(Self::config())?);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut connection = backend.connection.clone();
+            runtime.spawn(async move { warn_if_evicting(&mut connection).await });
+        }
+        Ok(backend)
     }
 
     /// Like [`RedisBackend::from_url`], but connects now and fails if Redis cannot be reached.
+    ///
+    /// Warns (through `tracing`) if Redis runs with a `maxmemory-policy` that evicts: `allkeys-*`
+    /// may evict fencing counters (handing out a token again) and locks, `volatile-*` locks.
     pub async fn connect(url: &str) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
-        Ok(Self::new(
-            client
-                .get_connection_manager_with_config(Self::config())
-                .await?,
-        ))
+        let mut connection = client
+            .get_connection_manager_with_config(Self::config())
+            .await?;
+        warn_if_evicting(&mut connection).await;
+        Ok(Self::new(connection))
     }
 
     /// The connection settings `from_url` and `connect` use: a short connect timeout and quick,
@@ -116,10 +159,49 @@ impl RedisBackend {
     }
 }
 
+/// Warns if Redis may evict our keys: fencing counters have no expiry, so an `allkeys-*` policy
+/// can drop one and hand out its tokens again; locks have one, so any evicting policy can drop a
+/// held lock. Errors (an ACL that denies
+/// `INFO`, a server not reachable yet) are ignored: this is advice, not a precondition.
+async fn warn_if_evicting(connection: &mut ConnectionManager) {
+    let Ok(info) = redis::cmd("INFO")
+        .arg("memory")
+        .query_async::<String>(connection)
+        .await
+    else {
+        return;
+    };
+    let policy = info
+        .lines()
+        .find_map(|line| line.strip_prefix("maxmemory_policy:"))
+        .map(str::trim);
+    match policy {
+        Some(policy) if policy.starts_with("allkeys-") => tracing::warn!(
+            maxmemory_policy = policy,
+            "Redis may evict any key under memory pressure: fencing counters (tokens handed out \
+             again) and held locks (two holders) can disappear; use `noeviction`"
+        ),
+        Some(policy) if policy.starts_with("volatile-") => tracing::warn!(
+            maxmemory_policy = policy,
+            "Redis may evict keys with an expiry under memory pressure: held locks (two holders) \
+             can disappear; use `noeviction`"
+        ),
+        _ => {}
+    }
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, i64::MAX as u64 / 2)
+}
+
+fn release_outcome(outcome: i64) -> Release {
+    match outcome {
+        1 => Release::Released,
+        0 => Release::Expired,
+        _ => Release::HeldByOther,
+    }
 }
 
 fn unavailable(error: RedisError) -> BackendError {
@@ -142,6 +224,7 @@ impl LockBackend for RedisBackend {
         let mut invocation = ACQUIRE.key(name.lock_key());
         invocation
             .key(name.fence_key())
+            .key(tombstone_key(name, token))
             .arg(token.to_hex())
             .arg(millis(options.ttl))
             .arg(u8::from(options.fencing));
@@ -171,11 +254,28 @@ impl LockBackend for RedisBackend {
                 .invoke_async(&mut connection)
                 .await
                 .map_err(unavailable)?;
-            Ok(match outcome {
-                1 => Release::Released,
-                0 => Release::Expired,
-                _ => Release::HeldByOther,
-            })
+            Ok(release_outcome(outcome))
+        })
+    }
+
+    fn release_abandoned(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        ttl: Duration,
+    ) -> BackendFuture<Release> {
+        let mut connection = self.connection.clone();
+        let mut invocation = RELEASE_ABANDONED.key(name.lock_key());
+        invocation
+            .key(tombstone_key(name, token))
+            .arg(token.to_hex())
+            .arg(millis(tombstone_ttl(ttl)));
+        Box::pin(async move {
+            let outcome: i64 = invocation
+                .invoke_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(release_outcome(outcome))
         })
     }
 

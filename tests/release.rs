@@ -1,0 +1,760 @@
+//! Release paths: hold-through-body over real HTTP, abandoned acquires, background release, the
+//! Redis backend's outcomes and errors, and what is traced and counted on the way.
+
+#[macro_use]
+mod common;
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_lock::backend::{
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, LockName,
+    LockToken, Release,
+};
+use tower_lock::key::{Header, LockKey};
+use tower_lock::{LeaseLostPolicy, LockBackend, LockLayer, MemoryBackend, RedisBackend};
+
+use common::{Fixture, Memory, NS, Redis, RedisServer, eventually, layer, request, until_held};
+
+/// A handler answering a short body, whole (`/full`) or as a stream of chunks (`/stream`).
+fn http_app<F: Fixture>(fixture: &F) -> axum::Router {
+    use axum::routing::post;
+    axum::Router::new()
+        .route("/full", post(|| async { "done" }))
+        .route(
+            "/stream",
+            post(|| async {
+                let chunks = futures_util::stream::iter(
+                    ["one\n", "two\n", "three\n"].map(|c| Ok::<_, Infallible>(Bytes::from(c))),
+                );
+                axum::body::Body::from_stream(chunks)
+            }),
+        )
+        .layer(layer(fixture).hold_through_body(true))
+}
+
+async fn hold_through_body_releases_before_the_body_ends<F: Fixture>() {
+    let fixture = F::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(axum::serve(listener, http_app(&fixture)).into_future());
+    let client = reqwest::Client::new();
+    for path in ["full", "stream"] {
+        for i in 0..50 {
+            let response = client
+                .post(format!("http://{address}/{path}"))
+                .header("x-key", "same-client")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.bytes().await.unwrap();
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "/{path} request {i} met a lock: {body:?}"
+            );
+        }
+    }
+    server.abort();
+    assert_eq!(fixture.held().await, 0);
+}
+
+async fn lease_lost_mid_body_ends_the_body_with_an_error<F: Fixture>() {
+    let fixture = F::start().await;
+    let handler = tower::service_fn(|_req: Request<String>| async {
+        let chunks = futures_util::stream::unfold(0, |i| async move {
+            // Long enough (10 s) that the renewal notices the loss well before the end.
+            if i == 200 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let frame = http_body::Frame::data(Bytes::from(format!("chunk {i}\n")));
+            Some((Ok::<_, Infallible>(frame), i + 1))
+        });
+        Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(chunks)))
+    });
+    let layer = layer(&fixture)
+        .ttl(Duration::from_millis(300))
+        .hold_through_body(true)
+        .on_lease_lost(LeaseLostPolicy::Abort);
+    let name = layer.lock_name(&LockKey::new("s"));
+    let service = ServiceBuilder::new().layer(layer).service(handler);
+    let response = service
+        .oneshot(request("s").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::spawn(response.into_body().collect());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    fixture.delete(&name).await;
+    let collected = tokio::time::timeout(Duration::from_secs(20), body)
+        .await
+        .expect("the body did not end")
+        .unwrap();
+    let error = collected.expect_err("a body whose lease was lost ended cleanly (truncated)");
+    assert!(error.to_string().contains("lease"), "{error}");
+}
+
+/// A backend whose releases wait for a gate to open.
+#[derive(Clone)]
+struct GatedRelease<B> {
+    inner: B,
+    gate: Arc<Semaphore>,
+}
+
+impl<B: LockBackend> LockBackend for GatedRelease<B> {
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
+        self.inner.acquire(name, token, options)
+    }
+    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
+        // The call itself is gated: the memory backend releases when called.
+        let (gate, inner, name) = (self.gate.clone(), self.inner.clone(), name.clone());
+        Box::pin(async move {
+            gate.acquire().await.unwrap().forget();
+            inner.release(&name, token).await
+        })
+    }
+    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
+        self.inner.extend(name, token, ttl)
+    }
+}
+
+async fn background_release_returns_before_the_release_completes<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = GatedRelease {
+        inner: fixture.backend(),
+        gate: gate.clone(),
+    };
+    let service = |background: bool| {
+        ServiceBuilder::new()
+            .layer(
+                LockLayer::new(backend.clone(), Header::new("x-key"))
+                    .namespace(NS)
+                    .release_timeout(Duration::from_secs(30))
+                    .release_in_background(background),
+            )
+            .service(tower::service_fn(|_req: Request<String>| async {
+                Ok::<_, Infallible>(Response::new(String::new()))
+            }))
+    };
+    // Control: by default the response waits for the (gated) release.
+    let waiting = tokio::spawn(service(false).oneshot(request("a").body(String::new()).unwrap()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the gate does not hold the release");
+    gate.add_permits(1);
+    let response = waiting.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    until_held(&fixture, 0).await;
+
+    // In the background: the response comes back while the release is still gated.
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        service(true).oneshot(request("b").body(String::new()).unwrap()),
+    )
+    .await
+    .expect("the response waited for the release")
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(fixture.held().await, 1, "the release has not run yet");
+    gate.add_permits(1);
+    until_held(&fixture, 0).await;
+}
+
+/// With the release gated: a held-through body does not end before its release has completed
+/// (deterministic on both backends), unless `release_in_background` is set.
+async fn held_body_ends_after_its_release_unless_in_background<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = GatedRelease {
+        inner: fixture.backend(),
+        gate: gate.clone(),
+    };
+    let service = |background: bool| {
+        ServiceBuilder::new()
+            .layer(
+                LockLayer::new(backend.clone(), Header::new("x-key"))
+                    .namespace(NS)
+                    .release_timeout(Duration::from_secs(30))
+                    .hold_through_body(true)
+                    .release_in_background(background),
+            )
+            .service(tower::service_fn(|_req: Request<String>| async {
+                Ok::<_, Infallible>(Response::new(String::from("body")))
+            }))
+    };
+    for background in [false, true] {
+        let response = service(background)
+            .oneshot(request("k").body(String::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = tokio::spawn(response.into_body().collect());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            body.is_finished(),
+            background,
+            "release_in_background = {background}"
+        );
+        assert_eq!(fixture.held().await, 1, "the release has not run yet");
+        gate.add_permits(1);
+        let body = body.await.unwrap().unwrap().to_bytes();
+        assert_eq!(body, "body");
+        until_held(&fixture, 0).await;
+    }
+}
+
+suite!(
+    hold_through_body_releases_before_the_body_ends,
+    held_body_ends_after_its_release_unless_in_background,
+    lease_lost_mid_body_ends_the_body_with_an_error,
+    background_release_returns_before_the_release_completes,
+);
+
+/// Calls the service from a thread without a Tokio runtime: the layer cannot run a backend call
+/// there.
+fn fail_open_without_a_runtime<F: Fixture>() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fixture = runtime.block_on(F::start());
+    for fail_open in [true, false] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let calls = calls.clone();
+            tower::service_fn(move |_req: Request<String>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Ok::<_, Infallible>(Response::new(String::new())))
+            })
+        };
+        let service = ServiceBuilder::new()
+            .layer(layer(&fixture).fail_open(fail_open))
+            .service(handler);
+        let status = std::thread::spawn(move || {
+            assert!(tokio::runtime::Handle::try_current().is_err());
+            let mut call =
+                std::pin::pin!(service.oneshot(request("k").body(String::new()).unwrap()));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match call.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready(response) => response.unwrap().status(),
+                std::task::Poll::Pending => panic!("no runtime, yet the call is pending"),
+            }
+        })
+        .join()
+        .unwrap();
+        if fail_open {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                1,
+                "fail-open calls the service"
+            );
+        } else {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(calls.load(Ordering::SeqCst), 0, "fail-closed calls nothing");
+        }
+    }
+    drop(runtime);
+}
+
+mod fail_open_calls_the_service_without_a_runtime {
+    use super::*;
+
+    #[test]
+    fn redis_backend() {
+        fail_open_without_a_runtime::<Redis>();
+    }
+
+    #[test]
+    fn memory_backend() {
+        fail_open_without_a_runtime::<Memory>();
+    }
+}
+
+/// Log lines written through a scoped tracing subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// A subscriber writing here, for `tracing::subscriber::with_default`.
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        let writer = self.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish()
+    }
+}
+
+/// Runs `test` on a current-thread runtime (so spawned tasks run on this thread) under a
+/// captured tracing subscriber and a local metrics recorder.
+fn observed<T>(test: impl AsyncFnOnce() -> T) -> (T, String, metrics_util::debugging::Snapshotter) {
+    let captured = Captured::default();
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let output = tracing::subscriber::with_default(captured.subscriber(), || {
+        metrics::with_local_recorder(&recorder, || runtime.block_on(test()))
+    });
+    (output, captured.text(), snapshotter)
+}
+
+mod eviction_policy_that_can_drop_fences_is_warned {
+    use super::*;
+
+    fn warnings_on_connect(server: &RedisServer) -> String {
+        let url = server.url();
+        let ((), logs, _) = observed(async || {
+            RedisBackend::connect(&url).await.unwrap();
+        });
+        logs
+    }
+
+    #[test]
+    fn redis_backend() {
+        let evicting = RedisServer::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ]);
+        let logs = warnings_on_connect(&evicting);
+        assert!(logs.contains("WARN"), "{logs}");
+        assert!(logs.contains("allkeys-lru"), "{logs}");
+        assert!(logs.contains("fencing counters"), "{logs}");
+
+        let default = RedisServer::start();
+        let logs = warnings_on_connect(&default);
+        assert!(!logs.contains("maxmemory_policy"), "{logs}");
+    }
+}
+
+/// A backend whose acquire reports a failure after it landed, and whose releases fail.
+#[derive(Clone)]
+struct FailingAfterAcquire<B> {
+    inner: B,
+}
+
+impl<B: LockBackend> LockBackend for FailingAfterAcquire<B> {
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
+        let acquire = self.inner.acquire(name, token, options);
+        Box::pin(async move {
+            acquire.await?;
+            Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "connection reset after the acquire was sent",
+            ))
+        })
+    }
+    fn release(&self, _name: &LockName, _token: LockToken) -> BackendFuture<Release> {
+        Box::pin(async {
+            Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "connection refused",
+            ))
+        })
+    }
+    fn release_abandoned(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        _ttl: Duration,
+    ) -> BackendFuture<Release> {
+        self.release(name, token)
+    }
+    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
+        self.inner.extend(name, token, ttl)
+    }
+}
+
+fn failed_cleanup_is_reported<F: Fixture>() {
+    let (fixture, logs, snapshotter) = observed(async || {
+        let fixture = F::start().await;
+        let backend = FailingAfterAcquire {
+            inner: fixture.backend(),
+        };
+        let service = ServiceBuilder::new()
+            .layer(LockLayer::new(backend, Header::new("x-key")).namespace(NS))
+            .service(tower::service_fn(|_req: Request<String>| async {
+                Ok::<_, Infallible>(Response::new(String::new()))
+            }));
+        let response = service
+            .oneshot(request("k").body(String::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // The clean-up is spawned; let it run.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        fixture
+    });
+    drop(fixture);
+    assert!(
+        logs.contains("clean-up release after an abandoned acquire failed"),
+        "{logs}"
+    );
+    let release_errors: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, _, _, _)| key.key().name() == "tower_lock_backend_errors_total")
+        .filter(|(key, _, _, _)| {
+            key.key()
+                .labels()
+                .any(|l| l.key() == "operation" && l.value() == "release")
+        })
+        .map(|(_, _, _, value)| match value {
+            metrics_util::debugging::DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(release_errors, 1);
+}
+
+mod failed_cleanup_release_is_traced_and_counted {
+    use super::*;
+
+    #[test]
+    fn redis_backend() {
+        failed_cleanup_is_reported::<Redis>();
+    }
+
+    #[test]
+    fn memory_backend() {
+        failed_cleanup_is_reported::<Memory>();
+    }
+}
+
+/// A backend whose acquire waits until the test lets it finish (paused time moves meanwhile).
+#[derive(Clone)]
+struct HeldAcquire {
+    inner: MemoryBackend,
+    called: Arc<Notify>,
+    finish: Arc<Notify>,
+}
+
+impl LockBackend for HeldAcquire {
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
+        let (called, finish) = (self.called.clone(), self.finish.clone());
+        let acquire = self.inner.acquire(name, token, options);
+        Box::pin(async move {
+            called.notify_one();
+            finish.notified().await;
+            acquire.await
+        })
+    }
+    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
+        self.inner.release(name, token)
+    }
+    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
+        self.inner.extend(name, token, ttl)
+    }
+}
+
+/// The status of a request whose acquire took exactly `took`, with a 1 s TTL and 100 ms minimum
+/// validity.
+async fn status_after_an_acquire_of(took: Duration) -> StatusCode {
+    let backend = HeldAcquire {
+        inner: MemoryBackend::new(),
+        called: Arc::new(Notify::new()),
+        finish: Arc::new(Notify::new()),
+    };
+    let service = ServiceBuilder::new()
+        .layer(
+            LockLayer::new(backend.clone(), Header::new("x-key"))
+                .ttl(Duration::from_secs(1))
+                .min_validity(Duration::from_millis(100))
+                .acquire_timeout(Duration::from_secs(3600)),
+        )
+        .service(tower::service_fn(|_req: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(String::new()))
+        }));
+    let call = tokio::spawn(service.oneshot(request("k").body(String::new()).unwrap()));
+    backend.called.notified().await;
+    tokio::time::advance(took).await;
+    backend.finish.notify_one();
+    call.await.unwrap().unwrap().status()
+}
+
+#[tokio::test(start_paused = true)]
+async fn validity_equal_to_min_validity_is_accepted_and_just_under_is_refused() {
+    assert_eq!(
+        status_after_an_acquire_of(Duration::from_millis(900)).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_after_an_acquire_of(Duration::from_millis(901)).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+/// Redis-only: the backend's own answers, and connections that break.
+mod redis_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_release_reports_each_outcome() {
+        let fixture = Redis::start().await;
+        let backend = fixture.backend();
+        let name = LockLayer::new(backend.clone(), Header::new("x"))
+            .namespace(NS)
+            .lock_name(&LockKey::new("k"));
+        let options = AcquireOptions::new(Duration::from_secs(10));
+        let ours = LockToken::random();
+        assert!(matches!(
+            backend.acquire(&name, ours, options).await.unwrap(),
+            Acquire::Acquired { .. }
+        ));
+        assert_eq!(
+            backend.release(&name, ours).await.unwrap(),
+            Release::Released
+        );
+        assert_eq!(fixture.held().await, 0);
+        assert_eq!(
+            backend.release(&name, ours).await.unwrap(),
+            Release::Expired
+        );
+        let theirs = LockToken::random();
+        backend.acquire(&name, theirs, options).await.unwrap();
+        assert_eq!(
+            backend.release(&name, ours).await.unwrap(),
+            Release::HeldByOther
+        );
+        assert_eq!(fixture.held().await, 1, "another holder's lock was touched");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connection_refused_is_unavailable() {
+        let mut server = RedisServer::start();
+        let url = server.url();
+        server.stop();
+        let backend = RedisBackend::from_url(&url).unwrap();
+        let name = LockLayer::new(backend.clone(), Header::new("x")).lock_name(&LockKey::new("k"));
+        let error = backend
+            .acquire(
+                &name,
+                LockToken::random(),
+                AcquireOptions::new(Duration::from_secs(1)),
+            )
+            .await
+            .expect_err("acquired on a stopped server");
+        assert_eq!(error.kind(), BackendErrorKind::Unavailable, "{error}");
+    }
+
+    /// A TCP proxy in front of Redis that can hold back what clients send on the connections open
+    /// so far, cut those connections on the client side (so the client reconnects), and deliver
+    /// the held bytes later on the original server-side sockets: a request stuck on a broken
+    /// connection that reaches Redis after everything the client sent since.
+    struct Proxy {
+        port: u16,
+        connections: Arc<Mutex<Vec<mpsc::UnboundedSender<Command>>>>,
+        held: Arc<AtomicUsize>,
+    }
+
+    enum Command {
+        Hold,
+        Cut,
+        Deliver,
+    }
+
+    impl Proxy {
+        async fn start(upstream: u16) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let connections: Arc<Mutex<Vec<mpsc::UnboundedSender<Command>>>> = Arc::default();
+            let held = Arc::new(AtomicUsize::new(0));
+            let registry = connections.clone();
+            let counter = held.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let (commands, inbox) = mpsc::unbounded_channel();
+                    registry.lock().unwrap().push(commands);
+                    tokio::spawn(relay(client, upstream, inbox, counter.clone()));
+                }
+            });
+            Self {
+                port,
+                connections,
+                held,
+            }
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/", self.port)
+        }
+
+        fn to_open_connections(&self, command: impl Fn() -> Command) {
+            for connection in self.connections.lock().unwrap().iter() {
+                let _ = connection.send(command());
+            }
+        }
+    }
+
+    async fn relay(
+        client: TcpStream,
+        upstream: u16,
+        mut inbox: mpsc::UnboundedReceiver<Command>,
+        held_bytes: Arc<AtomicUsize>,
+    ) {
+        let server = TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        let replies = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+        });
+        let holding = AtomicBool::new(false);
+        let mut held = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            tokio::select! {
+                read = from_client.read(&mut buffer) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) if holding.load(Ordering::SeqCst) => {
+                        held.extend_from_slice(&buffer[..n]);
+                        held_bytes.fetch_add(n, Ordering::SeqCst);
+                    }
+                    Ok(n) => {
+                        if to_server.write_all(&buffer[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                command = inbox.recv() => match command {
+                    Some(Command::Hold) => holding.store(true, Ordering::SeqCst),
+                    Some(Command::Cut) => break,
+                    Some(Command::Deliver) | None => {}
+                },
+            }
+        }
+        // Cut: the client's socket closes; the server's stays open with the held bytes.
+        replies.abort();
+        drop(from_client);
+        while let Some(command) = inbox.recv().await {
+            if let Command::Deliver = command {
+                let _ = to_server.write_all(&held).await;
+                held.clear();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoned_acquire_cleanup_cannot_be_overtaken() {
+        let fixture = Redis::start().await;
+        let proxy = Proxy::start(fixture.server.port()).await;
+        let backend = RedisBackend::connect(&proxy.url()).await.unwrap();
+        let layer = LockLayer::new(backend, Header::new("x-key"))
+            .namespace(NS)
+            .acquire_timeout(Duration::from_secs(5));
+        let service = ServiceBuilder::new()
+            .layer(layer)
+            .service(tower::service_fn(|_req: Request<String>| async {
+                Ok::<_, Infallible>(Response::new(String::new()))
+            }));
+        let send = |key: &str| {
+            service
+                .clone()
+                .oneshot(request(key).body(String::new()).unwrap())
+        };
+        // Load the script, so the held request is one complete EVALSHA.
+        assert_eq!(send("warm").await.unwrap().status(), StatusCode::OK);
+        let before_cleanup = fixture.server.command_calls("evalsha").await;
+
+        // The acquire is sent and stuck on the wire; then the connection breaks.
+        proxy.to_open_connections(|| Command::Hold);
+        let stuck = tokio::spawn(send("k"));
+        assert!(
+            eventually(Duration::from_secs(5), async || proxy
+                .held
+                .load(Ordering::SeqCst)
+                > 0)
+            .await
+        );
+        proxy.to_open_connections(|| Command::Cut);
+        let response = tokio::time::timeout(Duration::from_secs(10), stuck)
+            .await
+            .expect("the broken acquire never answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // The clean-up runs on a new connection, finding nothing.
+        assert!(
+            eventually(Duration::from_secs(5), async || fixture
+                .server
+                .command_calls("evalsha")
+                .await
+                > before_cleanup)
+            .await,
+            "no clean-up reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // Now the stuck acquire reaches Redis: it must not take the lock.
+        let before_late = fixture.server.command_calls("evalsha").await;
+        proxy.to_open_connections(|| Command::Deliver);
+        assert!(
+            eventually(Duration::from_secs(5), async || fixture
+                .server
+                .command_calls("evalsha")
+                .await
+                > before_late)
+            .await,
+            "the stuck acquire never reached Redis"
+        );
+        assert_eq!(
+            fixture.held().await,
+            0,
+            "an abandoned acquire took the lock after its clean-up"
+        );
+        assert_eq!(send("k").await.unwrap().status(), StatusCode::OK);
+    }
+}
+
+/// Bodies go to hyper and axum from any thread: a held lock must not make the body `!Sync`.
+#[test]
+fn a_body_holding_a_lock_is_send_and_sync() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<tower_lock::LockBody<String>>();
+}
