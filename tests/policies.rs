@@ -252,7 +252,7 @@ fn route_table_refuses_patterns_axum_would_reject() {
         ("/accounts/{id", "parameter"),
         ("/a/{*rest}/b", "end"),
         ("/a/{}", "parameter"),
-        ("/files/{name}.json", "one parameter per segment"),
+        ("/files/{name}.json", "must end its segment"),
     ];
     for (pattern, hint) in rejected_by_axum {
         assert!(

@@ -163,7 +163,8 @@ fn insert_error_message(error: &matchit::InsertError) -> String {
 /// The parameter names of `pattern`, or why axum 0.8 would refuse it (matchit's own insert
 /// checks the rest).
 ///
-/// Refused: an empty pattern, one without a leading `/`, a `?` or `#` (they never reach the path),
+/// Refused: an empty pattern, one without a leading `/` (literal `?`, `#` and other text no path
+/// contains are refused before, by `refuse_unmatchable`),
 /// a segment starting with `:` or `*` (axum 0.7 syntax, read literally by matchit 0.8), unbalanced
 /// or empty braces, a parameter followed by more text in its segment, a catch-all that is not
 /// last. Two parameters of one name are refused too.
@@ -173,11 +174,6 @@ fn pattern_params(pattern: &str) -> Result<Vec<&str>, String> {
     }
     if !pattern.starts_with('/') {
         return Err("a route pattern must start with `/`".into());
-    }
-    if let Some(c) = pattern.chars().find(|c| matches!(c, '?' | '#')) {
-        return Err(format!(
-            "a route pattern cannot contain `{c}`: it is never part of a request's path"
-        ));
     }
     for segment in pattern.split('/') {
         if segment.starts_with(':') {
@@ -205,7 +201,9 @@ fn pattern_params(pattern: &str) -> Result<Vec<&str>, String> {
             }
             b'{' => {
                 let Some(len) = pattern[at + 1..].find('}') else {
-                    return Err(format!("unclosed `{{` at byte {at}"));
+                    return Err(format!(
+                        "unclosed `{{` at byte {at}: a parameter is `{{name}}`"
+                    ));
                 };
                 let inner = &pattern[at + 1..at + 1 + len];
                 let end = at + 1 + len + 1;
