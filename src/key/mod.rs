@@ -60,7 +60,7 @@ pub use template::{KeyTemplate, TemplateError};
 /// ```
 /// use tower_lock::key::{KeyExtractor, KeyRejection, LockKey};
 ///
-/// // Lock on the `:id` of `/jobs/:id`, but only for `PUT`.
+/// // Lock on the job id of `/jobs/{id}`, but only for `PUT`.
 /// let jobs = |parts: &http::request::Parts| -> Result<Option<LockKey>, KeyRejection> {
 ///     if parts.method != http::Method::PUT {
 ///         return Ok(None);
