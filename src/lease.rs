@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, Id as RuntimeId};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -289,14 +289,17 @@ impl State {
 /// Registers leases with the layer's renewal task, starting it when needed.
 pub(crate) struct Renewer<B> {
     backend: B,
-    inbox: Mutex<Option<Arc<Inbox>>>,
+    /// One renewal task per runtime that has locked through this renewer: a lease is renewed by
+    /// a task on its own request's runtime, so a runtime that is idle or shutting down can only
+    /// hold back (or lose) leases of its own requests.
+    tasks: Mutex<Vec<(RuntimeId, Arc<Inbox>)>>,
 }
 
 impl<B: LockBackend> Renewer<B> {
     pub(crate) fn new(backend: B) -> Self {
         Self {
             backend,
-            inbox: Mutex::new(None),
+            tasks: Mutex::default(),
         }
     }
 
@@ -304,11 +307,16 @@ impl<B: LockBackend> Renewer<B> {
     /// which is started on `runtime` if there is none alive.
     pub(crate) fn watch(&self, lease: LockLease, plan: Plan, runtime: &Handle) {
         let due = plan.next_due(Instant::now());
-        let mut slot = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            let inbox = match slot.as_ref() {
-                Some(inbox) => inbox.clone(),
+        let runtime_id = runtime.id();
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        // Two tries: a dead task is replaced once; a task that dies at once (a runtime that is
+        // shutting down drops what is spawned on it) cannot renew, so the lease is lost.
+        for _ in 0..2 {
+            let inbox = match tasks.iter().find(|(id, _)| *id == runtime_id) {
+                Some((_, inbox)) => inbox.clone(),
                 None => {
+                    // Forget the tasks of runtimes that have shut down.
+                    tasks.retain(|(_, inbox)| !inbox.state().dead);
                     let inbox = Arc::new(Inbox {
                         state: Mutex::default(),
                         wake: Notify::new(),
@@ -316,14 +324,15 @@ impl<B: LockBackend> Renewer<B> {
                     // The guard is an argument, so it is dropped (marking leases lost) even if
                     // the runtime drops the task before it first runs.
                     runtime.spawn(run(self.backend.clone(), TaskGuard(inbox.clone())));
-                    *slot = Some(inbox.clone());
+                    tasks.push((runtime_id, inbox.clone()));
                     inbox
                 }
             };
             let mut state = inbox.state();
             if state.dead {
                 // The task ended (its runtime shut down, or it panicked): start another.
-                *slot = None;
+                drop(state);
+                tasks.retain(|(id, _)| *id != runtime_id);
                 continue;
             }
             let id = state.next_id;
@@ -354,23 +363,25 @@ impl<B: LockBackend> Renewer<B> {
             }
             return;
         }
+        drop(tasks);
+        lease.mark_lost("no renewal task could run: the lock's runtime is shutting down");
     }
 
     /// How many leases the schedule holds, and how many it has room for (for tests: both must be
     /// bounded by the requests in flight, not by the requests served).
     pub(crate) fn stored(&self) -> (usize, usize) {
-        let slot = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
-        slot.as_ref().map_or((0, 0), |inbox| {
+        let tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        tasks.iter().fold((0, 0), |(len, capacity), (_, inbox)| {
             let state = inbox.state();
-            (state.entries.len(), state.entries.capacity())
+            (len + state.entries.len(), capacity + state.entries.capacity())
         })
     }
 }
 
 impl<B> Drop for Renewer<B> {
     fn drop(&mut self) {
-        let slot = self.inbox.get_mut().unwrap_or_else(PoisonError::into_inner);
-        if let Some(inbox) = slot.take() {
+        let tasks = self.tasks.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for (_, inbox) in tasks.drain(..) {
             inbox.state().closed = true;
             inbox.wake.notify_one();
         }
@@ -382,7 +393,7 @@ impl<B: Clone> Clone for Renewer<B> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
-            inbox: Mutex::new(None),
+            tasks: Mutex::default(),
         }
     }
 }

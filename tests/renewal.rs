@@ -517,3 +517,33 @@ fn leases_of_a_dead_renewal_task_are_marked_lost() {
         assert_eq!(body_json(response).await["lost"], false);
     });
 }
+
+/// A request called on a runtime that has since shut down, and polled on another, cannot have its
+/// lease renewed there (whatever is spawned on a shut-down runtime is dropped at once): the lease
+/// is reported lost at once, and the request neither hangs nor spins.
+#[test]
+fn lease_registered_on_a_shut_down_runtime_is_lost_at_once() {
+    use tower::Service;
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let mut service = service(layer(tower_lock::MemoryBackend::new()).ttl(Duration::from_secs(10)));
+    let dead = runtime();
+    let future = {
+        let _entered = dead.enter();
+        service.call(holding("a", 2000).body(String::new()).unwrap())
+    };
+    drop(dead);
+    let live = runtime();
+    let response = live
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), future).await })
+        .expect("the request hung registering its lease with a dead runtime")
+        .unwrap();
+    let body = live.block_on(body_json(response));
+    assert_eq!(body["lost"], true, "{body}");
+    assert!(body["elapsed_ms"].as_u64().unwrap() < 1000, "{body}");
+}
