@@ -1,0 +1,170 @@
+//! Red-team tests of the holding, renewing and releasing paths (issue 7 items 2, 3, 7, 8, 9).
+//! Each test is named after the promise it shows broken.
+
+#[macro_use]
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use tower::{Layer, ServiceExt};
+use tower_lock::key::Header;
+use tower_lock::{LockLayer, LockLease, MemoryBackend};
+
+use common::{Fixture, Memory, NS, Redis, layer, request, send};
+
+// ---------------------------------------------------------------------------------------------
+// Item 8 (hold-through-body): "the compare-and-delete completes *before* the body reports its
+// end ... so a client that reads the whole body and sends its next same-key request never meets
+// its own lock". hyper never polls a body whose size hint is exactly 0 (an empty 200, a 204) or
+// the body of a HEAD response: it drops it, and the guard's drop only *spawns* the release.
+
+fn empty_body_app<F: Fixture>(fixture: &F) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/empty", post(|| async { "" }))
+        .route("/no-content", post(|| async { StatusCode::NO_CONTENT }))
+        .route("/get", get(|| async { "a body that HEAD does not send" }))
+        .layer(layer(fixture).hold_through_body(true))
+}
+
+async fn hold_through_body_releases_before_an_empty_or_head_response_ends<F: Fixture>() {
+    let fixture = F::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(axum::serve(listener, empty_body_app(&fixture)).into_future());
+    let client = reqwest::Client::new();
+    let mut met_own_lock = Vec::new();
+    for (method, path) in [
+        (http::Method::POST, "empty"),
+        (http::Method::POST, "no-content"),
+        (http::Method::HEAD, "get"),
+    ] {
+        for i in 0..50 {
+            let response = client
+                .request(method.clone(), format!("http://{address}/{path}"))
+                .header("x-key", "same-client")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let _ = response.bytes().await.unwrap();
+            if status == StatusCode::CONFLICT {
+                met_own_lock.push(format!("{method} /{path} request {i}"));
+            }
+        }
+    }
+    server.abort();
+    assert!(
+        met_own_lock.is_empty(),
+        "{} sequential requests met their own previous request's lock (409): {met_own_lock:?}",
+        met_own_lock.len()
+    );
+}
+
+suite!(hold_through_body_releases_before_an_empty_or_head_response_ends);
+
+// ---------------------------------------------------------------------------------------------
+// Duration arithmetic: `LockLayer::ttl` accepts any Duration ("values under 1 ms are raised"),
+// and the backends saturate (memory: a year; Redis: millis clamp). The request path must not
+// panic on a huge TTL.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_ttl_does_not_panic_on_the_request_path() {
+    let backend = MemoryBackend::new();
+    let service = LockLayer::new(backend, Header::new("x-key"))
+        .namespace(NS)
+        .ttl(Duration::MAX)
+        .layer(tower::service_fn(|_: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(String::from("ok")))
+        }));
+    let call = send(&service, request("huge-ttl"));
+    let outcome = tokio::spawn(call).await;
+    assert!(
+        outcome.is_ok(),
+        "a request under ttl(Duration::MAX) panicked: {:?}",
+        outcome.err()
+    );
+    assert_eq!(outcome.unwrap().status(), StatusCode::OK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 2: "a lease must be renewed on a runtime that is alive". The renewal task is started on
+// the runtime of the first request and reused by every later request of the layer, on any
+// runtime, for as long as that runtime is not dropped. A current-thread runtime that is alive but
+// idle (its `block_on` returned) never polls the task: leases registered from another runtime
+// are neither renewed nor reported lost, and a second request takes the lock beside the first.
+
+fn idle_runtime_case<F: Fixture>() {
+    let worker = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fixture = worker.block_on(F::start());
+    let ttl = Duration::from_millis(300);
+    let held_for = Duration::from_millis(1200);
+    let lost_seen = Arc::new(AtomicBool::new(false));
+    let service = {
+        let lost_seen = lost_seen.clone();
+        layer(&fixture)
+            .ttl(ttl)
+            .layer(tower::service_fn(move |req: Request<String>| {
+                let lost_seen = lost_seen.clone();
+                async move {
+                    let lease = req.extensions().get::<LockLease>().cloned().unwrap();
+                    let long = req.headers().contains_key("x-long");
+                    if long {
+                        tokio::select! {
+                            () = lease.lost() => lost_seen.store(true, Ordering::SeqCst),
+                            () = tokio::time::sleep(held_for) => {}
+                        }
+                    }
+                    Ok::<_, Infallible>(Response::new(String::from("ok")))
+                }
+            }))
+    };
+
+    // One quick request on a current-thread runtime that is then kept, idle: the layer's renewal
+    // task now lives there.
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = idle.block_on(send(&service, request("warm-up")));
+    assert_eq!(first.status(), StatusCode::OK);
+
+    // The real traffic runs on the multi-thread runtime.
+    let (long, second) = worker.block_on(async {
+        let long = tokio::spawn(send(&service, request("k").header("x-long", "1")));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The long request still runs (1.2 s), its 300 ms lease must have been renewed.
+        let second = send(&service, request("k")).await;
+        (long.await.unwrap(), second.status())
+    });
+    assert_eq!(long.status(), StatusCode::OK);
+    let lost = lost_seen.load(Ordering::SeqCst);
+    drop(idle);
+    assert!(
+        second == StatusCode::CONFLICT || lost,
+        "a second request on key k got {second} while the first still ran, and the first was \
+         never told its lease was lost: two holders, no signal"
+    );
+}
+
+mod idle_renewal_runtime {
+    use super::*;
+
+    #[test]
+    fn redis_backend() {
+        idle_runtime_case::<Redis>();
+    }
+
+    #[test]
+    fn memory_backend() {
+        idle_runtime_case::<Memory>();
+    }
+}
