@@ -65,7 +65,7 @@ async fn hold_through_body_releases_before_an_empty_or_head_response_ends<F: Fix
     );
 }
 
-suite!(hold_through_body_releases_before_an_empty_or_head_response_ends);
+
 
 // ---------------------------------------------------------------------------------------------
 // Duration arithmetic: `LockLayer::ttl` accepts any Duration ("values under 1 ms are raised"),
@@ -168,3 +168,81 @@ mod idle_renewal_runtime {
         idle_runtime_case::<Memory>();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 8 again, with bodies that are not empty: hyper stops polling a body once it has written
+// the bytes a `Content-Length` header declared (a file streamed with its length), and right after
+// a trailers frame. Either way the body is dropped without being polled to its end, and the
+// release runs in the background after the client already has the whole response.
+
+fn streamed_body_app<F: Fixture>(fixture: &F) -> axum::Router {
+    use axum::routing::post;
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let chunks = || {
+        futures_util::stream::iter(
+            ["one\n", "two\n", "three\n"].map(|c| Ok::<_, Infallible>(Bytes::from(c))),
+        )
+    };
+    axum::Router::new()
+        .route(
+            "/stream-with-length",
+            post(move || async move {
+                (
+                    [(http::header::CONTENT_LENGTH, "14")],
+                    axum::body::Body::from_stream(chunks()),
+                )
+            }),
+        )
+        .route(
+            "/trailers",
+            post(|| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+                let frames = futures_util::stream::iter([
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"body\n"))),
+                    Ok(Frame::trailers(trailers)),
+                ]);
+                axum::body::Body::new(StreamBody::new(frames))
+            }),
+        )
+        .layer(layer(fixture).hold_through_body(true))
+}
+
+async fn hold_through_body_releases_before_a_sized_stream_or_trailers_end<F: Fixture>() {
+    let fixture = F::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(axum::serve(listener, streamed_body_app(&fixture)).into_future());
+    let client = reqwest::Client::new();
+    let mut met_own_lock = Vec::new();
+    for path in ["stream-with-length", "trailers"] {
+        for i in 0..50 {
+            let response = client
+                .post(format!("http://{address}/{path}"))
+                .header("x-key", "same-client")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.bytes().await.unwrap();
+            if status == StatusCode::CONFLICT {
+                met_own_lock.push(format!("/{path} request {i}"));
+            } else {
+                assert!(!body.is_empty(), "/{path} answered {status} with no body");
+            }
+        }
+    }
+    server.abort();
+    assert!(
+        met_own_lock.is_empty(),
+        "{} sequential requests met their own previous request's lock (409): {met_own_lock:?}",
+        met_own_lock.len()
+    );
+}
+
+suite!(
+    hold_through_body_releases_before_an_empty_or_head_response_ends,
+    hold_through_body_releases_before_a_sized_stream_or_trailers_end,
+);
