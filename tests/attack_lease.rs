@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
-use tower::{Layer, ServiceExt};
+use tower::Layer;
 use tower_lock::key::Header;
 use tower_lock::{LockLayer, LockLease, MemoryBackend};
 
@@ -246,3 +246,109 @@ suite!(
     hold_through_body_releases_before_an_empty_or_head_response_ends,
     hold_through_body_releases_before_a_sized_stream_or_trailers_end,
 );
+
+// ---------------------------------------------------------------------------------------------
+// Item 2 again: "a lease must be renewed on a runtime that is alive". A lease whose request runs
+// on a live runtime is registered with the layer's one renewal task, wherever that task runs.
+// When the task's runtime shuts down, the lease is marked lost, although its own runtime is
+// alive and the lock is still ours: under `Abort`, a healthy request is answered 503.
+
+fn other_runtime_shutdown_case<F: Fixture>() {
+    use tower_lock::LeaseLostPolicy;
+    let worker = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fixture = worker.block_on(F::start());
+    let service = layer(&fixture)
+        .ttl(Duration::from_millis(600))
+        .on_lease_lost(LeaseLostPolicy::Abort)
+        .layer(tower::service_fn(|req: Request<String>| async move {
+            if req.headers().contains_key("x-long") {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+            }
+            Ok::<_, Infallible>(Response::new(String::from("ok")))
+        }));
+
+    // A short-lived runtime on another thread serves one request (the renewal task starts there)
+    // and then keeps running for 400 ms before it is shut down.
+    let side = {
+        let service = service.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let response = send(&service, request("side")).await;
+                assert_eq!(response.status(), StatusCode::OK);
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            });
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    // The long request runs on the multi-thread runtime, which lives on.
+    let status = worker.block_on(send(&service, request("k").header("x-long", "1")))
+        .status();
+    side.join().unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a request on a live runtime, holding a healthy lock, was aborted because another \
+         runtime (where the layer's renewal task happened to start) shut down"
+    );
+}
+
+mod other_runtime_shutdown {
+    use super::*;
+
+    #[test]
+    fn redis_backend() {
+        other_runtime_shutdown_case::<Redis>();
+    }
+
+    #[test]
+    fn memory_backend() {
+        other_runtime_shutdown_case::<Memory>();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `Renewer::watch` spawns the renewal task on the runtime captured when the response future was
+// made; if that runtime has shut down, the new task is dropped at once (inbox dead), and `watch`
+// loops forever (spawn, dead, spawn...) while holding the renewer's mutex: the request hangs, and
+// so does every later request of the layer that takes a lock.
+
+#[test]
+fn a_request_made_on_a_runtime_that_shut_down_does_not_hang() {
+    let backend = MemoryBackend::new();
+    let mut service = LockLayer::new(backend, Header::new("x-key"))
+        .namespace(NS)
+        .layer(tower::service_fn(|_: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(String::from("ok")))
+        }));
+    let gone = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let future = {
+        let _entered = gone.enter();
+        tower::Service::call(&mut service, request("k").body(String::new()).unwrap())
+    };
+    drop(gone);
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let status = runtime.block_on(future).map(|r| r.status());
+        let _ = done.send(status);
+    });
+    let outcome = outcome.recv_timeout(Duration::from_secs(5));
+    assert!(
+        outcome.is_ok(),
+        "the request never completed (watch() spins on a dead runtime): {outcome:?}"
+    );
+}
