@@ -352,3 +352,45 @@ fn a_request_made_on_a_runtime_that_shut_down_does_not_hang() {
         "the request never completed (watch() spins on a dead runtime): {outcome:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 3 ("the signal must fire no later than the moment validity runs out") against the memory
+// backend's saturation: it stores at most a year of expiry (`far_future`), while the lease
+// believes `started + ttl`. With a TTL over a year and no renewal, the lock silently expires a
+// year in, another request takes it, and the first holder is told only at `started + ttl`.
+
+#[tokio::test(start_paused = true)]
+async fn a_ttl_over_a_year_on_the_memory_backend_is_signalled_when_the_lock_expires() {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let lost_seen = Arc::new(AtomicBool::new(false));
+    let service = {
+        let lost_seen = lost_seen.clone();
+        LockLayer::new(MemoryBackend::new(), Header::new("x-key"))
+            .namespace(NS)
+            .ttl(DAY * 730)
+            .no_renewal()
+            .layer(tower::service_fn(move |req: Request<String>| {
+                let lost_seen = lost_seen.clone();
+                async move {
+                    if req.headers().contains_key("x-long") {
+                        let lease = req.extensions().get::<LockLease>().cloned().unwrap();
+                        tokio::select! {
+                            () = lease.lost() => lost_seen.store(true, Ordering::SeqCst),
+                            () = tokio::time::sleep(DAY * 500) => {}
+                        }
+                    }
+                    Ok::<_, Infallible>(Response::new(String::from("ok")))
+                }
+            }))
+    };
+    let long = tokio::spawn(send(&service, request("k").header("x-long", "1")));
+    tokio::time::sleep(DAY * 400).await;
+    let second = send(&service, request("k")).await.status();
+    let lost = lost_seen.load(Ordering::SeqCst);
+    long.abort();
+    assert!(
+        second == StatusCode::CONFLICT || lost,
+        "400 days into a 730-day lease another request got {second}, and the holder was not \
+         told its lease was lost"
+    );
+}
