@@ -394,3 +394,53 @@ async fn a_ttl_over_a_year_on_the_memory_backend_is_signalled_when_the_lock_expi
          told its lease was lost"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis paused (SIGSTOP) while a lease is held: the holder must be told its lease is lost no
+// later than another request is admitted after Redis resumes. (Held up in this review; kept as a
+// regression check of items 3 and 7 under a real stall.)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_never_admits_a_second_holder_before_the_first_is_told() {
+    use tokio::sync::Mutex as AsyncMutex;
+    let fixture = <Redis as Fixture>::start().await;
+    let lost_at: Arc<AsyncMutex<Option<tokio::time::Instant>>> = Arc::default();
+    let service = {
+        let lost_at = lost_at.clone();
+        layer(&fixture)
+            .ttl(Duration::from_millis(400))
+            .acquire_timeout(Duration::from_millis(2000))
+            .layer(tower::service_fn(move |req: Request<String>| {
+                let lost_at = lost_at.clone();
+                async move {
+                    if req.headers().contains_key("x-long") {
+                        let lease = req.extensions().get::<LockLease>().cloned().unwrap();
+                        tokio::select! {
+                            () = lease.lost() => {
+                                *lost_at.lock().await = Some(tokio::time::Instant::now());
+                            }
+                            () = tokio::time::sleep(Duration::from_secs(4)) => {}
+                        }
+                    }
+                    Ok::<_, Infallible>(Response::new(String::from("ok")))
+                }
+            }))
+    };
+    let long = tokio::spawn(send(&service, request("k").header("x-long", "1")));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    fixture.server.pause();
+    // B's acquire is queued on the paused server; it is answered when Redis resumes.
+    let second = tokio::spawn(send(&service, request("k")));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    fixture.server.resume();
+    let second = second.await.unwrap().status();
+    let admitted_at = tokio::time::Instant::now();
+    let lost = *lost_at.lock().await;
+    long.abort();
+    if second == StatusCode::OK {
+        assert!(
+            lost.is_some_and(|at| at <= admitted_at),
+            "a second request was admitted after the pause, and the first holder was not told"
+        );
+    }
+}
