@@ -444,3 +444,24 @@ async fn a_paused_redis_never_admits_a_second_holder_before_the_first_is_told() 
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 7, "also check": "detect the policy at connect time and warn, and document it beside
+// persistence". The warning exists (`RedisBackend::connect`); the README, beside "The fencing
+// counter survives a Redis restart only if Redis persists it", says nothing of eviction.
+
+#[test]
+fn the_readme_documents_the_eviction_policy_beside_persistence() {
+    let readme = include_str!("../README.md");
+    let persistence = readme
+        .find("survives a Redis restart only if Redis persists it")
+        .expect("the README's persistence paragraph");
+    let mentions_eviction = ["maxmemory", "noeviction", "evict"]
+        .iter()
+        .any(|word| readme.to_lowercase().contains(word));
+    assert!(
+        mentions_eviction,
+        "the README documents persistence (at byte {persistence}) but not that an evicting \
+         maxmemory-policy can drop fencing counters and held locks"
+    );
+}
