@@ -465,3 +465,60 @@ fn the_readme_documents_the_eviction_policy_beside_persistence() {
          maxmemory-policy can drop fencing counters and held locks"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 3, a paused holder: "`lost()` fires no later than the moment validity runs out". The
+// signal depends on the renewal task being scheduled; when the holder's runtime is stalled (a
+// GC-like pause, CPU starvation, a blocking call: simulated here by blocking the only worker),
+// the holder resumes after its validity ran out, another request has taken the lock, and
+// `is_lost()` still says false: the lease knows its own validity but does not consult it.
+
+#[test]
+fn is_lost_is_true_once_validity_has_run_out_even_before_the_renewal_task_runs() {
+    let backend = MemoryBackend::new();
+    let ttl = Duration::from_millis(300);
+    let (seen, lost_after_pause) = std::sync::mpsc::channel();
+    let holder = LockLayer::new(backend.clone(), Header::new("x-key"))
+        .namespace(NS)
+        .ttl(ttl)
+        .no_renewal()
+        .layer(tower::service_fn(move |req: Request<String>| {
+            let seen = seen.clone();
+            async move {
+                let lease = req.extensions().get::<LockLease>().cloned().unwrap();
+                // The holder's process stalls for two TTLs (nothing else on this runtime runs).
+                std::thread::sleep(Duration::from_millis(700));
+                let _ = seen.send(lease.is_lost());
+                Ok::<_, Infallible>(Response::new(String::from("ok")))
+            }
+        }));
+    // Another instance of the service (its own layer and runtime), same store.
+    let other = LockLayer::new(backend, Header::new("x-key"))
+        .namespace(NS)
+        .ttl(ttl)
+        .layer(tower::service_fn(|_: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(String::from("ok")))
+        }));
+    let paused = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(send(&holder, request("k")))
+            .status()
+    });
+    std::thread::sleep(Duration::from_millis(450));
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(send(&other, request("k")))
+        .status();
+    let lost = lost_after_pause.recv().unwrap();
+    assert_eq!(paused.join().unwrap(), StatusCode::OK);
+    assert!(
+        second != StatusCode::OK || lost,
+        "another instance took the lock ({second}) and the paused holder, resuming after its \
+         validity ran out, was told is_lost() == false"
+    );
+}
