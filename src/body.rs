@@ -28,6 +28,9 @@ pub(crate) struct BodyLock {
     lost: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// Release in the background (`release_in_background`) instead of before the end.
     background: bool,
+    /// Bytes of the declared `Content-Length` not sent yet: a client that has them all stops
+    /// reading, so the frame that completes them is the last.
+    remaining: Option<u64>,
 }
 
 impl BodyLock {
@@ -35,11 +38,13 @@ impl BodyLock {
         held: Box<dyn HeldLock>,
         lost: Option<WaitForCancellationFutureOwned>,
         background: bool,
+        declared_length: Option<u64>,
     ) -> Self {
         Self {
             held,
             lost: lost.map(Box::pin),
             background,
+            remaining: declared_length,
         }
     }
 }
@@ -191,9 +196,24 @@ where
                 }
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 let last = match &frame {
-                    // The inner body knows this data frame is its last: release before it is
-                    // sent, since a client that knows the length stops reading here.
-                    Some(Ok(frame)) => frame.is_data() && body.is_end_stream(),
+                    // The last frame: trailers (hyper ends the body after them), a data frame
+                    // the inner body knows is its last, or the one that completes the declared
+                    // length. Release before it is sent: a client that has the whole body stops
+                    // reading there.
+                    Some(Ok(frame)) => {
+                        let completes = match (frame.data_ref(), lock.as_mut()) {
+                            (Some(data), Some(held)) => {
+                                held.remaining.as_mut().is_some_and(|left| {
+                                    let sent = u64::try_from(data.remaining()).unwrap_or(u64::MAX);
+                                    *left = left.saturating_sub(sent);
+                                    *left == 0
+                                })
+                            }
+                            _ => false,
+                        };
+                        frame.is_trailers()
+                            || (frame.is_data() && (completes || body.is_end_stream()))
+                    }
                     None => true,
                     Some(Err(_)) => {
                         // The response is broken: release now, in the background.

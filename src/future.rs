@@ -36,6 +36,8 @@ pin_project! {
     {
         core: Arc<Core<B>>,
         span: tracing::Span,
+        // A HEAD request: its response has no body to hold the lock through.
+        head: bool,
         #[pin]
         state: State<S, ReqB, B>,
     }
@@ -99,6 +101,7 @@ where
         mut inner: S,
         request: Request<ReqB>,
     ) -> Self {
+        let head = request.method() == http::Method::HEAD;
         let mut span = tracing::Span::none();
         let state = match key {
             Ok(None) => State::Calling {
@@ -157,13 +160,19 @@ where
                 }
             },
         };
-        Self { core, span, state }
+        Self {
+            core,
+            span,
+            head,
+            state,
+        }
     }
 }
 
 impl<S, ReqB, ResB, B> Future for ResponseFuture<S, ReqB, B>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: http_body::Body,
     B: LockBackend,
 {
     type Output = Result<Response<LockBody<ResB>>, S::Error>;
@@ -208,7 +217,10 @@ where
                         return Poll::Ready(output.map(|r| r.map(LockBody::inner)));
                     };
                     match output {
-                        Ok(response) if core.config.hold_through_body => {
+                        Ok(response)
+                            if core.config.hold_through_body
+                                && has_body_to_send(*this.head, &response) =>
+                        {
                             this.state.set(State::Done);
                             let lost = (core.config.lease_lost == LeaseLostPolicy::Abort)
                                 .then(|| guard.lease().lost_owned());
@@ -216,6 +228,7 @@ where
                                 Box::new(guard),
                                 lost,
                                 core.config.release_in_background,
+                                declared_length(&response),
                             );
                             let response = response.map(|body| LockBody::holding(body, lock));
                             return Poll::Ready(Ok(response));
@@ -337,7 +350,14 @@ where
     // The guard made here owns the lock from now on.
     let (name, token, runtime) = cleanup.disarm();
     crate::telemetry::acquired(started.elapsed());
-    let lease = LockLease::new(name, token, fencing_token, config.log_keys);
+    let lease = LockLease::new(
+        name,
+        token,
+        fencing_token,
+        config.log_keys,
+        started,
+        config.ttl,
+    );
     let guard = LockGuard::new(core.clone(), lease.clone(), runtime.clone());
     let validity = config.ttl.saturating_sub(started.elapsed());
     if validity < config.min_validity() {
@@ -358,7 +378,7 @@ where
             ttl: config.ttl,
             every,
             renew_until: config.max_hold.and_then(|max| started.checked_add(max)),
-            valid_until: started + config.ttl,
+            valid_until: lease.valid_until(),
             timeout: config.renew_timeout(),
         },
         &runtime,
@@ -385,6 +405,31 @@ where
         guard: Some(guard),
         output: Some(output),
     }
+}
+
+/// Whether a held-through response has body frames the client will read: not for HEAD, 204 and
+/// 304, nor for a body already known to be empty (hyper does not poll those, it drops them), so
+/// the lock is released before such a response is returned, as without hold-through-body.
+fn has_body_to_send<ResB: http_body::Body>(head: bool, response: &Response<ResB>) -> bool {
+    let status = response.status();
+    let body = response.body();
+    !(head
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+        || body.is_end_stream()
+        || body.size_hint().exact() == Some(0))
+}
+
+/// The `Content-Length` a response declares: a client reading that many bytes has the whole body.
+fn declared_length<ResB>(response: &Response<ResB>) -> Option<u64> {
+    response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn respond<B, ResB>(core: &Core<B>, rejection: Rejection) -> Response<LockBody<ResB>> {

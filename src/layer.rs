@@ -206,9 +206,14 @@ impl<K, B: LockBackend> LockLayer<K, B> {
     }
 
     /// The lease of each lock (default 10 s): how long it outlives a crashed holder. Renewal keeps
-    /// it alive while the request runs. Values under 1 ms are raised to 1 ms.
+    /// it alive while the request runs. Values are clamped to [`MIN_TTL`] (10 ms: a shorter lease
+    /// could not be renewed before it runs out) and [`MAX_TTL`] (365 days: every backend can keep
+    /// a lease that long, and deadlines that far ahead never overflow).
+    ///
+    /// [`MIN_TTL`]: crate::backend::MIN_TTL
+    /// [`MAX_TTL`]: crate::backend::MAX_TTL
     pub fn ttl(self, ttl: Duration) -> Self {
-        self.with(|c| c.ttl = ttl.max(Duration::from_millis(1)))
+        self.with(|c| c.ttl = ttl.clamp(crate::backend::MIN_TTL, crate::backend::MAX_TTL))
     }
 
     /// How long an acquire may take before the request is answered 503 (default 500 ms).

@@ -19,7 +19,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -60,6 +60,11 @@ struct Shared {
     lost: CancellationToken,
     ended: AtomicBool,
     log_keys: bool,
+    /// When the lease was acquired (the start of the acquire call, as its validity counts).
+    acquired: Instant,
+    /// Nanoseconds after `acquired` at which the lease's validity runs out unless renewed; moved
+    /// on by each successful extend.
+    valid_for_ns: AtomicU64,
     /// Where the lease is scheduled for renewal, once it is.
     registration: OnceLock<Registration>,
 }
@@ -76,6 +81,8 @@ impl LockLease {
         token: LockToken,
         fencing_token: u64,
         log_keys: bool,
+        acquired: Instant,
+        ttl: Duration,
     ) -> Self {
         Self(Arc::new(Shared {
             name,
@@ -84,8 +91,27 @@ impl LockLease {
             lost: CancellationToken::new(),
             ended: AtomicBool::new(false),
             log_keys,
+            acquired,
+            valid_for_ns: AtomicU64::new(nanos(ttl)),
             registration: OnceLock::new(),
         }))
+    }
+
+    /// When the lease's validity runs out unless it is renewed before.
+    pub(crate) fn valid_until(&self) -> Instant {
+        let valid_for = Duration::from_nanos(self.0.valid_for_ns.load(Ordering::Acquire));
+        self.0
+            .acquired
+            .checked_add(valid_for)
+            .unwrap_or(self.0.acquired)
+    }
+
+    /// A successful extend moved the validity to `valid_until`.
+    fn set_valid_until(&self, valid_until: Instant) {
+        let valid_for = valid_until.saturating_duration_since(self.0.acquired);
+        self.0
+            .valid_for_ns
+            .fetch_max(nanos(valid_for), Ordering::AcqRel);
     }
 
     /// How the lock is named in traces (a short hash unless the layer logs keys).
@@ -109,15 +135,30 @@ impl LockLease {
         self.0.fencing_token
     }
 
-    /// Whether the lease is known to be lost: a renewal found the lock gone or taken, or renewals
-    /// failed until the lease's validity ran out.
+    /// Whether the lease is known to be lost: a renewal found the lock gone or taken, or its
+    /// validity has run out without a successful renewal (also when the renewal task has not
+    /// had a chance to run, e.g. after this process was paused).
     pub fn is_lost(&self) -> bool {
-        self.0.lost.is_cancelled()
+        self.0.lost.is_cancelled() || Instant::now() >= self.valid_until()
     }
 
-    /// Completes when the lease is lost (immediately if it already is). Use it in `select!`.
+    /// Completes when the lease is lost (immediately if it already is), at the latest when its
+    /// validity runs out without a successful renewal. Use it in `select!`.
     pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.0.lost.clone().cancelled_owned()
+        let lease = self.clone();
+        async move {
+            loop {
+                let valid_until = lease.valid_until();
+                if Instant::now() >= valid_until {
+                    lease.mark_lost("lease validity ran out without a renewal");
+                    return;
+                }
+                tokio::select! {
+                    () = lease.0.lost.cancelled() => return,
+                    () = tokio::time::sleep_until(valid_until) => {}
+                }
+            }
+        }
     }
 
     pub(crate) fn lost_owned(&self) -> WaitForCancellationFutureOwned {
@@ -147,12 +188,17 @@ impl LockLease {
     }
 
     fn mark_lost(&self, why: &'static str) {
-        if !self.has_ended() && !self.is_lost() {
+        if !self.has_ended() && !self.0.lost.is_cancelled() {
             tracing::warn!(lock = %self.label(), why, "lock lease lost");
             crate::telemetry::lease_lost();
         }
         self.0.lost.cancel();
     }
+}
+
+/// `duration` in nanoseconds, saturating.
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl std::fmt::Debug for LockLease {
@@ -373,7 +419,10 @@ impl<B: LockBackend> Renewer<B> {
         let tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         tasks.iter().fold((0, 0), |(len, capacity), (_, inbox)| {
             let state = inbox.state();
-            (len + state.entries.len(), capacity + state.entries.capacity())
+            (
+                len + state.entries.len(),
+                capacity + state.entries.capacity(),
+            )
         })
     }
 }
@@ -535,6 +584,7 @@ fn settle(
         Renewed::Done(Extend::Extended) => {
             tracing::trace!(lock = %entry.lease.label(), "lease renewed");
             entry.plan.valid_until = sent_at.checked_add(entry.plan.ttl).unwrap_or(sent_at);
+            entry.lease.set_valid_until(entry.plan.valid_until);
             let due = entry.plan.next_due(now);
             state.reschedule(id, due);
         }

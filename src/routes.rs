@@ -215,6 +215,7 @@ impl<S: fmt::Debug, B> fmt::Debug for LockRoutesService<S, B> {
 impl<S, B, ReqB, ResB> Service<Request<ReqB>> for LockRoutesService<S, B>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    ResB: http_body::Body,
     B: LockBackend,
 {
     type Response = Response<LockBody<ResB>>;

@@ -57,6 +57,7 @@ impl<S: std::fmt::Debug, K: std::fmt::Debug, B> std::fmt::Debug for LockService<
 impl<S, K, B, ReqB, ResB> Service<Request<ReqB>> for LockService<S, K, B>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    ResB: http_body::Body,
     K: KeyExtractor,
     B: LockBackend,
 {

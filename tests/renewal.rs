@@ -472,52 +472,6 @@ suite!(
     renewals_keep_up_under_a_tight_loop_of_short_requests,
 );
 
-/// The renewal task lives on the runtime of the first request. When that runtime shuts down
-/// while requests of another runtime hold leases, those leases are reported lost (not silently
-/// left to expire), and the next request starts a task on a live runtime. Memory backend only: a
-/// Redis connection's driver dies with the runtime that made it.
-#[test]
-fn leases_of_a_dead_renewal_task_are_marked_lost() {
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let memory = tower_lock::MemoryBackend::new();
-    let service = service(
-        layer(memory.clone())
-            .ttl(Duration::from_secs(10))
-            .renew_every(Duration::from_millis(100)),
-    );
-    let first = runtime();
-    let second = runtime();
-    // The renewal task starts on `first`.
-    first.block_on(async {
-        assert_eq!(send(&service, request("a")).await.status(), StatusCode::OK);
-    });
-    // A lease from `second` goes to that task.
-    let holder = second.spawn(send(&service, holding("b", 5000)));
-    second.block_on(async {
-        assert!(eventually(Duration::from_secs(5), async || memory.held() == 1).await);
-    });
-    drop(first);
-    let response = second
-        .block_on(async { tokio::time::timeout(Duration::from_secs(2), holder).await })
-        .expect("the lease of a dead renewal task was not reported lost")
-        .unwrap();
-    let body = second.block_on(body_json(response));
-    assert_eq!(body["lost"], true);
-    // New leases are renewed on a live runtime.
-    second.block_on(async {
-        let service = service.clone();
-        let holder = tokio::spawn(send(&service, holding("c", 400)));
-        let response = holder.await.unwrap();
-        assert_eq!(body_json(response).await["lost"], false);
-    });
-}
-
 /// A request called on a runtime that has since shut down, and polled on another, cannot have its
 /// lease renewed there (whatever is spawned on a shut-down runtime is dropped at once): the lease
 /// is reported lost at once, and the request neither hangs nor spins.

@@ -99,10 +99,9 @@ impl State {
     }
 }
 
-/// `now + ttl`, saturating at a year from now.
+/// `now + ttl`, saturating at [`MAX_TTL`](super::MAX_TTL) from now.
 fn far_future(now: Instant, ttl: Duration) -> Instant {
-    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
-    now.checked_add(ttl.min(YEAR)).unwrap_or(now)
+    now.checked_add(ttl.min(super::MAX_TTL)).unwrap_or(now)
 }
 
 fn ready<T: Send + 'static>(value: T) -> BackendFuture<T> {

@@ -29,6 +29,13 @@ use std::time::Duration;
 pub use self::memory::MemoryBackend;
 pub use self::redis::RedisBackend;
 
+/// The shortest lease a layer takes: a shorter one could not be renewed before it runs out.
+pub const MIN_TTL: Duration = Duration::from_millis(10);
+
+/// The longest lease a layer takes (365 days): every backend can keep a lease that long, and
+/// deadlines that far ahead never overflow a clock. Longer TTLs are clamped to it.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The boxed future every backend operation returns. `'static` so that a release can be spawned
 /// from a `Drop`.
 pub type BackendFuture<T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'static>>;

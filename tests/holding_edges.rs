@@ -1,5 +1,6 @@
-//! Red-team tests of the holding, renewing and releasing paths (issue 7 items 2, 3, 7, 8, 9).
-//! Each test is named after the promise it shows broken.
+//! Holding, renewing and releasing at the edges: bodies hyper never polls, declared lengths and
+//! trailers, huge TTLs, idle and shut-down runtimes, stalled holders. Each test was first written
+//! by an adversarial review of issue 7's fixes, failing, and is named after the promise it pins.
 
 #[macro_use]
 mod common;
@@ -64,8 +65,6 @@ async fn hold_through_body_releases_before_an_empty_or_head_response_ends<F: Fix
         met_own_lock.len()
     );
 }
-
-
 
 // ---------------------------------------------------------------------------------------------
 // Duration arithmetic: `LockLayer::ttl` accepts any Duration ("values under 1 ms are raised"),
@@ -289,7 +288,8 @@ fn other_runtime_shutdown_case<F: Fixture>() {
     };
     std::thread::sleep(Duration::from_millis(100));
     // The long request runs on the multi-thread runtime, which lives on.
-    let status = worker.block_on(send(&service, request("k").header("x-long", "1")))
+    let status = worker
+        .block_on(send(&service, request("k").header("x-long", "1")))
         .status();
     side.join().unwrap();
     assert_eq!(
