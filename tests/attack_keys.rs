@@ -399,3 +399,49 @@ mod differential {
         }
     }
 }
+
+/// Held up: every spelling of a repeated key parameter that axum's `Query` reads as one name is
+/// a 400, and hostile query strings never panic.
+#[test]
+fn held_up_repeated_query_parameter_spellings_are_refused() {
+    use tower_lock::key::{KeyExtractor, Query};
+    let template = tower_lock::key::KeyTemplate::parse("doc:{query.doc}").unwrap();
+    let extract = |uri: &str| {
+        let (parts, ()) = Request::get(uri).body(()).unwrap().into_parts();
+        (
+            Query::new("doc")
+                .extract(&parts)
+                .map(|k| k.map(|k| k.as_str().to_owned())),
+            template
+                .extract(&parts)
+                .map(|k| k.map(|k| k.as_str().to_owned())),
+        )
+    };
+    for uri in [
+        "/?doc=a&doc=b",
+        "/?doc=a&d%6Fc=b",
+        "/?doc=a&doc",
+        "/?doc&doc",
+        "/?doc=a&doc=",
+        "/?%64%6F%63=a&doc=a",
+    ] {
+        let (query, template) = extract(uri);
+        assert!(
+            query.is_err() && template.is_err(),
+            "{uri}: {query:?} {template:?}"
+        );
+    }
+    for uri in [
+        "/?doc=%",
+        "/?doc=%Z",
+        "/?doc=%%%",
+        "/?doc=+%2B+",
+        "/?=&&=&doc=x",
+    ] {
+        let (query, template) = extract(uri);
+        assert!(
+            query.is_ok() && template.is_ok(),
+            "{uri}: {query:?} {template:?}"
+        );
+    }
+}
