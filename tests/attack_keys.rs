@@ -1,0 +1,447 @@
+//! Red-team probes of issue 7's key fixes: which key a request locks, and whether it is locked.
+
+#[macro_use]
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Query as AxumQuery;
+use axum::routing::{MethodRouter, get, post};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::Notify;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_lock::{LockLease, LockPolicy};
+
+use common::{Fixture, Memory, NS, Redis, until_held};
+
+/// Answers with the lock it runs under (or `unlocked`) and, after `|`, the `doc` query
+/// parameter as axum's `Query` reads it; with an `x-gate` header it first waits for `gate`.
+fn handler(gate: Arc<Notify>) -> MethodRouter {
+    post(
+        move |lease: Option<LockLease>,
+              headers: HeaderMap,
+              AxumQuery(query): AxumQuery<HashMap<String, String>>| async move {
+            if headers.contains_key("x-gate") {
+                gate.notified().await;
+            }
+            let lock = lease.map_or_else(|| "unlocked".to_owned(), |lease| lease.key().to_owned());
+            let doc = query.get("doc").cloned().unwrap_or_default();
+            format!("{lock}|{doc}")
+        },
+    )
+}
+
+async fn call(app: &Router, method: Method, uri: &str, gated: bool) -> (StatusCode, String) {
+    let mut request = Request::builder().method(method).uri(uri);
+    if gated {
+        request = request.header("x-gate", "1");
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Starts `first` (held open by the gate), then sends `second` while `first` holds its lock;
+/// returns what `second` got, then lets `first` finish.
+async fn while_held<F: Fixture>(
+    fixture: &F,
+    app: &Router,
+    gate: &Notify,
+    first: (Method, &str),
+    second: (Method, &str),
+) -> ((StatusCode, String), (StatusCode, String)) {
+    let holder = tokio::spawn({
+        let app = app.clone();
+        let (method, uri) = (first.0.clone(), first.1.to_owned());
+        async move { call(&app, method, &uri, true).await }
+    });
+    until_held(fixture, 1).await;
+    let during = call(app, second.0, second.1, false).await;
+    gate.notify_one();
+    let first = holder.await.unwrap();
+    until_held(fixture, 0).await;
+    (first, during)
+}
+
+/// Item 4: "A policy that covers GET covers HEAD" — axum runs the GET handler for a HEAD, so a
+/// HEAD must meet the lock the GET holds. With `{method}` in the key it does not: the GET holds
+/// `GET:doc:7`, the HEAD takes `HEAD:doc:7`, and the GET handler runs twice at once on doc 7.
+async fn head_meets_the_lock_of_get_under_a_method_key<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Arc::new(Notify::new());
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let get_handler = {
+        let gate = gate.clone();
+        let calls = calls.clone();
+        get(move |headers: HeaderMap| async move {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if headers.contains_key("x-gate") {
+                gate.notified().await;
+            }
+            "body"
+        })
+    };
+    let app = Router::new().route(
+        "/docs/{doc}",
+        get_handler.route_layer(
+            LockPolicy::template("{method}:doc:{path.doc}")
+                .unwrap()
+                .methods([Method::GET])
+                .layer(fixture.backend())
+                .namespace(NS),
+        ),
+    );
+    let (first, during) = while_held(
+        &fixture,
+        &app,
+        &gate,
+        (Method::GET, "/docs/7"),
+        (Method::HEAD, "/docs/7"),
+    )
+    .await;
+    assert_eq!(first.0, StatusCode::OK);
+    assert_eq!(
+        during.0,
+        StatusCode::CONFLICT,
+        "a HEAD ran the GET handler beside a GET holding the lock on doc 7 ({} handler runs)",
+        calls.load(std::sync::atomic::Ordering::SeqCst)
+    );
+}
+
+/// Item 10 made query values bytes, so `%FF` and `%FE` lock apart. But axum's `Query` (like
+/// every `form_urlencoded` reader) decodes them lossily: the handler reads the same document
+/// `U+FFFD` for `?doc=%FF`, `?doc=%FE` and `?doc=%EF%BF%BD`, and all three run at once.
+async fn one_document_as_the_handler_reads_it_is_one_lock<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Arc::new(Notify::new());
+    let app = Router::new().route(
+        "/docs",
+        handler(gate.clone()).route_layer(
+            LockPolicy::template("doc:{query.doc}")
+                .unwrap()
+                .layer(fixture.backend())
+                .namespace(NS),
+        ),
+    );
+    for other in ["/docs?doc=%FE", "/docs?doc=%EF%BF%BD"] {
+        let (first, during) = while_held(
+            &fixture,
+            &app,
+            &gate,
+            (Method::POST, "/docs?doc=%FF"),
+            (Method::POST, other),
+        )
+        .await;
+        let first_doc = first.1.rsplit('|').next().unwrap().to_owned();
+        let during_doc = during.1.rsplit('|').next().unwrap().to_owned();
+        assert!(
+            during.0 != StatusCode::OK || first_doc != during_doc,
+            "{other} ran on document {during_doc:?} beside ?doc=%FF on document {first_doc:?}: \
+             {} vs {}",
+            first.1,
+            during.1
+        );
+    }
+}
+
+/// The README: "request material is … percent-escaped …, so different inputs never share a
+/// key". Two routes of one namespace, each keyed under its own `order:` template: the note of
+/// order 7 and the line `notes` of order 7 share the lock `order:7:notes`.
+async fn readme_different_inputs_never_share_a_key<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Arc::new(Notify::new());
+    let app = Router::new()
+        .route(
+            "/orders/{order}/lines/{line}",
+            handler(gate.clone()).route_layer(
+                LockPolicy::template("order:{path.order}:{path.line}")
+                    .unwrap()
+                    .layer(fixture.backend())
+                    .namespace(NS),
+            ),
+        )
+        .route(
+            "/orders/{order}/notes",
+            handler(gate.clone()).route_layer(
+                LockPolicy::template("order:{path.order}:notes")
+                    .unwrap()
+                    .layer(fixture.backend())
+                    .namespace(NS),
+            ),
+        );
+    let (first, during) = while_held(
+        &fixture,
+        &app,
+        &gate,
+        (Method::POST, "/orders/7/lines/notes"),
+        (Method::POST, "/orders/7/notes"),
+    )
+    .await;
+    assert_eq!(first.0, StatusCode::OK, "{}", first.1);
+    assert_eq!(
+        during.0,
+        StatusCode::OK,
+        "different inputs (line `notes` of order 7, the notes of order 7) shared the lock {}",
+        first.1
+    );
+}
+
+suite!(
+    head_meets_the_lock_of_get_under_a_method_key,
+    one_document_as_the_handler_reads_it_is_one_lock,
+    readme_different_inputs_never_share_a_key,
+);
+
+// ---------------------------------------------------------------------------------------------
+// What held up (these pass): item 1's mountings beyond the regression test's, and a differential
+// check of `LockRoutes` against axum's own router on generated patterns and paths.
+
+#[tokio::test]
+async fn held_up_more_nest_mountings_lock_the_account() {
+    let fixture = Memory::start().await;
+    let gate = Arc::new(Notify::new());
+    let policy = || {
+        LockPolicy::template("account:{path.id}")
+            .unwrap()
+            .layer(fixture.backend())
+            .namespace(NS)
+    };
+    let api_route_layer = || {
+        Router::new().route(
+            "/accounts/{id}/{op}",
+            handler(gate.clone()).route_layer(policy()),
+        )
+    };
+    let api_layer = || {
+        Router::new()
+            .route("/accounts/{id}/{op}", handler(gate.clone()))
+            .layer(policy())
+    };
+    let api_router_route_layer = || {
+        Router::new()
+            .route("/accounts/{id}/{op}", handler(gate.clone()))
+            .route_layer(policy())
+    };
+    let mounts: Vec<(&str, Router)> = vec![
+        ("/v1/", Router::new().nest("/v1", api_layer())),
+        ("/v1/", Router::new().nest("/v1", api_router_route_layer())),
+        ("/v1/", Router::new().nest_service("/v1", api_layer())),
+        (
+            "/x/y/",
+            Router::new().nest(
+                "/x",
+                Router::new().nest_service("/y", Router::new().merge(api_route_layer())),
+            ),
+        ),
+        // The inner `{id}` is the account; the outer one is not.
+        ("/t/9/", Router::new().nest("/t/{id}", api_route_layer())),
+    ];
+    for (prefix, app) in mounts {
+        let uri = format!("{prefix}accounts/42/deposit");
+        assert_eq!(
+            call(&app, Method::POST, &uri, false).await,
+            (StatusCode::OK, format!("{NS}{{account:42}}|")),
+            "{uri}"
+        );
+    }
+}
+
+mod differential {
+    use super::*;
+    use proptest::prelude::*;
+    use tower_lock::key::{Global, PathParam};
+    use tower_lock::{LockRoutes, MemoryBackend};
+
+    fn pattern_strategy() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("/"),
+                Just("a"),
+                Just("b"),
+                Just("{"),
+                Just("}"),
+                Just("{x}"),
+                Just("{y}"),
+                Just("{*r}"),
+                Just("*"),
+                Just(":"),
+                Just("."),
+                Just("%2F"),
+                Just("{{"),
+                Just("}}"),
+            ],
+            0..7,
+        )
+        .prop_map(|parts| format!("/{}", parts.concat()))
+    }
+
+    fn path_strategy() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("/"),
+                Just("a"),
+                Just("b"),
+                Just("x"),
+                Just("*"),
+                Just(":"),
+                Just("."),
+                Just("%2F"),
+                Just("%FF"),
+                Just("%"),
+            ],
+            0..8,
+        )
+        .prop_map(|parts| format!("/{}", parts.concat()))
+    }
+
+    fn params(pattern: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = pattern;
+        while let Some(start) = rest.find('{') {
+            if rest[start..].starts_with("{{") {
+                rest = &rest[start + 2..];
+                continue;
+            }
+            let Some(end) = rest[start..].find('}') else {
+                break;
+            };
+            names.push(
+                rest[start + 1..start + end]
+                    .trim_start_matches('*')
+                    .to_owned(),
+            );
+            rest = &rest[start + end + 1..];
+        }
+        names
+    }
+
+    fn key_service() -> impl tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|request: Request<Body>| async move {
+            let key = request
+                .extensions()
+                .get::<LockLease>()
+                .map_or_else(|| "unlocked".to_owned(), |l| l.key().to_owned());
+            Ok::<_, Infallible>(Response::new(Body::from(key)))
+        })
+    }
+
+    async fn outcome(app: Router, path: &str) -> Option<(StatusCode, String)> {
+        let request = Request::post(path).body(Body::empty()).ok()?;
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        Some((status, String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, .. ProptestConfig::default() })]
+        #[test]
+        fn held_up_route_table_locks_whatever_axum_routes_to_the_same_pattern(pattern in pattern_strategy(), paths in proptest::collection::vec(path_strategy(), 1..6)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let names = params(&pattern);
+            let backend = MemoryBackend::new();
+            let table = std::panic::catch_unwind(|| {
+                match names.first() {
+                    Some(name) => LockRoutes::new(backend.clone()).route(&pattern, LockPolicy::key(PathParam::new(name))),
+                    None => LockRoutes::new(backend.clone()).route(&pattern, LockPolicy::key(Global::new("g"))),
+                }
+            });
+            let table = match table {
+                Ok(table) => table,
+                Err(_) => panic!("LockRoutes::route panicked on {pattern:?}"),
+            };
+            let axum = std::panic::catch_unwind(|| {
+                let layer = match names.first() {
+                    Some(name) => LockPolicy::key(PathParam::new(name)).layer(backend.clone()),
+                    None => LockPolicy::key(Global::new("g")).layer(backend.clone()),
+                };
+                Router::new().route(&pattern, post(|lease: Option<LockLease>| async move {
+                    lease.map_or_else(|| "unlocked".to_owned(), |l| l.key().to_owned())
+                }).route_layer(layer))
+            });
+            match (&table, &axum) {
+                (Ok(_), Err(_)) => panic!("axum refuses {pattern:?}, the table accepts it"),
+                // Refusing more than axum is safe (it never leaves a route unlocked).
+                (Err(_), _) => return Ok(()),
+                (Ok(_), Ok(_)) => {}
+            }
+            let table = table.unwrap();
+            let axum_app = axum.unwrap();
+            let table_app = Router::new().fallback_service(ServiceBuilder::new().layer(table).service(key_service()));
+            for path in paths {
+                let a = runtime.block_on(outcome(axum_app.clone(), &path));
+                let t = runtime.block_on(outcome(table_app.clone(), &path));
+                let (Some(a), Some(t)) = (a, t) else { continue };
+                let a_ran = a.0 == StatusCode::OK;
+                let t_locked = t.1 != "unlocked" || t.0 != StatusCode::OK;
+                prop_assert!(!a_ran || t_locked, "pattern {pattern:?} path {path:?}: axum ran {a:?}, table {t:?}");
+                if a_ran && t.0 == StatusCode::OK {
+                    prop_assert_eq!(&a.1, &t.1, "pattern {:?} path {:?}", pattern, path);
+                }
+            }
+        }
+    }
+}
+
+/// Held up: every spelling of a repeated key parameter that axum's `Query` reads as one name is
+/// a 400, and hostile query strings never panic.
+#[test]
+fn held_up_repeated_query_parameter_spellings_are_refused() {
+    use tower_lock::key::{KeyExtractor, Query};
+    let template = tower_lock::key::KeyTemplate::parse("doc:{query.doc}").unwrap();
+    let extract = |uri: &str| {
+        let (parts, ()) = Request::get(uri).body(()).unwrap().into_parts();
+        (
+            Query::new("doc")
+                .extract(&parts)
+                .map(|k| k.map(|k| k.as_str().to_owned())),
+            template
+                .extract(&parts)
+                .map(|k| k.map(|k| k.as_str().to_owned())),
+        )
+    };
+    for uri in [
+        "/?doc=a&doc=b",
+        "/?doc=a&d%6Fc=b",
+        "/?doc=a&doc",
+        "/?doc&doc",
+        "/?doc=a&doc=",
+        "/?%64%6F%63=a&doc=a",
+    ] {
+        let (query, template) = extract(uri);
+        assert!(
+            query.is_err() && template.is_err(),
+            "{uri}: {query:?} {template:?}"
+        );
+    }
+    for uri in [
+        "/?doc=%",
+        "/?doc=%Z",
+        "/?doc=%%%",
+        "/?doc=+%2B+",
+        "/?=&&=&doc=x",
+    ] {
+        let (query, template) = extract(uri);
+        assert!(
+            query.is_ok() && template.is_ok(),
+            "{uri}: {query:?} {template:?}"
+        );
+    }
+}
