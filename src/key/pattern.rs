@@ -11,10 +11,15 @@
 //!
 //! 1. the route a [`LockRoutes`](crate::LockRoutes) table matched (its own pattern wins over any
 //!    router around it);
-//! 2. with the `axum` feature, the values axum's router extracted (`RawPathParams`), whenever
+//! 2. the pattern given to the extractor (`with_pattern`, `layer_for`), when it matches the URI
+//!    path: the user's word for the route wins over a router around it, such as axum's
+//!    `route_service("/api/{*rest}", …)`;
+//! 3. with the `axum` feature, the values axum's router extracted (`RawPathParams`), whenever
 //!    axum's `MatchedPath` is present: right under nesting, since axum strips the nest prefix from
-//!    the URI but not from the pattern;
-//! 3. the pattern given to the extractor, matched against the URI path.
+//!    the URI but not from the pattern.
+//!
+//! A value that is not valid UTF-8 once percent-decoded is rejected with 400, as axum's `Path`
+//! does: a handler reads text, so two byte strings it would read as one must not take two locks.
 
 use std::sync::Arc;
 
@@ -267,10 +272,14 @@ pub(crate) struct TableMatch {
     pub(crate) params: PathParams,
 }
 
-/// The route pattern of the request: the table's, axum's `MatchedPath`, or `own`.
+/// The route pattern of the request: the table's, `own` when it matches the path, axum's
+/// `MatchedPath`, or `own`.
 pub(crate) fn route_pattern<'a>(parts: &'a Parts, own: Option<&'a Pattern>) -> Option<&'a str> {
     if let Some(table) = parts.extensions.get::<TableMatch>() {
         return Some(&table.pattern);
+    }
+    if let Some(own) = own.filter(|pattern| pattern.matches(parts.uri.path()).is_some()) {
+        return Some(own.as_str());
     }
     #[cfg(feature = "axum")]
     if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
@@ -297,7 +306,15 @@ impl ParamSource<'_> {
             Self::Owned(params) => params,
             Self::NoMatch => return Err(missing(name)),
         };
-        params.get(name).ok_or_else(|| missing(name))
+        let value = params.get(name).ok_or_else(|| missing(name))?;
+        if std::str::from_utf8(value).is_err() {
+            // As axum's `Path` does: a handler reads text, so bytes it cannot read must not make
+            // two locks of what it would take for one value.
+            return Err(KeyRejection::new(format!(
+                "the path parameter `{name}` is not valid UTF-8 once percent-decoded"
+            )));
+        }
+        Ok(value)
     }
 }
 
@@ -314,6 +331,11 @@ pub(crate) fn path_params<'a>(
 ) -> Result<ParamSource<'a>, KeyRejection> {
     if let Some(table) = parts.extensions.get::<TableMatch>() {
         return Ok(ParamSource::Borrowed(&table.params));
+    }
+    // A pattern given to the extractor is the user's word for this route: it wins over a
+    // router around it (axum's `route_service("/api/{*rest}", …)`) whenever it matches.
+    if let Some(params) = own.and_then(|pattern| pattern.matches(parts.uri.path())) {
+        return Ok(ParamSource::Owned(params));
     }
     #[cfg(feature = "axum")]
     if let Some(params) = axum_params(parts)? {

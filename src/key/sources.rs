@@ -101,8 +101,9 @@ impl KeyExtractor for Query {
     }
 }
 
-/// The value of query parameter `name`, decoded as `application/x-www-form-urlencoded` to bytes
-/// (`+` is a space, `%XX` any byte; nothing is replaced by U+FFFD, so `%FE` and `%FF` differ).
+/// The value of query parameter `name`, decoded as `application/x-www-form-urlencoded` (`+` is a
+/// space, `%XX` a byte). A value that is not valid UTF-8 once decoded is rejected with 400, so
+/// that two values a handler would read as one text never take two locks.
 ///
 /// A parameter given more than once is ambiguous (frameworks disagree on which one counts:
 /// axum's `Query<HashMap<_, _>>` keeps the last), so it is rejected with 400.
@@ -122,7 +123,16 @@ pub(crate) fn query_value(parts: &Parts, name: &str) -> Result<Option<Vec<u8>>, 
                  ambiguous"
             )));
         }
-        found = Some(form_decode(value));
+        let value = form_decode(value);
+        if std::str::from_utf8(&value).is_err() {
+            // The handler reads text (axum's `Query` replaces bad bytes with U+FFFD, so `%FE`
+            // and `%FF` would be one document to it and two locks to us): refuse, as axum's
+            // `Path` does.
+            return Err(KeyRejection::new(format!(
+                "the query parameter `{name}` is not valid UTF-8 once decoded"
+            )));
+        }
+        found = Some(value);
     }
     Ok(found)
 }

@@ -8,8 +8,8 @@
 //! |---|---|---|
 //! | `{path.NAME}` | path parameter `NAME` of the matched route, percent-decoded to bytes | 400 |
 //! | `{header.NAME}` | first value of request header `NAME` (case-insensitive) | 400 |
-//! | `{query.NAME}` | query parameter `NAME`, decoded as `application/x-www-form-urlencoded` to bytes; given twice, 400 | 400 |
-//! | `{method}` | the HTTP method, e.g. `PUT` | never |
+//! | `{query.NAME}` | query parameter `NAME`, decoded as `application/x-www-form-urlencoded`; given twice or not UTF-8 once decoded, 400 | 400 |
+//! | `{method}` | the HTTP method, e.g. `PUT`; `HEAD` reads `GET` (it runs the GET handler) | never |
 //! | `{matched_path}` | the route pattern, e.g. `/accounts/{id}` | 400 |
 //!
 //! `{{` and `}}` are a literal `{` and `}`. Whitespace inside braces is not allowed.
@@ -424,7 +424,13 @@ impl KeyExtractor for KeyTemplate {
             };
             match source {
                 Source::Method => {
-                    key.push_material_escaping(parts.method.as_str().as_bytes(), escape)
+                    // axum (and HTTP) answer HEAD with the GET handler: one lock for both.
+                    let method = if parts.method == http::Method::HEAD {
+                        "GET"
+                    } else {
+                        parts.method.as_str()
+                    };
+                    key.push_material_escaping(method.as_bytes(), escape)
                 }
                 Source::MatchedPath => match route_pattern(parts, self.pattern.as_ref()) {
                     Some(pattern) => key.push_material_escaping(pattern.as_bytes(), escape),
