@@ -63,6 +63,29 @@ pub(crate) struct Config {
     pub(crate) log_keys: bool,
 }
 
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("namespace", &self.namespace)
+            .field("ttl", &self.ttl)
+            .field("renew_every", &self.renewal_interval())
+            .field("renew_timeout", &self.renew_timeout())
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("release_timeout", &self.release_timeout)
+            .field("min_validity", &self.min_validity())
+            .field("max_hold", &self.max_hold)
+            .field("fail_open", &self.fail_open)
+            .field("release_in_background", &self.release_in_background)
+            .field("hold_through_body", &self.hold_through_body)
+            .field("lease_lost", &self.lease_lost)
+            .field("fencing", &self.fencing)
+            .field("max_key_len", &self.max_key_len)
+            .field("log_keys", &self.log_keys)
+            .field("on_rejection", &self.on_rejection.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -173,9 +196,19 @@ impl<B: LockBackend> Clone for Core<B> {
 ///     .namespace("orders:");
 /// ```
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it is applied to a service"]
 pub struct LockLayer<K, B> {
     extractor: K,
     core: Arc<Core<B>>,
+}
+
+impl<K: std::fmt::Debug, B> std::fmt::Debug for LockLayer<K, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockLayer")
+            .field("extractor", &self.extractor)
+            .field("config", &self.core.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<K, B: LockBackend> LockLayer<K, B> {

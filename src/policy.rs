@@ -40,6 +40,7 @@ type RejectionHandler = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
 
 /// How one endpoint is locked. See the [module docs](self).
 #[derive(Clone)]
+#[must_use = "a policy does nothing until it is made a layer or added to a route table"]
 pub struct LockPolicy {
     key: PolicyKey,
     ttl: Option<Duration>,

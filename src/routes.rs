@@ -49,6 +49,7 @@ use crate::policy::{LockPolicy, PolicyKey};
 use crate::service::take_ready;
 
 /// A table of routes and their lock policies; a [`Layer`]. See the [module docs](self).
+#[must_use = "a route table does nothing until it is applied to a service"]
 pub struct LockRoutes<B> {
     base: LockLayer<(), B>,
     routes: Arc<Vec<Route<B>>>,
@@ -91,6 +92,7 @@ impl<B> fmt::Debug for LockRoutes<B> {
 
 /// A route that cannot be added: a bad pattern, or a key template that does not fit it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RouteError {
     /// The policy's key template refers to a path parameter the pattern does not have.
     Template(TemplateError),

@@ -208,6 +208,24 @@ impl LockToken {
     pub fn to_hex(self) -> String {
         format!("{:032x}", self.0)
     }
+
+    /// The token written by [`LockToken::to_hex`]: exactly 32 hex digits (either case); `None`
+    /// for anything else. For operators' tools that act on a lock whose token they logged or read
+    /// from Redis.
+    ///
+    /// ```
+    /// use tower_lock::backend::LockToken;
+    ///
+    /// let token = LockToken::random();
+    /// assert_eq!(LockToken::from_hex(&token.to_hex()), Some(token));
+    /// assert_eq!(LockToken::from_hex("not a token"), None);
+    /// ```
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u128::from_str_radix(hex, 16).ok().map(Self)
+    }
 }
 
 impl fmt::Debug for LockToken {
