@@ -220,7 +220,124 @@ async fn held_body_ends_after_its_release_unless_in_background<F: Fixture>() {
     }
 }
 
+/// A response body that says, as configured, whether it is over and whether its size is exactly
+/// 0, and sends one data frame unless it is over.
+struct Probe {
+    ended: bool,
+    exact_zero: bool,
+}
+
+impl http_body::Body for Probe {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.ended || self.exact_zero {
+            return std::task::Poll::Ready(None);
+        }
+        self.ended = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from("body")))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        if self.exact_zero {
+            http_body::SizeHint::with_exact(0)
+        } else {
+            http_body::SizeHint::default()
+        }
+    }
+}
+
+/// A held-through response that has no body for the client to read — the answer to a HEAD, a
+/// 204, a 304, a body known to be empty (by `is_end_stream` or an exact size of 0) — is not held
+/// through its body (hyper drops such bodies unpolled, and the release would only be spawned):
+/// the release completes before the response is returned, exactly as without hold-through-body.
+/// A response with a body is returned at once, holding its lock. Each condition on its own.
+async fn response_without_a_body_to_send_is_released_before_it_is_returned<F: Fixture>() {
+    let fixture = F::start().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let backend = GatedRelease {
+        inner: fixture.backend(),
+        gate: gate.clone(),
+    };
+    let service = ServiceBuilder::new()
+        .layer(
+            LockLayer::new(backend, Header::new("x-key"))
+                .namespace(NS)
+                .release_timeout(Duration::from_secs(30))
+                .hold_through_body(true),
+        )
+        .service(tower::service_fn(|req: Request<String>| async move {
+            let kind = req.headers()["x-response"].to_str().unwrap().to_owned();
+            let body = match kind.as_str() {
+                // Knows it is over, but gives no exact size.
+                "ended" => Probe {
+                    ended: true,
+                    exact_zero: false,
+                },
+                // Gives an exact size of 0, but does not say it is over.
+                "sized-empty" => Probe {
+                    ended: false,
+                    exact_zero: true,
+                },
+                _ => Probe {
+                    ended: false,
+                    exact_zero: false,
+                },
+            };
+            let mut response = Response::new(body);
+            *response.status_mut() = match kind.as_str() {
+                "204" => StatusCode::NO_CONTENT,
+                "304" => StatusCode::NOT_MODIFIED,
+                _ => StatusCode::OK,
+            };
+            Ok::<_, Infallible>(response)
+        }));
+    // (method, response kind, whether the response has a body to hold the lock through)
+    let cases = [
+        (http::Method::HEAD, "body", false),
+        (http::Method::POST, "204", false),
+        (http::Method::POST, "304", false),
+        (http::Method::POST, "ended", false),
+        (http::Method::POST, "sized-empty", false),
+        (http::Method::POST, "body", true),
+        (http::Method::GET, "body", true),
+    ];
+    for (method, kind, holds) in cases {
+        let request = request("k")
+            .method(method.clone())
+            .header("x-response", kind)
+            .body(String::new())
+            .unwrap();
+        let call = tokio::spawn(service.clone().oneshot(request));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            call.is_finished(),
+            holds,
+            "{method} answered {kind}: returned before its release = {}",
+            call.is_finished()
+        );
+        assert_eq!(
+            fixture.held().await,
+            1,
+            "{method} {kind}: the release has not run yet"
+        );
+        gate.add_permits(1);
+        let response = call.await.unwrap().unwrap();
+        drop(response.into_body().collect().await.unwrap());
+        until_held(&fixture, 0).await;
+    }
+}
+
 suite!(
+    response_without_a_body_to_send_is_released_before_it_is_returned,
     hold_through_body_releases_before_the_body_ends,
     held_body_ends_after_its_release_unless_in_background,
     lease_lost_mid_body_ends_the_body_with_an_error,
