@@ -187,12 +187,16 @@ impl LockLease {
         self.0.ended.load(Ordering::SeqCst)
     }
 
-    fn mark_lost(&self, why: &'static str) {
-        if !self.has_ended() && !self.0.lost.is_cancelled() {
+    /// Marks the lease lost; reports it (a warning and `lease_lost_total`) only the first time,
+    /// and only while its request runs. Returns whether it reported.
+    fn mark_lost(&self, why: &'static str) -> bool {
+        let report = !self.has_ended() && !self.0.lost.is_cancelled();
+        if report {
             tracing::warn!(lock = %self.label(), why, "lock lease lost");
             crate::telemetry::lease_lost();
         }
         self.0.lost.cancel();
+        report
     }
 }
 
@@ -605,5 +609,58 @@ fn settle(
                 state.reschedule(id, due);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease() -> LockLease {
+        LockLease::new(
+            LockName::new("t:", "k"),
+            LockToken::random(),
+            7,
+            false,
+            Instant::now(),
+            Duration::from_secs(60),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_is_reported_once_and_only_while_its_request_runs() {
+        let lost = lease();
+        assert!(!lost.is_lost());
+        assert!(lost.mark_lost("first"), "the first loss is reported");
+        assert!(lost.is_lost());
+        assert!(!lost.mark_lost("again"), "a loss is reported once");
+        let ended = lease();
+        ended.end();
+        assert!(ended.has_ended());
+        assert!(
+            !ended.mark_lost("after the end"),
+            "an ended request has no lease to lose"
+        );
+        assert!(ended.is_lost(), "but its lease counts as lost from then on");
+        assert!(!lease().has_ended());
+    }
+
+    #[test]
+    fn debug_shows_the_fencing_token_and_never_the_token() {
+        let lease = lease();
+        let debug = format!("{lease:?}");
+        assert!(debug.contains("fencing_token: 7"), "{debug}");
+        assert!(debug.contains(&lease.name().fingerprint()), "{debug}");
+        assert!(!debug.contains(&lease.token().to_hex()), "{debug}");
+        assert_eq!(lease.label(), lease.name().fingerprint());
+        let logged = LockLease::new(
+            LockName::new("t:", "k"),
+            LockToken::random(),
+            1,
+            true,
+            Instant::now(),
+            Duration::from_secs(1),
+        );
+        assert_eq!(logged.label(), "t:{k}");
     }
 }
