@@ -25,8 +25,7 @@ use super::{
 /// use tower_lock::backend::{Acquire, AcquireOptions, LockBackend, LockToken, MemoryBackend};
 ///
 /// let backend = MemoryBackend::new();
-/// let name = tower_lock::LockLayer::new(backend.clone(), tower_lock::key::Global::new("job"))
-///     .lock_name(&tower_lock::key::LockKey::new("job"));
+/// let name = tower_lock::Locks::new(backend.clone()).name(&tower_lock::key::LockKey::new("job"));
 /// let first = backend.acquire(&name, LockToken::random(), AcquireOptions::new(Duration::from_secs(5))).await.unwrap();
 /// assert!(matches!(first, Acquire::Acquired { .. }));
 /// let second = backend.acquire(&name, LockToken::random(), AcquireOptions::new(Duration::from_secs(5))).await.unwrap();
