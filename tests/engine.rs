@@ -20,7 +20,7 @@ use tower_lock::backend::{
     LockName, LockToken, Release,
 };
 use tower_lock::key::{Header, KeyExtractor, KeyTemplate, LockKey};
-use tower_lock::{LockBackend, LockPolicy, Locks, TryLockError};
+use tower_lock::{LockBackend, LockPolicy, LockRoutes, Locks, TryLockError};
 
 use common::{Fixture, Memory, NS, Redis, eventually, until_held};
 
@@ -409,8 +409,8 @@ async fn force_unlock_deletes_the_lock_and_the_holder_learns_it<F: Fixture>() {
     assert_eq!(next.release().await.unwrap(), Release::Released);
 }
 
-/// A layer (and a policy's layer, even with its own TTL) built from an engine names keys as the
-/// engine does and renews on the engine's task.
+/// A layer (and a policy's layer, even with its own TTL, and a route table) built from an engine
+/// names keys as the engine does and renews on the engine's task.
 async fn layers_built_from_the_engine_share_its_names_and_renewal_task<F: Fixture>() {
     let fixture = F::start().await;
     let locks = engine(&fixture).namespace("shared:");
@@ -423,6 +423,12 @@ async fn layers_built_from_the_engine_share_its_names_and_renewal_task<F: Fixtur
     assert_eq!(policy.lock_name(&account("1")), locks.name(&account("1")));
     assert_eq!(locks.name(&account("1")).lock_key(), "shared:{account:1}");
 
+    let attached = LockPolicy::template("account:{path.id}")
+        .unwrap()
+        .layer_for_with(&locks, "/accounts/{id}")
+        .unwrap();
+    assert_eq!(attached.lock_name(&account("1")), locks.name(&account("1")));
+
     let lock = locks.try_lock(&account("1")).await.unwrap();
     assert_eq!(
         layer.renewal_entries().0,
@@ -434,8 +440,34 @@ async fn layers_built_from_the_engine_share_its_names_and_renewal_task<F: Fixtur
         1,
         "the policy's schedule is the engine's"
     );
+    assert_eq!(attached.renewal_entries().0, 1);
+
+    // A route table built from the engine locks in the engine's namespace: the job excludes it.
+    let routes = LockRoutes::from_locks(&locks)
+        .route(
+            "/accounts/{id}/deposit",
+            LockPolicy::template("account:{path.id}").unwrap(),
+        )
+        .unwrap();
+    let service =
+        tower::ServiceBuilder::new()
+            .layer(routes)
+            .service_fn(|_request: Request<String>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+            });
+    let call = |id: &str| {
+        service.clone().oneshot(
+            Request::post(format!("/accounts/{id}/deposit"))
+                .body(String::new())
+                .unwrap(),
+        )
+    };
+    assert_eq!(call("1").await.unwrap().status(), StatusCode::CONFLICT);
+    assert_eq!(call("2").await.unwrap().status(), StatusCode::OK);
+
     lock.release().await.unwrap();
     assert_eq!(layer.renewal_entries().0, 0);
+    assert_eq!(call("1").await.unwrap().status(), StatusCode::OK);
 }
 
 #[test]
