@@ -20,7 +20,7 @@ use crate::body::{BodyLock, LockBody};
 use crate::guard::{AcquireCleanup, LockGuard, report_release};
 use crate::key::{KeyRejection, LockKey};
 use crate::layer::{Core, LeaseLostPolicy};
-use crate::lease::{LockLease, Plan};
+use crate::lease::LockLease;
 use crate::response::Rejection;
 
 pin_project! {
@@ -371,18 +371,7 @@ where
         );
     }
     tracing::debug!(fencing_token, "lock acquired");
-    let every = config.renewal_interval();
-    core.renewer.watch(
-        lease.clone(),
-        Plan {
-            ttl: config.ttl,
-            every,
-            renew_until: config.max_hold.and_then(|max| started.checked_add(max)),
-            valid_until: lease.valid_until(),
-            timeout: config.renew_timeout(),
-        },
-        &runtime,
-    );
+    core.renew(&lease, started, &runtime);
     let lost = (config.lease_lost == LeaseLostPolicy::Abort).then(|| lease.lost_owned());
     request.extensions_mut().insert(lease);
     State::Calling {

@@ -6,11 +6,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Response;
 use sha2::Digest;
+use tokio::runtime::Handle;
+use tokio::time::Instant;
 use tower_layer::Layer;
 
 use crate::backend::{LockBackend, LockName};
 use crate::key::{KeyExtractor, LockKey};
-use crate::lease::Renewer;
+use crate::lease::{LockLease, Plan, Renewer};
 use crate::response::Rejection;
 use crate::service::LockService;
 
@@ -167,10 +169,32 @@ impl Config {
 const DEFAULT_RENEW_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What every service and response of one layer shares: backend, settings, renewal task.
+///
+/// The renewal schedule is shared by every clone, so a layer reconfigured from another, or from
+/// a [`Locks`](crate::Locks) engine, keeps renewing on the same task (each lease carries its own
+/// TTL and interval).
 pub(crate) struct Core<B> {
     pub(crate) backend: B,
     pub(crate) config: Config,
-    pub(crate) renewer: Renewer<B>,
+    pub(crate) renewer: Arc<Renewer<B>>,
+}
+
+impl<B: LockBackend> Core<B> {
+    /// Starts renewing `lease`, acquired at `started`, on `runtime`, with this core's settings.
+    pub(crate) fn renew(&self, lease: &LockLease, started: Instant, runtime: &Handle) {
+        let config = &self.config;
+        self.renewer.watch(
+            lease.clone(),
+            Plan {
+                ttl: config.ttl,
+                every: config.renewal_interval(),
+                renew_until: config.max_hold.and_then(|max| started.checked_add(max)),
+                valid_until: lease.valid_until(),
+                timeout: config.renew_timeout(),
+            },
+            runtime,
+        );
+    }
 }
 
 impl<B: LockBackend> Clone for Core<B> {
@@ -219,11 +243,27 @@ impl<K, B: LockBackend> LockLayer<K, B> {
         Self {
             extractor,
             core: Arc::new(Core {
-                renewer: Renewer::new(backend.clone()),
+                renewer: Arc::new(Renewer::new(backend.clone())),
                 backend,
                 config: Config::default(),
             }),
         }
+    }
+
+    /// Locks each request on the key `extractor` finds, with the settings and the renewal task
+    /// of `locks`, so that the routes it protects and the jobs that lock through `locks` name,
+    /// take and renew locks alike. HTTP settings ([`fail_open`](Self::fail_open),
+    /// [`hold_through_body`](Self::hold_through_body), …) start at their defaults; settings
+    /// changed on the layer apply to it alone. The same as [`Locks::layer`](crate::Locks::layer).
+    ///
+    /// ```
+    /// use tower_lock::{LockLayer, Locks, MemoryBackend, key::Header};
+    ///
+    /// let locks = Locks::new(MemoryBackend::new()).namespace("shop:");
+    /// let layer = LockLayer::from_locks(&locks, Header::new("idempotency-key")).fail_open(true);
+    /// ```
+    pub fn from_locks(locks: &crate::Locks<B>, extractor: K) -> Self {
+        locks.base().clone().with_extractor(extractor)
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {

@@ -1,8 +1,9 @@
 //! The lease a request holds: what the handler sees ([`LockLease`]), and the renewal task that
 //! keeps it alive.
 //!
-//! One renewal task per layer, started on the first lock, drives every in-flight lease of that
-//! layer; no task is spawned per request. Leases live in one schedule shared with the task (see
+//! One renewal task per layer (shared with every layer configured from it, and with the
+//! [`Locks`](crate::Locks) engine it was built from), started on the first lock, drives every
+//! in-flight lease of that layer; no task is spawned per request. Leases live in one schedule shared with the task (see
 //! `Inbox`): a request adds its lease there and takes it out when it ends, both in O(log n) and
 //! without waking the task unless the new lease is due before the task's next wake-up. So the
 //! schedule holds exactly the leases of requests in flight, whatever the request rate.
@@ -437,16 +438,6 @@ impl<B> Drop for Renewer<B> {
         for (_, inbox) in tasks.drain(..) {
             inbox.state().closed = true;
             inbox.wake.notify_one();
-        }
-    }
-}
-
-impl<B: Clone> Clone for Renewer<B> {
-    /// A clone is a new, idle renewer for the same backend (a reconfigured layer gets its own).
-    fn clone(&self) -> Self {
-        Self {
-            backend: self.backend.clone(),
-            tasks: Mutex::default(),
         }
     }
 }

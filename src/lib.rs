@@ -43,6 +43,12 @@
 //! ```
 //!
 //! The lease, its renewal, lease loss and fencing tokens are described on [`LockLease`].
+//!
+//! Code outside HTTP (a background job, a queue consumer, a CLI) takes the same locks through a
+//! [`Locks`] engine: [`Locks::try_lock`] on a key built with
+//! [`LockKey::literal`](key::LockKey::literal), which names the lock a route's key template
+//! names. Layers built from the engine ([`Locks::layer`], [`LockPolicy::layer_with`]) share its
+//! settings and renewal task. See [`locks`].
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -58,6 +64,7 @@ pub mod idempotency;
 pub mod key;
 mod layer;
 mod lease;
+pub mod locks;
 pub mod policy;
 mod response;
 pub mod routes;
@@ -69,6 +76,7 @@ pub use crate::body::LockBody;
 pub use crate::future::ResponseFuture;
 pub use crate::layer::{LeaseLostPolicy, LockLayer};
 pub use crate::lease::LockLease;
+pub use crate::locks::{Lock, Locks, TryLockError};
 pub use crate::policy::LockPolicy;
 pub use crate::response::{Rejection, problem_response};
 pub use crate::routes::{LockRoutes, LockRoutesService, RouteError};

@@ -33,6 +33,7 @@ use http::{Method, Response};
 use crate::backend::LockBackend;
 use crate::key::{KeyExtractor, KeyRejection, KeyTemplate, LockKey, TemplateError};
 use crate::layer::{LeaseLostPolicy, LockLayer};
+use crate::locks::Locks;
 use crate::response::Rejection;
 
 type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
@@ -222,6 +223,33 @@ impl LockPolicy {
     ) -> Result<LockLayer<PolicyKey, B>, TemplateError> {
         let key = self.key.clone().for_pattern(pattern)?;
         Ok(self.apply(LockLayer::new(backend, key)))
+    }
+
+    /// The layer for this policy over the settings and renewal task of an engine (its
+    /// namespace, lease, timeouts, …, with this policy's settings applied on top), for axum's
+    /// `route_layer`: routes and the jobs that lock through `locks` share locks and renewal.
+    ///
+    /// ```
+    /// use tower_lock::{LockPolicy, Locks, MemoryBackend};
+    ///
+    /// # fn main() -> Result<(), tower_lock::key::TemplateError> {
+    /// let locks = Locks::new(MemoryBackend::new()).namespace("bank:");
+    /// let layer = LockPolicy::template("account:{path.id}")?.layer_with(&locks);
+    /// # let _ = layer; Ok(()) }
+    /// ```
+    pub fn layer_with<B: LockBackend>(&self, locks: &Locks<B>) -> LockLayer<PolicyKey, B> {
+        self.apply(locks.layer(self.key.clone()))
+    }
+
+    /// [`LockPolicy::layer_with`] attached to the route `pattern`, which `{path.NAME}`
+    /// placeholders are checked against now (see [`LockPolicy::layer_for`]).
+    pub fn layer_for_with<B: LockBackend>(
+        &self,
+        locks: &Locks<B>,
+        pattern: &str,
+    ) -> Result<LockLayer<PolicyKey, B>, TemplateError> {
+        let key = self.key.clone().for_pattern(pattern)?;
+        Ok(self.apply(locks.layer(key)))
     }
 
     pub(crate) fn key_extractor(&self) -> &PolicyKey {

@@ -133,6 +133,15 @@ impl<B: LockBackend> LockRoutes<B> {
         }
     }
 
+    /// An empty table whose routes start from the settings and renewal task of `locks`, so
+    /// that they and the jobs that lock through `locks` share locks and renewal.
+    pub fn from_locks(locks: &crate::Locks<B>) -> Self {
+        Self {
+            base: locks.base().clone(),
+            routes: Arc::default(),
+        }
+    }
+
     /// Changes the settings every route starts from (namespace, timeouts, …); a route's policy
     /// overrides them. Call it before adding routes.
     ///

@@ -69,6 +69,15 @@ async fn contention_returns_409_with_retry_after<F: Fixture>() {
         async move { send(&service, request("k").header("x-gate", "1")).await }
     });
     until_held(&fixture, 1).await;
+    // The lock is in the store before the holder's future has read the reply and called its
+    // handler: wait for that call, so the count below is the 409's alone.
+    assert!(
+        eventually(Duration::from_secs(5), async || probe
+            .calls
+            .load(Ordering::SeqCst)
+            == 1)
+        .await
+    );
 
     let response = send(&service, request("k")).await;
     assert_eq!(response.status(), StatusCode::CONFLICT);

@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    Acquire, AcquireOptions, BackendFuture, Extend, LockBackend, LockName, LockToken, Release,
+    Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
+    Release,
 };
 
 /// In-process locks with the same semantics as [`RedisBackend`](super::RedisBackend): random
@@ -24,8 +25,7 @@ use super::{
 /// use tower_lock::backend::{Acquire, AcquireOptions, LockBackend, LockToken, MemoryBackend};
 ///
 /// let backend = MemoryBackend::new();
-/// let name = tower_lock::LockLayer::new(backend.clone(), tower_lock::key::Global::new("job"))
-///     .lock_name(&tower_lock::key::LockKey::new("job"));
+/// let name = tower_lock::Locks::new(backend.clone()).name(&tower_lock::key::LockKey::new("job"));
 /// let first = backend.acquire(&name, LockToken::random(), AcquireOptions::new(Duration::from_secs(5))).await.unwrap();
 /// assert!(matches!(first, Acquire::Acquired { .. }));
 /// let second = backend.acquire(&name, LockToken::random(), AcquireOptions::new(Duration::from_secs(5))).await.unwrap();
@@ -162,6 +162,27 @@ impl LockBackend for MemoryBackend {
                 Extend::Extended
             }
             _ => Extend::Lost,
+        });
+        ready(outcome)
+    }
+
+    fn inspect(&self, name: &LockName) -> BackendFuture<Inspect> {
+        let now = Instant::now();
+        let outcome = self.with_state(|state| match state.live(name, now) {
+            Some(entry) => Inspect::Held {
+                remaining: Some(entry.expires_at.saturating_duration_since(now)),
+            },
+            None => Inspect::Free,
+        });
+        ready(outcome)
+    }
+
+    fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
+        let now = Instant::now();
+        let outcome = self.with_state(|state| {
+            let held = state.live(name, now).is_some();
+            state.locks.remove(name);
+            held
         });
         ready(outcome)
     }

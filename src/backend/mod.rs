@@ -11,6 +11,9 @@
 //! - `release(name, token)` deletes the lock only if it still holds `token` (compare-and-delete).
 //! - `extend(name, token, ttl)` resets the expiry only if it still holds `token`
 //!   (compare-and-expire).
+//! - `inspect(name)` reads whether `name` is held and for how long; `force_release(name)` deletes
+//!   it whoever holds it (an operator's tool). Both are provided methods that answer
+//!   [`BackendErrorKind::Unsupported`] unless a backend overrides them; the built-in backends do.
 //!
 //! A backend failure is an `Err(BackendError)`, never confused with "held by someone else".
 //!
@@ -74,6 +77,35 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
         let _ = ttl;
         self.release(name, token)
     }
+
+    /// Whether `name` is held now, and for how long its holder's lease lasts (Redis `PTTL`).
+    /// Reads only; for [`Locks::inspect`](crate::Locks::inspect) and
+    /// [`Locks::is_locked`](crate::Locks::is_locked).
+    ///
+    /// The default answers an error of kind [`BackendErrorKind::Unsupported`].
+    fn inspect(&self, name: &LockName) -> BackendFuture<Inspect> {
+        let _ = name;
+        unsupported("inspect")
+    }
+
+    /// Deletes the lock `name` whoever holds it (Redis `DEL` of the lock key, never of its
+    /// fencing counter); `true` if a held lock was deleted. An operator's tool: the holder keeps
+    /// running and learns of the loss at its next renewal at best. For
+    /// [`Locks::force_unlock`](crate::Locks::force_unlock).
+    ///
+    /// The default answers an error of kind [`BackendErrorKind::Unsupported`].
+    fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
+        let _ = name;
+        unsupported("force_release")
+    }
+}
+
+fn unsupported<T: Send + 'static>(operation: &str) -> BackendFuture<T> {
+    let error = BackendError::new(
+        BackendErrorKind::Unsupported,
+        format_args!("this lock backend does not implement `{operation}`"),
+    );
+    Box::pin(std::future::ready(Err(error)))
 }
 
 /// How to acquire a lock. New fields arrive with defaults, so build it with [`AcquireOptions::new`].
@@ -125,6 +157,19 @@ pub enum Release {
     Expired,
     /// The lock had expired and someone else took it; theirs was left alone.
     HeldByOther,
+}
+
+/// The outcome of [`LockBackend::inspect`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inspect {
+    /// Nobody holds the lock.
+    Free,
+    /// Someone holds the lock.
+    Held {
+        /// How long the holder's lease has left, when the backend knows (`None` for a lock stored
+        /// without expiry by someone else).
+        remaining: Option<Duration>,
+    },
 }
 
 /// The outcome of [`LockBackend::extend`].
@@ -252,6 +297,9 @@ pub enum BackendErrorKind {
     Unavailable,
     /// The backend answered something this crate does not understand.
     Protocol,
+    /// The backend does not implement this operation (a provided method of [`LockBackend`]
+    /// that it does not override).
+    Unsupported,
 }
 
 impl BackendError {

@@ -7,8 +7,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
 use super::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, LockBackend,
-    LockName, LockToken, Release,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
+    LockBackend, LockName, LockToken, Release,
 };
 
 /// `SET NX PX`; on success bump the fencing counter (when ARGV[3] is 1), else report the holder's
@@ -293,6 +293,39 @@ impl LockBackend for RedisBackend {
             } else {
                 Extend::Lost
             })
+        })
+    }
+
+    /// `PTTL` of the lock key: -2 free, -1 held without expiry, else the holder's remaining lease.
+    fn inspect(&self, name: &LockName) -> BackendFuture<Inspect> {
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("PTTL");
+        command.arg(name.lock_key());
+        Box::pin(async move {
+            let pttl: i64 = command
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(match pttl {
+                -2 => Inspect::Free,
+                _ => Inspect::Held {
+                    remaining: u64::try_from(pttl).ok().map(Duration::from_millis),
+                },
+            })
+        })
+    }
+
+    /// `DEL` of the lock key only: the fencing counter stays, so tokens keep growing.
+    fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
+        let mut connection = self.connection.clone();
+        let mut command = redis::cmd("DEL");
+        command.arg(name.lock_key());
+        Box::pin(async move {
+            let deleted: i64 = command
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(deleted > 0)
         })
     }
 }

@@ -182,6 +182,132 @@ impl LockKey {
     }
 }
 
+impl LockKey {
+    /// A [`KeyBuilder`] with nothing in it yet: build a key from code, named exactly as a key
+    /// template names it.
+    pub fn builder() -> KeyBuilder {
+        KeyBuilder::default()
+    }
+
+    /// A [`KeyBuilder`] that starts with the literal `text`:
+    /// `LockKey::literal("account:").part(id)` is the key the template `account:{path.id}` gives
+    /// for a request whose `id` is `id`.
+    ///
+    /// ```
+    /// use tower_lock::key::LockKey;
+    ///
+    /// let key = LockKey::literal("account:").part("42").build()?;
+    /// assert_eq!(key.as_str(), "account:42");
+    /// # Ok::<(), tower_lock::key::TemplateError>(())
+    /// ```
+    pub fn literal(text: &str) -> KeyBuilder {
+        KeyBuilder::default().literal(text)
+    }
+}
+
+/// A lock key built from code (a background job, a CLI, a queue consumer) that names the same
+/// lock as a [key template](KeyTemplate) does for a request.
+///
+/// A [`literal`](Self::literal) is the template's literal text, a [`part`](Self::part) one of its
+/// placeholders' values. [`build`](Self::build) renders them with the template's own rules:
+/// literal `:` kept and the rest of the literal escaped, values escaped (every separator
+/// character included), and two parts with no separator between them refused. So
+/// `LockKey::literal("account:").part(id)` and the template `account:{path.id}` give the same key
+/// for the same `id`, and a [`Locks`](crate::Locks) engine and a route sharing a namespace take
+/// the same lock.
+///
+/// ```
+/// use tower_lock::key::{KeyExtractor, KeyTemplate, LockKey};
+///
+/// let template = KeyTemplate::parse("{header.x-tenant}-{header.x-doc}")?;
+/// let (parts, _) = http::Request::get("/")
+///     .header("x-tenant", "a-b")
+///     .header("x-doc", "7")
+///     .body(())
+///     .unwrap()
+///     .into_parts();
+/// let from_request = template.extract(&parts).unwrap().unwrap();
+/// let from_code = LockKey::builder().part("a-b").literal("-").part("7").build()?;
+/// assert_eq!(from_code, from_request);
+/// assert_eq!(from_code.as_str(), "a%2Db-7");
+///
+/// // Two values with nothing that separates them are refused, as in a template.
+/// assert!(LockKey::builder().part("1").literal("x").part("2").build().is_err());
+/// # Ok::<(), tower_lock::key::TemplateError>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+#[must_use = "a key builder does nothing until it is built"]
+pub struct KeyBuilder {
+    pieces: Vec<KeyPiece>,
+}
+
+#[derive(Clone, Debug)]
+enum KeyPiece {
+    Literal(String),
+    Part(Vec<u8>),
+}
+
+impl KeyBuilder {
+    /// Appends literal text (written by you, like a template's literal text: `account:`).
+    /// Successive literals are one literal; an empty one adds nothing.
+    pub fn literal(mut self, text: &str) -> Self {
+        if text.is_empty() {
+            return self;
+        }
+        match self.pieces.last_mut() {
+            Some(KeyPiece::Literal(literal)) => literal.push_str(text),
+            _ => self.pieces.push(KeyPiece::Literal(text.to_owned())),
+        }
+        self
+    }
+
+    /// Appends a value (any bytes, such as an id from a queue message): what a template's
+    /// placeholder would read from the request.
+    pub fn part(mut self, value: impl AsRef<[u8]>) -> Self {
+        self.pieces.push(KeyPiece::Part(value.as_ref().to_vec()));
+        self
+    }
+
+    /// The key, rendered as the equivalent template renders it.
+    ///
+    /// Fails, as [`KeyTemplate::parse`] fails for the equivalent template, when two parts have
+    /// no literal between them, or one without a punctuation character that is kept in the key
+    /// (such as `:`, `-`, `/`). The error shows the builder as a template whose parts are
+    /// `{part1}`, `{part2}`, …
+    pub fn build(&self) -> Result<LockKey, TemplateError> {
+        // The equivalent template's text, and where each piece sits in it, for the one
+        // separator rule templates follow (and its error messages).
+        let mut text = String::new();
+        let mut shapes = Vec::with_capacity(self.pieces.len());
+        let mut values = 0;
+        for piece in &self.pieces {
+            let at = text.len();
+            match piece {
+                KeyPiece::Literal(literal) => {
+                    text.push_str(&literal.replace('{', "{{").replace('}', "}}"));
+                    shapes.push(template::Piece::Literal { text: literal, at });
+                }
+                KeyPiece::Part(_) => {
+                    values += 1;
+                    text.push_str(&format!("{{part{values}}}"));
+                    shapes.push(template::Piece::Value {
+                        span: at..text.len(),
+                    });
+                }
+            }
+        }
+        let escape = template::separators(&text, &shapes)?;
+        let mut key = LockKey::empty();
+        for piece in &self.pieces {
+            match piece {
+                KeyPiece::Literal(literal) => key.push_literal(literal),
+                KeyPiece::Part(value) => key.push_material_escaping(value, escape),
+            }
+        }
+        Ok(key)
+    }
+}
+
 impl fmt::Debug for LockKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Keys are user material: show them only when the user asks for Debug explicitly.

@@ -231,7 +231,14 @@ impl KeyTemplate {
                 at: literal_at,
             });
         }
-        let escape = separators(text, &parts)?;
+        let pieces: Vec<Piece> = parts
+            .iter()
+            .map(|part| match part {
+                Part::Literal { text, at } => Piece::Literal { text, at: *at },
+                Part::Placeholder { span, .. } => Piece::Value { span: span.clone() },
+            })
+            .collect();
+        let escape = separators(text, &pieces)?;
 
         Ok(Self {
             compiled: Arc::new(Compiled {
@@ -354,15 +361,15 @@ fn parse_source(body: &str, start: usize) -> Result<Source, (usize, String, Stri
 /// the left, the first separator character after a placeholder's value is at a fixed offset in
 /// the next separator: where each value ends is determined by the key, and percent-escaping is
 /// injective, so the values are too.
-fn separators(text: &str, parts: &[Part]) -> Result<u128, TemplateError> {
+pub(crate) fn separators(text: &str, parts: &[Piece]) -> Result<u128, TemplateError> {
     let mut escape = 0u128;
     for (index, part) in parts.iter().enumerate() {
-        let (Some(Part::Placeholder { span: before, .. }), Some(Part::Placeholder { span, .. })) = (
+        let (Some(Piece::Value { span: before }), Some(Piece::Value { span })) = (
             index.checked_sub(1).and_then(|i| parts.get(i)),
             parts.get(index + 1),
         ) else {
             // Leading and trailing literals are fixed text: they need nothing.
-            if let (Part::Placeholder { span: first, .. }, Some(Part::Placeholder { span, .. })) =
+            if let (Piece::Value { span: first }, Some(Piece::Value { span })) =
                 (part, parts.get(index + 1))
             {
                 return Err(TemplateError {
@@ -378,7 +385,7 @@ fn separators(text: &str, parts: &[Part]) -> Result<u128, TemplateError> {
             }
             continue;
         };
-        let Part::Literal { text: literal, at } = part else {
+        let Piece::Literal { text: literal, at } = part else {
             // Three placeholders in a row: refused above, at the first pair.
             continue;
         };
@@ -407,6 +414,14 @@ fn separators(text: &str, parts: &[Part]) -> Result<u128, TemplateError> {
         }
     }
     Ok(escape)
+}
+
+/// A part of a key as the separator rule sees it: fixed text, or a value (its placeholder's
+/// byte range in the template text). Templates and [`KeyBuilder`](super::KeyBuilder) both
+/// describe themselves this way, so both follow one rule.
+pub(crate) enum Piece<'a> {
+    Literal { text: &'a str, at: usize },
+    Value { span: Range<usize> },
 }
 
 impl KeyExtractor for KeyTemplate {

@@ -1,0 +1,401 @@
+//! [`Locks`]: the lock engine, for code outside HTTP (background jobs, queue consumers, CLIs),
+//! sharing its locks, settings and renewal with the layers built from it.
+//!
+//! A [`LockLayer`] takes a lock per request; a [`Locks`] engine takes one when your code asks.
+//! Both acquire, renew and release the same way (one random token per acquisition, the acquire
+//! timeout, the clean-up of an acquire whose outcome is unknown, the minimum validity, one
+//! renewal task, release on drop), and a key built with [`LockKey::literal`] names the lock a
+//! [key template](crate::key::KeyTemplate) names, so a job and a route exclude each other:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_lock::key::LockKey;
+//! use tower_lock::{Locks, LockPolicy, MemoryBackend, TryLockError};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let locks = Locks::new(MemoryBackend::new()).ttl(Duration::from_secs(30));
+//!
+//! // The route `POST /accounts/{id}/deposit` locks `account:{path.id}` with the same engine…
+//! let _layer = LockPolicy::template("account:{path.id}")?.layer_with(&locks);
+//!
+//! // …and so does the nightly job, for account 42.
+//! let key = LockKey::literal("account:").part("42").build()?;
+//! match locks.try_lock(&key).await {
+//!     Ok(lock) => {
+//!         // Pass `lock.fencing_token()` to the storage you write to.
+//!         lock.release().await?;
+//!     }
+//!     Err(TryLockError::Held { remaining }) => println!("busy for {remaining:?}"),
+//!     Err(error) => return Err(error.into()),
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+
+use crate::backend::{
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, Inspect, LockBackend, LockName,
+    LockToken, Release,
+};
+use crate::guard::{AcquireCleanup, LockGuard, report_release};
+use crate::key::LockKey;
+use crate::layer::LockLayer;
+use crate::lease::LockLease;
+
+/// The lock engine: a backend and the settings that are not about HTTP. See the
+/// [module docs](self).
+///
+/// Cheap to clone: clones share settings and the renewal task. A layer made with
+/// [`Locks::layer`] (or [`LockLayer::from_locks`], [`LockPolicy::layer_with`]) shares them too,
+/// so routes and jobs lock alike.
+///
+/// [`LockPolicy::layer_with`]: crate::LockPolicy::layer_with
+#[derive(Clone)]
+#[must_use = "an engine does nothing until it takes a lock or makes a layer"]
+pub struct Locks<B: LockBackend> {
+    base: LockLayer<(), B>,
+}
+
+impl<B: LockBackend> fmt::Debug for Locks<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Locks")
+            .field("config", &self.base.core().config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: LockBackend> Locks<B> {
+    /// Locks in `backend`, with the defaults of [`LockLayer::new`]: TTL 10 s renewed every
+    /// 3.3 s, acquire and release timeouts 500 ms, namespace `tower-lock:`, fencing on.
+    pub fn new(backend: B) -> Self {
+        Self {
+            base: LockLayer::new(backend, ()),
+        }
+    }
+
+    fn with(self, change: impl FnOnce(LockLayer<(), B>) -> LockLayer<(), B>) -> Self {
+        Self {
+            base: change(self.base),
+        }
+    }
+
+    /// The prefix of every key. See [`LockLayer::namespace`].
+    pub fn namespace(self, namespace: &str) -> Self {
+        self.with(|base| base.namespace(namespace))
+    }
+
+    /// The lease of each lock, clamped to 10 ms..365 days. See [`LockLayer::ttl`].
+    pub fn ttl(self, ttl: Duration) -> Self {
+        self.with(|base| base.ttl(ttl))
+    }
+
+    /// How long an acquire may take before [`try_lock`](Self::try_lock) answers a
+    /// [`BackendErrorKind::Timeout`] error (default 500 ms). Also bounds
+    /// [`inspect`](Self::inspect).
+    pub fn acquire_timeout(self, timeout: Duration) -> Self {
+        self.with(|base| base.acquire_timeout(timeout))
+    }
+
+    /// How long a release may take (default 500 ms); after that the lock expires with its TTL.
+    /// Also bounds [`force_unlock`](Self::force_unlock).
+    pub fn release_timeout(self, timeout: Duration) -> Self {
+        self.with(|base| base.release_timeout(timeout))
+    }
+
+    /// Keys longer than this many bytes are replaced by their digest. See
+    /// [`LockLayer::max_key_len`].
+    pub fn max_key_len(self, max: usize) -> Self {
+        self.with(|base| base.max_key_len(max))
+    }
+
+    /// Renew each held lock this often. See [`LockLayer::renew_every`].
+    pub fn renew_every(self, every: Duration) -> Self {
+        self.with(|base| base.renew_every(every))
+    }
+
+    /// Never renew: a lock lasts one TTL at most. See [`LockLayer::no_renewal`].
+    pub fn no_renewal(self) -> Self {
+        self.with(LockLayer::no_renewal)
+    }
+
+    /// How long one renewal call may take. See [`LockLayer::renew_timeout`].
+    pub fn renew_timeout(self, timeout: Duration) -> Self {
+        self.with(|base| base.renew_timeout(timeout))
+    }
+
+    /// Stop renewing this long after acquiring. See [`LockLayer::max_hold`].
+    pub fn max_hold(self, max_hold: Duration) -> Self {
+        self.with(|base| base.max_hold(max_hold))
+    }
+
+    /// Refuse ([`TryLockError::InsufficientValidity`]) a lock that has less than this validity
+    /// left once acquired (default: a tenth of the TTL). See [`LockLayer::min_validity`].
+    pub fn min_validity(self, min: Duration) -> Self {
+        self.with(|base| base.min_validity(min))
+    }
+
+    /// Hand out fencing tokens (default `true`). See [`LockLayer::fencing`].
+    pub fn fencing(self, fencing: bool) -> Self {
+        self.with(|base| base.fencing(fencing))
+    }
+
+    /// Put keys in traces instead of a short hash. See [`LockLayer::log_keys`].
+    pub fn log_keys(self, log_keys: bool) -> Self {
+        self.with(|base| base.log_keys(log_keys))
+    }
+
+    /// A layer locking each request on the key `extractor` finds, with this engine's settings
+    /// and renewal task (HTTP settings such as [`LockLayer::fail_open`] at their defaults, to be
+    /// set on the layer). The same as [`LockLayer::from_locks`].
+    pub fn layer<K>(&self, extractor: K) -> LockLayer<K, B> {
+        LockLayer::from_locks(self, extractor)
+    }
+
+    pub(crate) fn base(&self) -> &LockLayer<(), B> {
+        &self.base
+    }
+
+    /// The backend name of the lock for `key` (namespace, hash tag, digest of long keys): the
+    /// name a layer of this engine gives the same key.
+    pub fn name(&self, key: &LockKey) -> LockName {
+        self.base.lock_name(key)
+    }
+
+    /// Takes the lock on `key` if nobody holds it, without waiting.
+    ///
+    /// Three outcomes, never confused: the lock ([`Lock`], renewed until released or dropped),
+    /// [`TryLockError::Held`] when another holder has it, [`TryLockError::Backend`] when the
+    /// backend failed or did not answer within the acquire timeout (and
+    /// [`TryLockError::InsufficientValidity`] when the acquire was so slow that the lock, taken,
+    /// had less than the minimum validity left: it is released before this returns). An acquire
+    /// that failed, timed out or was dropped midway is cleaned up in the background, as a
+    /// layer's is.
+    ///
+    /// Must run on a Tokio runtime (renewal and release on drop run there); elsewhere it answers
+    /// a [`BackendErrorKind::Unavailable`] error.
+    pub async fn try_lock(&self, key: &LockKey) -> Result<Lock<B>, TryLockError> {
+        let Ok(runtime) = Handle::try_current() else {
+            return Err(TryLockError::Backend(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "no Tokio runtime to run the lock backend on",
+            )));
+        };
+        let core = self.base.core();
+        let config = &core.config;
+        let name = config.lock_name(key);
+        let label = name.label(config.log_keys);
+        let token = LockToken::random();
+        let started = Instant::now();
+        // Deletes what the acquire may have taken if it fails, times out, or this future is
+        // dropped before its outcome is known.
+        let cleanup = AcquireCleanup::new(core.clone(), name.clone(), token, runtime);
+        let outcome = tokio::time::timeout(
+            config.acquire_timeout,
+            core.backend.acquire(
+                &name,
+                token,
+                AcquireOptions::new(config.ttl).fencing(config.fencing),
+            ),
+        )
+        .await;
+        let error = match outcome {
+            Ok(Ok(Acquire::Acquired { fencing_token })) => {
+                let (name, token, runtime) = cleanup.disarm();
+                crate::telemetry::acquired(started.elapsed());
+                let lease = LockLease::new(
+                    name,
+                    token,
+                    fencing_token,
+                    config.log_keys,
+                    started,
+                    config.ttl,
+                );
+                let guard = LockGuard::new(core.clone(), lease.clone(), runtime.clone());
+                let lock = Lock {
+                    guard,
+                    release_timeout: config.release_timeout,
+                };
+                let validity = config.ttl.saturating_sub(started.elapsed());
+                if validity < config.min_validity() {
+                    tracing::warn!(lock = %label, ?validity, "lock acquired with too little validity; releasing");
+                    // Its outcome is traced; the caller learns why it has no lock.
+                    let _ = lock.release().await;
+                    return Err(TryLockError::InsufficientValidity { validity });
+                }
+                tracing::debug!(lock = %label, fencing_token, "lock acquired");
+                core.renew(&lease, started, &runtime);
+                return Ok(lock);
+            }
+            Ok(Ok(Acquire::Held { remaining })) => {
+                cleanup.disarm();
+                tracing::debug!(lock = %label, ?remaining, "lock held by another holder");
+                crate::telemetry::contended();
+                return Err(TryLockError::Held { remaining });
+            }
+            // The acquire may have landed although we got no answer: `cleanup` deletes it (if
+            // ours) when dropped below.
+            Ok(Err(error)) => error,
+            Err(_) => BackendError::timeout("lock acquire", config.acquire_timeout),
+        };
+        crate::telemetry::backend_error("acquire");
+        tracing::warn!(lock = %label, %error, "lock backend failed");
+        drop(cleanup);
+        Err(TryLockError::Backend(error))
+    }
+
+    /// Whether someone holds the lock on `key` now, and for how long their lease lasts. One
+    /// read, bounded by the acquire timeout; takes nothing.
+    ///
+    /// The answer may be stale by the time you act on it: to do something only while nobody
+    /// holds the lock, take it with [`try_lock`](Self::try_lock).
+    pub async fn inspect(&self, key: &LockKey) -> Result<Inspect, BackendError> {
+        let core = self.base.core();
+        let timeout = core.config.acquire_timeout;
+        tokio::time::timeout(timeout, core.backend.inspect(&self.name(key)))
+            .await
+            .unwrap_or_else(|_| Err(BackendError::timeout("lock inspect", timeout)))
+    }
+
+    /// Whether someone holds the lock on `key` now. See [`inspect`](Self::inspect).
+    pub async fn is_locked(&self, key: &LockKey) -> Result<bool, BackendError> {
+        Ok(matches!(self.inspect(key).await?, Inspect::Held { .. }))
+    }
+
+    /// Deletes the lock on `key` whoever holds it; `true` if a held lock was deleted.
+    ///
+    /// **An operator's tool, which breaks mutual exclusion**: the current holder (a request or a
+    /// job, in this process or another) is not stopped. It keeps running, and learns of the loss
+    /// only at its next renewal (its lease's [`is_lost`](LockLease::is_lost) and
+    /// [`lost`](LockLease::lost)), while the next taker already holds the lock. Use it for a lock
+    /// left by a holder known to be dead and whose TTL is long; the fencing counter is kept, so
+    /// tokens handed out afterwards stay larger than the dead holder's. Bounded by the release
+    /// timeout.
+    pub async fn force_unlock(&self, key: &LockKey) -> Result<bool, BackendError> {
+        let core = self.base.core();
+        let timeout = core.config.release_timeout;
+        let name = self.name(key);
+        let deleted = tokio::time::timeout(timeout, core.backend.force_release(&name))
+            .await
+            .unwrap_or_else(|_| Err(BackendError::timeout("forced unlock", timeout)))?;
+        tracing::warn!(lock = %name.label(core.config.log_keys), deleted, "lock force-unlocked");
+        Ok(deleted)
+    }
+
+    /// How many leases the engine's renewal schedule holds, and how many it has room for. For
+    /// tests; not part of the API.
+    #[doc(hidden)]
+    pub fn renewal_entries(&self) -> (usize, usize) {
+        self.base.renewal_entries()
+    }
+}
+
+/// Why [`Locks::try_lock`] returned no lock.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum TryLockError {
+    /// Another holder has the lock.
+    Held {
+        /// How long the holder's lease has left, when the backend knows (`None` for a lock stored
+        /// without expiry by someone else).
+        remaining: Option<Duration>,
+    },
+    /// The lock was taken, but with less validity left than the engine's minimum (a slow
+    /// acquire); it has been released.
+    InsufficientValidity {
+        /// The validity that was left.
+        validity: Duration,
+    },
+    /// The backend failed, or did not answer within the acquire timeout: whether anyone holds
+    /// the lock is unknown.
+    Backend(BackendError),
+}
+
+impl fmt::Display for TryLockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Held {
+                remaining: Some(remaining),
+            } => write!(f, "the lock is held by another holder for {remaining:?}"),
+            Self::Held { remaining: None } => {
+                f.write_str("the lock is held by another holder, without expiry")
+            }
+            Self::InsufficientValidity { validity } => write!(
+                f,
+                "the lock was acquired with only {validity:?} of validity left, and released"
+            ),
+            Self::Backend(error) => write!(f, "lock backend failed: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for TryLockError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Backend(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// A held lock, taken with [`Locks::try_lock`].
+///
+/// Renewed by the engine's renewal task until it is released: [`release`](Self::release) awaits
+/// the release and reports what it found; dropping the lock releases it in the background on
+/// the runtime it was taken on (never blocking), as a layer does when a request ends.
+#[must_use = "dropping the lock releases it at once"]
+pub struct Lock<B: LockBackend> {
+    guard: LockGuard<B>,
+    release_timeout: Duration,
+}
+
+impl<B: LockBackend> fmt::Debug for Lock<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lock")
+            .field("lease", self.guard.lease())
+            .finish()
+    }
+}
+
+impl<B: LockBackend> Lock<B> {
+    /// The lease: fencing token, [`is_lost`](LockLease::is_lost), [`lost`](LockLease::lost).
+    /// Clones of it outlive the lock (and report it lost once it has been released).
+    pub fn lease(&self) -> &LockLease {
+        self.guard.lease()
+    }
+
+    /// The fencing token of this acquisition (0 with fencing off). See
+    /// [`LockLease::fencing_token`].
+    pub fn fencing_token(&self) -> u64 {
+        self.lease().fencing_token()
+    }
+
+    /// Whether the lease is known to be lost. See [`LockLease::is_lost`].
+    pub fn is_lost(&self) -> bool {
+        self.lease().is_lost()
+    }
+
+    /// The lock's backend name.
+    pub fn name(&self) -> &LockName {
+        self.lease().name()
+    }
+
+    /// Stops renewal and releases the lock (compare-and-delete, bounded by the release timeout),
+    /// reporting what the backend found: [`Release::Released`], [`Release::Expired`] (the lease
+    /// ran out first) or [`Release::HeldByOther`] (it ran out and someone else took the lock,
+    /// which is left alone). On an error the lock expires with its TTL.
+    pub async fn release(self) -> Result<Release, BackendError> {
+        let Self {
+            guard,
+            release_timeout,
+        } = self;
+        // If this future is dropped midway, the guard (still armed) releases in the background.
+        let outcome = guard.release().await.map_err(|_| release_timeout);
+        report_release(&guard.lease().label(), outcome.clone());
+        guard.disarm();
+        outcome.unwrap_or_else(|after| Err(BackendError::timeout("lock release", after)))
+    }
+}
