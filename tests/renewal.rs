@@ -37,6 +37,31 @@ enum Fault {
     PanicLater,
     /// Returns a future that never completes.
     Hang,
+    /// Passes the call on, in a future that panics when it is dropped: past the renewal task's
+    /// `catch_unwind` of the call, so the task itself dies.
+    PanicOnDrop,
+}
+
+/// A future that panics when dropped.
+struct PanicOnDrop(BackendFuture<Extend>);
+
+impl std::future::Future for PanicOnDrop {
+    type Output = Result<Extend, tower_lock::backend::BackendError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl Drop for PanicOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("extend future panicked when dropped (injected)");
+        }
+    }
 }
 
 type FaultFn = Arc<dyn Fn(&LockName, usize) -> Fault + Send + Sync>;
@@ -108,6 +133,7 @@ impl<B: LockBackend> LockBackend for Wrapped<B> {
             Fault::PanicNow => panic!("extend panicked (injected)"),
             Fault::PanicLater => Box::pin(async { panic!("extend future panicked (injected)") }),
             Fault::Hang => Box::pin(std::future::pending()),
+            Fault::PanicOnDrop => Box::pin(PanicOnDrop(self.inner.extend(name, token, ttl))),
         }
     }
 }
@@ -502,4 +528,77 @@ fn lease_registered_on_a_shut_down_runtime_is_lost_at_once() {
     let body = live.block_on(body_json(response));
     assert_eq!(body["lost"], true, "{body}");
     assert!(body["elapsed_ms"].as_u64().unwrap() < 1000, "{body}");
+}
+
+fn one_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Each runtime keeps its one renewal task while another runtime starts its own: a second
+/// request on the first runtime is renewed by the same task as the first (two runtimes, two
+/// tasks, never three).
+#[test]
+fn each_runtime_keeps_its_one_renewal_task() {
+    let backend = Wrapped::new(tower_lock::MemoryBackend::new());
+    let service = service(
+        layer(backend.clone())
+            .ttl(Duration::from_millis(300))
+            .renew_every(Duration::from_millis(50)),
+    );
+    let (a, b) = (one_worker_runtime(), one_worker_runtime());
+    let first = a.spawn(send(&service, holding("a1", 600)));
+    a.block_on(async { tokio::time::sleep(Duration::from_millis(150)).await });
+    b.block_on(send(&service, holding("b1", 300)));
+    let second = a.spawn(send(&service, holding("a2", 600)));
+    for response in a.block_on(async { [first.await.unwrap(), second.await.unwrap()] }) {
+        assert_eq!(a.block_on(body_json(response))["lost"], false);
+    }
+    let callers = backend.callers.lock().unwrap().len();
+    assert_eq!(
+        callers, 2,
+        "extends came from {callers} tasks for two runtimes"
+    );
+}
+
+/// A renewal task that panics (here: dropping a finished extend call panics, past the task's
+/// `catch_unwind` of the call) reports every lease it held lost, and the next lease of that
+/// runtime gets a new task.
+#[test]
+fn a_renewal_task_that_panics_loses_its_leases_and_is_replaced() {
+    let backend = Wrapped::new(tower_lock::MemoryBackend::new()).fault(|_, before| {
+        if before == 0 {
+            Fault::PanicOnDrop
+        } else {
+            Fault::None
+        }
+    });
+    let runtime = one_worker_runtime();
+    let service = service(
+        layer(backend.clone())
+            .ttl(Duration::from_millis(300))
+            .renew_every(Duration::from_millis(50)),
+    );
+    let response = runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::spawn(send(&service, holding("first", 1500))),
+        )
+        .await
+        .expect("the lease of a task that panicked was not reported lost")
+        .unwrap()
+    });
+    let body = runtime.block_on(body_json(response));
+    assert_eq!(body["lost"], true, "{body}");
+    assert!(body["elapsed_ms"].as_u64().unwrap() < 1000, "{body}");
+    let response = runtime.block_on(runtime.spawn(send(&service, holding("second", 500))));
+    let body = runtime.block_on(body_json(response.unwrap()));
+    assert_eq!(
+        body["lost"], false,
+        "the next lease was not renewed: {body}"
+    );
+    assert!(backend.extends() >= 3, "{} extends", backend.extends());
 }
