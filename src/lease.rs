@@ -618,6 +618,68 @@ mod tests {
         )
     }
 
+    fn state_with(entries: u64) -> State {
+        let mut state = State::default();
+        let plan = Plan {
+            ttl: Duration::from_secs(60),
+            every: None,
+            renew_until: None,
+            valid_until: Instant::now(),
+            timeout: Duration::from_secs(1),
+        };
+        for id in 0..entries {
+            let entry = Entry {
+                lease: lease(),
+                plan,
+                due: Some(Instant::now()),
+            };
+            state.insert(id, entry);
+        }
+        state
+    }
+
+    /// The schedule gives memory back once it is less than a quarter full (and only then),
+    /// keeping room for twice what it holds, so a steady load does not rehash on every request;
+    /// small maps are left alone. (A removal may also leave a tombstone, which lowers the
+    /// capacity by one: a shrink is a drop of more than one.)
+    #[tokio::test]
+    async fn the_schedule_shrinks_below_a_quarter_full_to_twice_its_entries() {
+        let mut state = state_with(1000);
+        let mut shrinks = 0;
+        for id in 0..1000 {
+            let before = state.entries.capacity();
+            assert!(state.remove(id).is_some());
+            let (len, after) = (state.entries.len(), state.entries.capacity());
+            assert!(
+                after > 64 || len * 4 >= after || after + 1 >= before,
+                "left {len} entries in room for {after}"
+            );
+            if after + 1 < before {
+                shrinks += 1;
+                assert!(before > 64, "a small map ({before}) was shrunk");
+                assert!(
+                    len * 4 < before,
+                    "shrunk from {before} with {len} entries left"
+                );
+                assert!(after >= 2 * len, "shrunk to {after} for {len} entries");
+            }
+            assert_eq!(state.schedule.len(), len);
+        }
+        assert!(shrinks > 0, "never shrunk");
+
+        let mut small = state_with(40);
+        let capacity = small.entries.capacity();
+        assert!(capacity <= 64);
+        for id in 0..38 {
+            small.remove(id);
+        }
+        assert!(
+            small.entries.capacity() + 38 >= capacity,
+            "a small map was shrunk"
+        );
+        assert!(small.remove(1000).is_none());
+    }
+
     #[tokio::test]
     async fn a_lost_lease_is_reported_once_and_only_while_its_request_runs() {
         let lost = lease();
