@@ -474,9 +474,85 @@ mod eviction_policy_that_can_drop_fences_is_warned {
         assert!(logs.contains("allkeys-lru"), "{logs}");
         assert!(logs.contains("fencing counters"), "{logs}");
 
+        // Locks have an expiry, so `volatile-*` can evict a held lock.
+        let volatile = RedisServer::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "volatile-lru",
+        ]);
+        let logs = warnings_on_connect(&volatile);
+        assert!(logs.contains("WARN"), "{logs}");
+        assert!(logs.contains("volatile-lru"), "{logs}");
+
         let default = RedisServer::start();
         let logs = warnings_on_connect(&default);
         assert!(!logs.contains("maxmemory_policy"), "{logs}");
+    }
+}
+
+mod redis_backend_settings {
+    use super::*;
+
+    /// A server that accepts connections and never answers (a hung Redis behind a live socket):
+    /// `connect` gives up after the response timeout of `RedisBackend::config`, not never.
+    #[tokio::test]
+    async fn connect_to_a_silent_server_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}/", listener.local_addr().unwrap());
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), RedisBackend::connect(&url)).await;
+        assert!(
+            matches!(outcome, Ok(Err(_))),
+            "connect to a silent server did not fail by itself within 10 s"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "{:?}",
+            started.elapsed()
+        );
+        silent.abort();
+    }
+
+    /// A lease longer than Redis accepts for `PX` is clamped by the backend (callers of the
+    /// trait are not bound by the layer's `MAX_TTL`), not sent as an invalid expire time.
+    #[tokio::test]
+    async fn a_huge_ttl_is_clamped_to_what_redis_accepts() {
+        let fixture = Redis::start().await;
+        let name = tower_lock::Locks::new(fixture.backend())
+            .namespace(NS)
+            .name(&LockKey::new("huge"));
+        let token = LockToken::random();
+        let acquired = fixture
+            .backend()
+            .acquire(&name, token, AcquireOptions::new(Duration::MAX))
+            .await
+            .unwrap();
+        assert!(matches!(acquired, Acquire::Acquired { .. }), "{acquired:?}");
+        let extended = fixture
+            .backend()
+            .extend(&name, token, Duration::MAX)
+            .await
+            .unwrap();
+        assert_eq!(extended, tower_lock::backend::Extend::Extended);
+    }
+
+    #[tokio::test]
+    async fn debug_names_the_backend_and_nothing_else() {
+        let backend = RedisBackend::from_url("redis://user:secret@127.0.0.1:1/")
+            .unwrap_or_else(|error| panic!("a lazy backend needs no server: {error}"));
+        let debug = format!("{backend:?}");
+        assert!(debug.starts_with("RedisBackend"), "{debug}");
+        assert!(!debug.contains("secret"), "{debug}");
     }
 }
 

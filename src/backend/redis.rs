@@ -122,8 +122,12 @@ impl RedisBackend {
     /// A backend for `url` (`redis://host:port/db`). The connection is opened lazily, on the first
     /// lock, and re-opened after failures, so this succeeds even while Redis is down.
     ///
-    /// Called on a Tokio runtime, it also checks the eviction policy in the background, as
-    /// [`RedisBackend::connect`] does.
+    /// It also checks the eviction policy in the background, as [`RedisBackend::connect`] does.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime: redis-rs starts the connection's task here. Build the backend
+    /// inside your runtime (in `main` under `#[tokio::main]`, say), as you build the router.
     pub fn from_url(url: &str) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
         let backend = Self::new(client.get_connection_manager_lazy(Self::config())?);
