@@ -294,6 +294,10 @@ struct State {
     next_id: u64,
     /// When the task looks at the schedule next without being woken; `None`: only when woken.
     next_wake: Option<Instant>,
+    /// The shortest renewal interval of the leases registered so far: how long the task stays
+    /// on a timer after its schedule empties, so that a steady stream of short requests (each
+    /// gone before its first renewal) does not wake it once per request.
+    linger: Option<Duration>,
     /// The renewer is gone: the task should end once nothing is left.
     closed: bool,
     /// The task has ended: nothing may be added any more.
@@ -408,6 +412,8 @@ impl<B: LockBackend> Renewer<B> {
                     due: Some(due),
                 },
             );
+            let interval = plan.every.unwrap_or(plan.ttl);
+            state.linger = Some(state.linger.map_or(interval, |linger| linger.min(interval)));
             if state.next_wake.is_none_or(|wake| due < wake) {
                 state.next_wake = Some(due);
                 inbox.wake.notify_one();
@@ -474,6 +480,8 @@ async fn run<B: LockBackend>(backend: B, guard: TaskGuard) {
     let mut finished: Vec<(u64, Instant, Renewed)> = Vec::new();
     let mut lost: Vec<(LockLease, &'static str)> = Vec::new();
     let mut calls: Vec<(u64, LockLease, Plan)> = Vec::new();
+    // Until when the task stays on a timer with an empty schedule (see `State::linger`).
+    let mut idle_until: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let (next_wake, stop) = {
@@ -502,7 +510,16 @@ async fn run<B: LockBackend>(backend: B, guard: TaskGuard) {
                     state.reschedule(id, at);
                 }
             }
-            let next_wake = state.schedule.first().map(|&(due, _)| due);
+            let mut next_wake = state.schedule.first().map(|&(due, _)| due);
+            if !state.entries.is_empty() {
+                idle_until = None;
+            } else if let Some(linger) = state.linger {
+                let until =
+                    *idle_until.get_or_insert_with(|| now.checked_add(linger).unwrap_or(now));
+                if now < until {
+                    next_wake = Some(until);
+                }
+            }
             state.next_wake = next_wake;
             let stop = state.closed && state.entries.is_empty() && extending.is_empty();
             (next_wake, stop)
@@ -527,7 +544,10 @@ async fn run<B: LockBackend>(backend: B, guard: TaskGuard) {
                 }
             }
             () = sleep, if next_wake.is_some() => {}
-            () = inbox.wake.notified() => {}
+            () = inbox.wake.notified() => {
+                // A registration found the task parked: linger again once the schedule empties.
+                idle_until = None;
+            }
         }
     }
 }
