@@ -75,7 +75,7 @@ async fn deposit(
     // checks `lease.is_lost()` (or selects on `lease.lost()`) before committing.
     format!(
         "deposited into account {id} under lock `{}` (fencing token {token}, lost: {})",
-        lease.key(),
+        lease.key().as_str(),
         lease.is_lost()
     )
 }
@@ -87,7 +87,7 @@ async fn put_document(
     lease: LockLease,
 ) -> String {
     hold.apply(&started).await;
-    format!("saved document {doc} under lock `{}`", lease.key())
+    format!("saved document {doc} under lock `{}`", lease.key().as_str())
 }
 
 /// `GET` is not in the policy's methods: it runs unlocked, so there is no lease.

@@ -71,7 +71,7 @@ async fn handle(
     let lock = match req.extensions().get::<LockLease>() {
         Some(lease) => format!(
             "locked on `{}`, fencing token {}",
-            lease.key(),
+            lease.key().as_str(),
             lease.fencing_token()
         ),
         None => "not locked".to_owned(),

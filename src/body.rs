@@ -10,16 +10,11 @@ use pin_project_lite::pin_project;
 use tokio::task::JoinHandle;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::guard::HeldLock;
+
 /// The error type of [`LockBody`]: the inner body's error, or the lease lost mid-body under
 /// [`LeaseLostPolicy::Abort`](crate::LeaseLostPolicy::Abort).
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A held lock, type-erased so that the body does not name the backend.
-pub(crate) trait HeldLock: Send + Sync {
-    /// Starts the compare-and-delete (bounded by the release timeout) on the lock's runtime; the
-    /// handle completes once it has finished (or failed, or timed out), after it was reported.
-    fn release(self: Box<Self>) -> JoinHandle<()>;
-}
 
 /// The lock a hold-through-body response carries until its last frame.
 pub(crate) struct BodyLock {

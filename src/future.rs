@@ -8,33 +8,46 @@ use std::task::{Context, Poll, ready};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio::time::{Instant, Timeout};
+use tokio::time::Timeout;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_service::Service;
 
-use crate::backend::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, LockBackend, LockToken,
-    Release,
-};
+use crate::backend::{BackendError, BackendErrorKind, BackendFuture, LockBackend, Release};
 use crate::body::{BodyLock, LockBody};
-use crate::guard::{AcquireCleanup, LockGuard, report_release};
+use crate::config::{HttpConfig, LeaseLostPolicy, Shared};
+use crate::core::{Attempt, Attempted};
+use crate::guard::{LockGuard, report_release};
 use crate::key::{KeyRejection, LockKey};
-use crate::layer::{Core, LeaseLostPolicy};
-use crate::lease::LockLease;
 use crate::response::Rejection;
 
 pin_project! {
     /// The response future of [`LockService`](crate::LockService).
     ///
-    /// Acquiring → calling the inner service → releasing. The lock is owned by a guard inside this
-    /// future (or, in hold-through-body mode, inside the response body), so it is released however
-    /// the future ends: completion, error, panic, or drop.
+    /// The lock is owned by a guard inside this future (or, in hold-through-body mode, inside
+    /// the response body), so it is released however the future ends: completion, error, panic,
+    /// or drop. Its states:
+    ///
+    /// ```text
+    ///  new ──(no key for the request)─────────────────────────▶ PassThrough ──▶ Done
+    ///   │ ──(no key: 400; no runtime: 503)──────────────────────▶ Rejected ─────▶ Done
+    ///   ▼ key
+    ///  Acquiring ──(backend failed, fail-open)──────────────────▶ PassThrough
+    ///   │ ──(held by another: 409; backend failed: 503)─────────▶ Rejected
+    ///   │ ──(taken with too little validity: 503)─────┐
+    ///   ▼ locked                                       ▼
+    ///  Calling ──(inner future done; lease lost under Abort)──▶ Releasing ────▶ Done
+    ///   └──(hold-through-body, or release-in-background)──────▶ Done: the lock is released
+    ///                                                            by the body, or in the background
+    /// ```
+    ///
+    /// Dropped in any state, it releases what it holds: `Acquiring` cleans up whatever the
+    /// acquire may have taken, `Calling` and `Releasing` release the lock in the background.
     pub struct ResponseFuture<S, ReqB, B>
     where
         S: Service<Request<ReqB>>,
         B: LockBackend,
     {
-        core: Arc<Core<B>>,
+        shared: Arc<Shared<B>>,
         span: tracing::Span,
         // A HEAD request: its response has no body to hold the lock through.
         head: bool,
@@ -50,14 +63,22 @@ pin_project! {
         S: Service<Request<ReqB>>,
         B: LockBackend,
     {
+        // No lock for this request: the inner future, as it is.
+        PassThrough {
+            #[pin]
+            future: S::Future,
+        },
         Acquiring {
             #[pin]
-            acquire: Timeout<BackendFuture<Acquire>>,
-            pending: Option<Pending<S, ReqB, B>>,
+            attempt: Attempt<B>,
+            // The inner service and the request, until the lock is held (always `Some` while
+            // in this state).
+            pending: Option<(S, Request<ReqB>)>,
         },
         Calling {
             #[pin]
             future: S::Future,
+            // The lock: `Some` while in this state, taken when it is left.
             guard: Option<LockGuard<B>>,
             // Set under `LeaseLostPolicy::Abort`: completes when the lease is lost.
             #[pin]
@@ -66,6 +87,7 @@ pin_project! {
         Releasing {
             #[pin]
             release: Timeout<BackendFuture<Release>>,
+            // `Some` while in this state: disarmed once the release has completed.
             guard: Option<LockGuard<B>>,
             output: Option<Outcome<S::Response, S::Error>>,
         },
@@ -74,15 +96,6 @@ pin_project! {
         },
         Done,
     }
-}
-
-/// What an acquiring request carries until the lock is held.
-struct Pending<S, ReqB, B: LockBackend> {
-    inner: S,
-    request: Request<ReqB>,
-    started: Instant,
-    /// Deletes the lock if this future is dropped before the acquire's outcome is known.
-    cleanup: AcquireCleanup<B>,
 }
 
 enum Outcome<R, E> {
@@ -96,7 +109,7 @@ where
     B: LockBackend,
 {
     pub(crate) fn new(
-        core: Arc<Core<B>>,
+        shared: Arc<Shared<B>>,
         key: Result<Option<LockKey>, KeyRejection>,
         mut inner: S,
         request: Request<ReqB>,
@@ -104,10 +117,8 @@ where
         let head = request.method() == http::Method::HEAD;
         let mut span = tracing::Span::none();
         let state = match key {
-            Ok(None) => State::Calling {
+            Ok(None) => State::PassThrough {
                 future: inner.call(request),
-                guard: None,
-                lost: None,
             },
             Err(rejection) => {
                 tracing::debug!(%rejection, "request rejected: no lock key");
@@ -117,51 +128,27 @@ where
             }
             Ok(Some(key)) => match Handle::try_current() {
                 Ok(runtime) => {
-                    let name = core.config.lock_name(&key);
-                    span = tracing::debug_span!("tower_lock", lock = %name.label(core.config.log_keys));
-                    let token = LockToken::random();
-                    let started = Instant::now();
-                    let acquire = tokio::time::timeout(
-                        core.config.acquire_timeout,
-                        core.backend.acquire(
-                            &name,
-                            token,
-                            AcquireOptions::new(core.config.ttl).fencing(core.config.fencing),
-                        ),
-                    );
+                    let core = &shared.core;
+                    let name = core.settings.lock_name(&key);
+                    span = tracing::debug_span!("tower_lock", lock = %name.label(core.settings.log_keys()));
                     State::Acquiring {
-                        acquire,
-                        pending: Some(Pending {
-                            inner,
-                            request,
-                            started,
-                            cleanup: AcquireCleanup::new(core.clone(), name, token, runtime),
-                        }),
+                        attempt: core.attempt(key, name, runtime),
+                        pending: Some((inner, request)),
                     }
                 }
-                Err(_) => {
-                    let error = BackendError::new(
+                Err(_) => unlocked(
+                    &shared.http,
+                    BackendError::new(
                         BackendErrorKind::Unavailable,
                         "no Tokio runtime to run the lock backend on",
-                    );
-                    if core.config.fail_open {
-                        tracing::warn!(%error, "calling the service unlocked (fail-open)");
-                        State::Calling {
-                            future: inner.call(request),
-                            guard: None,
-                            lost: None,
-                        }
-                    } else {
-                        tracing::warn!(%error, "answering 503");
-                        State::Rejected {
-                            rejection: Some(Rejection::BackendUnavailable(error)),
-                        }
-                    }
-                }
+                    ),
+                    inner,
+                    request,
+                ),
             },
         };
         Self {
-            core,
+            shared,
             span,
             head,
             state,
@@ -180,15 +167,30 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let _entered = this.span.enter();
-        let core: &Arc<Core<B>> = this.core;
+        let http = &this.shared.http;
         loop {
             match this.state.as_mut().project() {
-                StateProj::Acquiring { acquire, pending } => {
-                    let outcome = ready!(acquire.poll(cx));
-                    let Some(pending) = pending.take() else {
+                StateProj::PassThrough { future } => {
+                    let output = ready!(future.poll(cx));
+                    this.state.set(State::Done);
+                    return Poll::Ready(output.map(|r| r.map(LockBody::inner)));
+                }
+                StateProj::Acquiring { attempt, pending } => {
+                    let attempted = ready!(attempt.poll(cx));
+                    let Some((inner, request)) = pending.take() else {
                         unreachable!("the acquiring state always carries its request");
                     };
-                    let next = acquired(core, pending, outcome);
+                    let next = match attempted {
+                        Attempted::Locked(guard) => locked(http, guard, inner, request),
+                        Attempted::TooLittleValidity(guard, validity) => release(
+                            guard,
+                            Outcome::Rejected(Rejection::InsufficientValidity { validity }),
+                        ),
+                        Attempted::Held(remaining) => State::Rejected {
+                            rejection: Some(Rejection::Conflict { remaining }),
+                        },
+                        Attempted::Failed(error) => unlocked(http, error, inner, request),
+                    };
                     this.state.set(next);
                 }
                 StateProj::Calling {
@@ -201,39 +203,35 @@ where
                     {
                         // Abort: drop the inner future, release (never touching another
                         // holder's lock), then answer 503.
-                        let rejection = Rejection::LeaseLost;
-                        let next = match guard.take() {
-                            Some(guard) => release(guard, Outcome::Rejected(rejection)),
-                            None => State::Rejected {
-                                rejection: Some(rejection),
-                            },
+                        let Some(guard) = guard.take() else {
+                            unreachable!("the calling state always holds its lock");
                         };
-                        this.state.set(next);
+                        this.state
+                            .set(release(guard, Outcome::Rejected(Rejection::LeaseLost)));
                         continue;
                     }
                     let output = ready!(future.poll(cx));
                     let Some(guard) = guard.take() else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(output.map(|r| r.map(LockBody::inner)));
+                        unreachable!("the calling state always holds its lock");
                     };
                     match output {
                         Ok(response)
-                            if core.config.hold_through_body
+                            if http.hold_through_body
                                 && has_body_to_send(*this.head, &response) =>
                         {
                             this.state.set(State::Done);
-                            let lost = (core.config.lease_lost == LeaseLostPolicy::Abort)
+                            let lost = (http.lease_lost == LeaseLostPolicy::Abort)
                                 .then(|| guard.lease().lost_owned());
                             let lock = BodyLock::new(
                                 Box::new(guard),
                                 lost,
-                                core.config.release_in_background,
+                                http.release_in_background,
                                 declared_length(&response),
                             );
                             let response = response.map(|body| LockBody::holding(body, lock));
                             return Poll::Ready(Ok(response));
                         }
-                        output if core.config.release_in_background => {
+                        output if http.release_in_background => {
                             drop(guard); // spawns the release
                             this.state.set(State::Done);
                             return Poll::Ready(output.map(|r| r.map(LockBody::inner)));
@@ -253,7 +251,7 @@ where
                     if let Some(guard) = guard.take() {
                         report_release(
                             &guard.lease().label(),
-                            released.map_err(|_| core.config.release_timeout),
+                            released.map_err(|_| guard.release_timeout()),
                         );
                         guard.disarm();
                     }
@@ -261,7 +259,7 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(match output {
                         Some(Outcome::Inner(output)) => output.map(|r| r.map(LockBody::inner)),
-                        Some(Outcome::Rejected(rejection)) => Ok(respond(core, rejection)),
+                        Some(Outcome::Rejected(rejection)) => Ok(respond(http, rejection)),
                         None => unreachable!("the releasing state always carries its output"),
                     });
                 }
@@ -271,7 +269,7 @@ where
                     let Some(rejection) = rejection else {
                         unreachable!("the rejected state always carries its rejection");
                     };
-                    return Poll::Ready(Ok(respond(core, rejection)));
+                    return Poll::Ready(Ok(respond(http, rejection)));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -279,101 +277,45 @@ where
     }
 }
 
-/// The state after an acquire attempt finished.
-fn acquired<S, ReqB, B>(
-    core: &Arc<Core<B>>,
-    pending: Pending<S, ReqB, B>,
-    outcome: Result<Result<Acquire, BackendError>, tokio::time::error::Elapsed>,
+/// The backend could not lock the request: call the inner service unlocked (fail-open), or
+/// answer 503.
+fn unlocked<S, ReqB, B>(
+    http: &HttpConfig,
+    error: BackendError,
+    mut inner: S,
+    request: Request<ReqB>,
 ) -> State<S, ReqB, B>
 where
     S: Service<Request<ReqB>>,
     B: LockBackend,
 {
-    let config = &core.config;
-    let error = match outcome {
-        Ok(Ok(Acquire::Acquired { fencing_token })) => {
-            return locked(core, pending, fencing_token);
-        }
-        Ok(Ok(Acquire::Held { remaining })) => {
-            pending.cleanup.disarm();
-            tracing::debug!(?remaining, "lock held by another request");
-            crate::telemetry::contended();
-            return State::Rejected {
-                rejection: Some(Rejection::Conflict { remaining }),
-            };
-        }
-        // The SET may have landed although we got no answer: `pending.cleanup` deletes it (if
-        // ours) when dropped below.
-        Ok(Err(error)) => {
-            crate::telemetry::backend_error("acquire");
-            error
-        }
-        Err(_) => {
-            crate::telemetry::backend_error("acquire");
-            BackendError::timeout("lock acquire", config.acquire_timeout)
-        }
-    };
-    if config.fail_open {
+    if http.fail_open {
         tracing::warn!(%error, "lock backend failed; calling the service unlocked (fail-open)");
-        let Pending {
-            mut inner, request, ..
-        } = pending;
-        return State::Calling {
+        State::PassThrough {
             future: inner.call(request),
-            guard: None,
-            lost: None,
-        };
-    }
-    tracing::warn!(%error, "lock backend failed; answering 503");
-    State::Rejected {
-        rejection: Some(Rejection::BackendUnavailable(error)),
+        }
+    } else {
+        tracing::warn!(%error, "lock backend failed; answering 503");
+        State::Rejected {
+            rejection: Some(Rejection::BackendUnavailable(error)),
+        }
     }
 }
 
-/// The lock is ours: check its validity, start renewal, and call the inner service.
+/// The lock is held (and renewed): hand the handler its lease and call the inner service.
 fn locked<S, ReqB, B>(
-    core: &Arc<Core<B>>,
-    pending: Pending<S, ReqB, B>,
-    fencing_token: u64,
+    http: &HttpConfig,
+    guard: LockGuard<B>,
+    mut inner: S,
+    mut request: Request<ReqB>,
 ) -> State<S, ReqB, B>
 where
     S: Service<Request<ReqB>>,
     B: LockBackend,
 {
-    let config = &core.config;
-    let Pending {
-        mut inner,
-        mut request,
-        started,
-        cleanup,
-    } = pending;
-    // The guard made here owns the lock from now on.
-    let (name, token, runtime) = cleanup.disarm();
-    crate::telemetry::acquired(started.elapsed());
-    let lease = LockLease::new(
-        name,
-        token,
-        fencing_token,
-        config.log_keys,
-        started,
-        config.ttl,
-    );
-    let guard = LockGuard::new(core.clone(), lease.clone(), runtime.clone());
-    let validity = config.ttl.saturating_sub(started.elapsed());
-    if validity < config.min_validity() {
-        tracing::warn!(
-            ?validity,
-            "lock acquired with too little validity; releasing"
-        );
-        return release(
-            guard,
-            Outcome::Rejected(Rejection::InsufficientValidity { validity }),
-        );
-    }
-    tracing::debug!(fencing_token, "lock acquired");
-    core.renew(&lease, started, &runtime);
-    let lost = (config.lease_lost == LeaseLostPolicy::Abort).then(|| lease.lost_owned());
-    request.extensions_mut().insert(lease);
+    let lease = guard.lease();
+    let lost = (http.lease_lost == LeaseLostPolicy::Abort).then(|| lease.lost_owned());
+    request.extensions_mut().insert(lease.clone());
     State::Calling {
         future: inner.call(request),
         guard: Some(guard),
@@ -421,7 +363,18 @@ fn declared_length<ResB>(response: &Response<ResB>) -> Option<u64> {
         .ok()
 }
 
-fn respond<B, ResB>(core: &Core<B>, rejection: Rejection) -> Response<LockBody<ResB>> {
-    crate::telemetry::rejected(&rejection);
-    core.config.respond(rejection).map(LockBody::rejection)
+fn respond<ResB>(http: &HttpConfig, rejection: Rejection) -> Response<LockBody<ResB>> {
+    crate::telemetry::rejected(metric_reason(&rejection));
+    http.respond(rejection).map(LockBody::rejection)
+}
+
+/// The `reason` label of `tower_lock_rejected_total` for `rejection`.
+fn metric_reason(rejection: &Rejection) -> &'static str {
+    match rejection {
+        Rejection::Conflict { .. } => "conflict",
+        Rejection::InvalidKey(_) => "invalid_key",
+        Rejection::BackendUnavailable(_) => "backend_unavailable",
+        Rejection::InsufficientValidity { .. } => "insufficient_validity",
+        Rejection::LeaseLost => "lease_lost",
+    }
 }

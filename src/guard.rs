@@ -7,9 +7,16 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, Timeout};
 
 use crate::backend::{BackendError, BackendFuture, LockBackend, LockName, LockToken, Release};
-use crate::body::HeldLock;
-use crate::layer::Core;
+use crate::core::Core;
 use crate::lease::LockLease;
+
+/// A held lock, type-erased so that what carries it (a response body held through) does not
+/// name the backend.
+pub(crate) trait HeldLock: Send + Sync {
+    /// Starts the compare-and-delete (bounded by the release timeout) on the lock's runtime; the
+    /// handle completes once it has finished (or failed, or timed out), after it was reported.
+    fn release(self: Box<Self>) -> JoinHandle<()>;
+}
 
 /// Owns one held lock. Dropping it without [`LockGuard::disarm`] spawns the release on the
 /// runtime captured at acquisition (never `block_on`): that covers panics, dropped response
@@ -37,11 +44,16 @@ impl<B: LockBackend> LockGuard<B> {
         &self.lease
     }
 
+    /// How long a release may take.
+    pub(crate) fn release_timeout(&self) -> std::time::Duration {
+        self.core.settings.release_timeout()
+    }
+
     /// The compare-and-delete call, bounded by the release timeout. Stops renewal.
     pub(crate) fn release(&self) -> Timeout<BackendFuture<Release>> {
         self.end();
         tokio::time::timeout(
-            self.core.config.release_timeout,
+            self.core.settings.release_timeout(),
             self.core
                 .backend
                 .release(self.lease.name(), self.lease.token()),
@@ -117,11 +129,20 @@ impl<B: LockBackend> AcquireCleanup<B> {
         }
     }
 
-    /// The acquire's outcome needs no clean-up; hands back what the lock is called, its token,
-    /// and the runtime to release it on.
-    pub(crate) fn disarm(mut self) -> (LockName, LockToken, Handle) {
+    /// The acquire's outcome needs no clean-up; hands back the engine, what the lock is called,
+    /// its token, and the runtime to release it on.
+    pub(crate) fn disarm(mut self) -> (Arc<Core<B>>, LockName, LockToken, Handle) {
         self.armed = false;
-        (self.name.clone(), self.token, self.runtime.clone())
+        (
+            self.core.clone(),
+            self.name.clone(),
+            self.token,
+            self.runtime.clone(),
+        )
+    }
+
+    pub(crate) fn core(&self) -> &Core<B> {
+        &self.core
     }
 }
 
@@ -133,7 +154,7 @@ impl<B: LockBackend> Drop for AcquireCleanup<B> {
                 &self.runtime,
                 &self.name,
                 self.token,
-                ReleaseOf::AbandonedAcquire(self.name.clone(), self.core.config.log_keys),
+                ReleaseOf::AbandonedAcquire(self.name.clone(), self.core.settings.log_keys()),
             );
         }
     }
@@ -158,11 +179,12 @@ fn spawn_release<B: LockBackend>(
     token: LockToken,
     of: ReleaseOf,
 ) -> JoinHandle<()> {
-    let timeout = core.config.release_timeout;
+    let timeout = core.settings.release_timeout();
     let release = match of {
         ReleaseOf::Lease(_) => core.backend.release(name, token),
         ReleaseOf::AbandonedAcquire(..) => {
-            core.backend.release_abandoned(name, token, core.config.ttl)
+            core.backend
+                .release_abandoned(name, token, core.settings.ttl())
         }
     };
     runtime.spawn(async move {

@@ -1,37 +1,18 @@
-//! The lease a request holds: what the handler sees ([`LockLease`]), and the renewal task that
-//! keeps it alive.
-//!
-//! One renewal task per layer (shared with every layer configured from it, and with the
-//! [`Locks`](crate::Locks) engine it was built from), started on the first lock, drives every
-//! in-flight lease of that layer; no task is spawned per request. Leases live in one schedule shared with the task (see
-//! `Inbox`): a request adds its lease there and takes it out when it ends, both in O(log n) and
-//! without waking the task unless the new lease is due before the task's next wake-up. So the
-//! schedule holds exactly the leases of requests in flight, whatever the request rate.
-//!
-//! The task wakes when the earliest lease is due, takes every lease that is due (a batch), and
-//! extends them concurrently. Each extend is bounded by the renewal timeout and by the lease's
-//! remaining validity, so a lease whose validity runs out is reported lost at that moment, even
-//! while an extend hangs. When the task ends for any reason (its runtime shuts down, a bug
-//! panics it), every lease it was keeping is marked lost, and the next lease starts a new task on
-//! the runtime of the request that registers it. A panicking backend call counts as a failed
-//! renewal of that one lease. The task ends when the layer and every service and response made
-//! from it are dropped.
+//! The lease a holder sees ([`LockLease`]): its fencing token, whether it is lost, and when its
+//! validity runs out. The renewal task that keeps it alive is in `renewal`; a lease knows of it
+//! only through [`Unschedule`], so that ending a lease takes it out of the schedule.
 
-use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
-use tokio::runtime::{Handle, Id as RuntimeId};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::backend::{Extend, LockBackend, LockName, LockToken};
+use crate::backend::{LockName, LockToken};
+use crate::key::LockKey;
+
 /// The lock a request holds, inserted into the request's extensions before the inner service is
 /// called.
 ///
@@ -55,6 +36,7 @@ use crate::backend::{Extend, LockBackend, LockName, LockToken};
 pub struct LockLease(Arc<Shared>);
 
 struct Shared {
+    key: LockKey,
     name: LockName,
     token: LockToken,
     fencing_token: u64,
@@ -70,14 +52,21 @@ struct Shared {
     registration: OnceLock<Registration>,
 }
 
-/// A lease's place in its layer's renewal schedule.
+/// A lease's place in a renewal schedule.
 struct Registration {
-    inbox: Weak<Inbox>,
+    schedule: Weak<dyn Unschedule>,
     id: u64,
+}
+
+/// A renewal schedule, as a lease sees it: somewhere to take itself out of when it ends.
+pub(crate) trait Unschedule: Send + Sync {
+    /// Drops the entry `id` from the schedule, if it is there.
+    fn unschedule(&self, id: u64);
 }
 
 impl LockLease {
     pub(crate) fn new(
+        key: LockKey,
         name: LockName,
         token: LockToken,
         fencing_token: u64,
@@ -86,6 +75,7 @@ impl LockLease {
         ttl: Duration,
     ) -> Self {
         Self(Arc::new(Shared {
+            key,
             name,
             token,
             fencing_token,
@@ -108,7 +98,7 @@ impl LockLease {
     }
 
     /// A successful extend moved the validity to `valid_until`.
-    fn set_valid_until(&self, valid_until: Instant) {
+    pub(crate) fn set_valid_until(&self, valid_until: Instant) {
         let valid_for = valid_until.saturating_duration_since(self.0.acquired);
         self.0
             .valid_for_ns
@@ -120,12 +110,14 @@ impl LockLease {
         self.0.name.label(self.0.log_keys)
     }
 
-    /// The backend name of the lock (namespace and escaped key; it contains request material).
-    pub fn key(&self) -> &str {
-        self.0.name.lock_key()
+    /// The key the lock was taken on (request material: an account id, an idempotency key …),
+    /// as a key template or [`LockKey::literal`] built it.
+    pub fn key(&self) -> &LockKey {
+        &self.0.key
     }
 
-    /// The lock's name.
+    /// The lock's backend name: the key under the engine's namespace, as a Redis Cluster hash
+    /// tag, or its digest for a long key ([`LockName::lock_key`] is what Redis stores).
     pub fn name(&self) -> &LockName {
         &self.0.name
     }
@@ -174,13 +166,13 @@ impl LockLease {
     /// in flight finishes, and its outcome is ignored).
     pub(crate) fn end(&self) {
         self.0.ended.store(true, Ordering::SeqCst);
-        // Pairs with the fence in `Renewer::watch`: either this sees the registration, or the
+        // Pairs with the fence in `register`: either this sees the registration, or the
         // registration sees `ended` and never enters the schedule.
         fence(Ordering::SeqCst);
         if let Some(registration) = self.0.registration.get()
-            && let Some(inbox) = registration.inbox.upgrade()
+            && let Some(schedule) = registration.schedule.upgrade()
         {
-            inbox.state().remove(registration.id);
+            schedule.unschedule(registration.id);
         }
     }
 
@@ -188,9 +180,26 @@ impl LockLease {
         self.0.ended.load(Ordering::SeqCst)
     }
 
+    /// Records where the lease is scheduled for renewal; `false` if it already was. Then, by a
+    /// fence that pairs with the one in [`end`](Self::end), either `end` sees the registration
+    /// or the caller sees [`has_ended`](Self::has_ended): a lease never stays scheduled after
+    /// its end.
+    pub(crate) fn register(&self, schedule: Weak<dyn Unschedule>, id: u64) -> bool {
+        if self
+            .0
+            .registration
+            .set(Registration { schedule, id })
+            .is_err()
+        {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        true
+    }
+
     /// Marks the lease lost; reports it (a warning and `lease_lost_total`) only the first time,
     /// and only while its request runs. Returns whether it reported.
-    fn mark_lost(&self, why: &'static str) -> bool {
+    pub(crate) fn mark_lost(&self, why: &'static str) -> bool {
         let report = !self.has_ended() && !self.0.lost.is_cancelled();
         if report {
             tracing::warn!(lock = %self.label(), why, "lock lease lost");
@@ -201,6 +210,7 @@ impl LockLease {
     }
 }
 
+/// `duration` in nanoseconds, saturating.
 /// `duration` in nanoseconds, saturating.
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
@@ -216,419 +226,13 @@ impl std::fmt::Debug for LockLease {
     }
 }
 
-/// How a lease is to be kept alive.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Plan {
-    pub(crate) ttl: Duration,
-    /// Renew every this long (at most half the TTL: see `Config::renewal_interval`); `None`:
-    /// never renew (the lease is only watched for expiry).
-    pub(crate) every: Option<Duration>,
-    /// Stop renewing after this instant.
-    pub(crate) renew_until: Option<Instant>,
-    /// When the lease expires on the server, at the latest, unless renewed.
-    pub(crate) valid_until: Instant,
-    /// Timeout of one extend call (it is also cut short where the validity runs out).
-    pub(crate) timeout: Duration,
-}
-
-/// Failed renewals are retried this often (a third of the interval), but not more often than
-/// every `MIN_RETRY`.
-const MIN_RETRY: Duration = Duration::from_millis(10);
-
-impl Plan {
-    /// When to renew next, `now` being when the lease was acquired or last extended: one interval
-    /// later, but at least one interval before the validity runs out, so that a slow acquire or a
-    /// slow extend still leaves time to try (and to retry).
-    fn next_due(&self, now: Instant) -> Instant {
-        match self.every {
-            Some(every) => {
-                let latest = self.valid_until.checked_sub(every).unwrap_or(now);
-                now.checked_add(every).map_or(latest, |due| due.min(latest))
-            }
-            None => self.valid_until,
-        }
-    }
-
-    /// When to try again after a failed renewal at `now`.
-    fn retry_due(&self, now: Instant) -> Instant {
-        let every = self.every.unwrap_or(self.ttl);
-        now.checked_add((every / 3).max(MIN_RETRY))
-            .map_or(self.valid_until, |retry| retry.min(self.valid_until))
-    }
-
-    /// Whether the lease is still to be renewed at `now` (else it is only watched for expiry).
-    fn renewing(&self, now: Instant) -> bool {
-        self.every.is_some() && self.renew_until.is_none_or(|until| now < until)
-    }
-
-    /// Until when an extend sent at `now` may run: the renewal timeout, cut at the validity.
-    fn extend_deadline(&self, now: Instant) -> Instant {
-        now.checked_add(self.timeout)
-            .map_or(self.valid_until, |deadline| deadline.min(self.valid_until))
-    }
-}
-
-struct Entry {
-    lease: LockLease,
-    plan: Plan,
-    /// When the entry is next due (its key in `State::schedule`); `None` while its extend runs.
-    due: Option<Instant>,
-}
-
-/// The schedule a layer's requests share with its renewal task.
-///
-/// Registering must not wake another thread on every request (that alone costs more than the
-/// layer's own work), so a request only inserts its lease, and wakes the task only when the lease
-/// is due before the task's next wake-up (a slow acquire); a parked task has no wake-up.
-struct Inbox {
-    state: Mutex<State>,
-    wake: Notify,
-}
-
-#[derive(Default)]
-struct State {
-    /// Every lease of a request in flight, by registration id: scheduled or being extended.
-    entries: HashMap<u64, Entry>,
-    /// The scheduled entries, by when they are due.
-    schedule: BTreeSet<(Instant, u64)>,
-    next_id: u64,
-    /// When the task looks at the schedule next without being woken; `None`: only when woken.
-    next_wake: Option<Instant>,
-    /// The shortest renewal interval of the leases registered so far: how long the task stays
-    /// on a timer after its schedule empties, so that a steady stream of short requests (each
-    /// gone before its first renewal) does not wake it once per request.
-    linger: Option<Duration>,
-    /// The renewer is gone: the task should end once nothing is left.
-    closed: bool,
-    /// The task has ended: nothing may be added any more.
-    dead: bool,
-}
-
-impl Inbox {
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl State {
-    fn insert(&mut self, id: u64, entry: Entry) {
-        if let Some(due) = entry.due {
-            self.schedule.insert((due, id));
-        }
-        self.entries.insert(id, entry);
-    }
-
-    /// Drops the entry `id`, wherever it is; after a burst, gives memory back.
-    fn remove(&mut self, id: u64) -> Option<Entry> {
-        let entry = self.entries.remove(&id)?;
-        if let Some(due) = entry.due {
-            self.schedule.remove(&(due, id));
-        }
-        let capacity = self.entries.capacity();
-        if capacity > 64 && self.entries.len() * 4 < capacity {
-            self.entries.shrink_to(self.entries.len() * 2);
-        }
-        Some(entry)
-    }
-
-    fn reschedule(&mut self, id: u64, due: Instant) {
-        if let Some(entry) = self.entries.get_mut(&id) {
-            if let Some(old) = entry.due.replace(due) {
-                self.schedule.remove(&(old, id));
-            }
-            self.schedule.insert((due, id));
-        }
-    }
-}
-
-/// Registers leases with the layer's renewal task, starting it when needed.
-pub(crate) struct Renewer<B> {
-    backend: B,
-    /// One renewal task per runtime that has locked through this renewer: a lease is renewed by
-    /// a task on its own request's runtime, so a runtime that is idle or shutting down can only
-    /// hold back (or lose) leases of its own requests.
-    tasks: Mutex<Vec<(RuntimeId, Arc<Inbox>)>>,
-}
-
-impl<B: LockBackend> Renewer<B> {
-    pub(crate) fn new(backend: B) -> Self {
-        Self {
-            backend,
-            tasks: Mutex::default(),
-        }
-    }
-
-    /// Starts watching `lease`: an insert into the schedule; the timer lives in the shared task,
-    /// which is started on `runtime` if there is none alive.
-    pub(crate) fn watch(&self, lease: LockLease, plan: Plan, runtime: &Handle) {
-        let due = plan.next_due(Instant::now());
-        let runtime_id = runtime.id();
-        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
-        // Two tries: a dead task is replaced once; a task that dies at once (a runtime that is
-        // shutting down drops what is spawned on it) cannot renew, so the lease is lost.
-        for _ in 0..2 {
-            let inbox = match tasks.iter().find(|(id, _)| *id == runtime_id) {
-                Some((_, inbox)) => inbox.clone(),
-                None => {
-                    // Forget the tasks of runtimes that have shut down.
-                    tasks.retain(|(_, inbox)| !inbox.state().dead);
-                    let inbox = Arc::new(Inbox {
-                        state: Mutex::default(),
-                        wake: Notify::new(),
-                    });
-                    // The guard is an argument, so it is dropped (marking leases lost) even if
-                    // the runtime drops the task before it first runs.
-                    runtime.spawn(run(self.backend.clone(), TaskGuard(inbox.clone())));
-                    tasks.push((runtime_id, inbox.clone()));
-                    inbox
-                }
-            };
-            let mut state = inbox.state();
-            if state.dead {
-                // The task ended (its runtime shut down, or it panicked): start another.
-                drop(state);
-                tasks.retain(|(id, _)| *id != runtime_id);
-                continue;
-            }
-            let id = state.next_id;
-            state.next_id += 1;
-            let registration = Registration {
-                inbox: Arc::downgrade(&inbox),
-                id,
-            };
-            if lease.0.registration.set(registration).is_err() {
-                return; // watched already
-            }
-            // Pairs with the fence in `LockLease::end`.
-            fence(Ordering::SeqCst);
-            if lease.has_ended() {
-                return;
-            }
-            state.insert(
-                id,
-                Entry {
-                    lease,
-                    plan,
-                    due: Some(due),
-                },
-            );
-            let interval = plan.every.unwrap_or(plan.ttl);
-            state.linger = Some(state.linger.map_or(interval, |linger| linger.min(interval)));
-            if state.next_wake.is_none_or(|wake| due < wake) {
-                state.next_wake = Some(due);
-                inbox.wake.notify_one();
-            }
-            return;
-        }
-        drop(tasks);
-        lease.mark_lost("no renewal task could run: the lock's runtime is shutting down");
-    }
-
-    /// How many leases the schedule holds, and how many it has room for (for tests: both must be
-    /// bounded by the requests in flight, not by the requests served).
-    pub(crate) fn stored(&self) -> (usize, usize) {
-        let tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
-        tasks.iter().fold((0, 0), |(len, capacity), (_, inbox)| {
-            let state = inbox.state();
-            (
-                len + state.entries.len(),
-                capacity + state.entries.capacity(),
-            )
-        })
-    }
-}
-
-impl<B> Drop for Renewer<B> {
-    fn drop(&mut self) {
-        let tasks = self.tasks.get_mut().unwrap_or_else(PoisonError::into_inner);
-        for (_, inbox) in tasks.drain(..) {
-            inbox.state().closed = true;
-            inbox.wake.notify_one();
-        }
-    }
-}
-
-/// However the task ends (its runtime dropping it, a panic, or the layer being gone), marks the
-/// inbox dead, so that no lease is added any more, and every lease still in it lost.
-struct TaskGuard(Arc<Inbox>);
-
-impl Drop for TaskGuard {
-    fn drop(&mut self) {
-        let orphans: Vec<Entry> = {
-            let mut state = self.0.state();
-            state.dead = true;
-            state.schedule.clear();
-            state.entries.drain().map(|(_, entry)| entry).collect()
-        };
-        for entry in orphans {
-            entry
-                .lease
-                .mark_lost("the renewal task ended (its runtime shut down?)");
-        }
-    }
-}
-
-/// What one extend call came to.
-enum Renewed {
-    Done(Extend),
-    Failed(&'static str),
-}
-
-async fn run<B: LockBackend>(backend: B, guard: TaskGuard) {
-    let inbox = &*guard.0;
-    let mut extending = FuturesUnordered::new();
-    let mut finished: Vec<(u64, Instant, Renewed)> = Vec::new();
-    let mut lost: Vec<(LockLease, &'static str)> = Vec::new();
-    let mut calls: Vec<(u64, LockLease, Plan)> = Vec::new();
-    // Until when the task stays on a timer with an empty schedule (see `State::linger`).
-    let mut idle_until: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        let (next_wake, stop) = {
-            let mut state = inbox.state();
-            for (id, sent_at, outcome) in finished.drain(..) {
-                settle(&mut state, id, sent_at, outcome, now, &mut lost);
-            }
-            // Every entry that is due, in one pass.
-            while let Some(&(due, id)) = state.schedule.first()
-                && due <= now
-            {
-                state.schedule.pop_first();
-                let Some(entry) = state.entries.get_mut(&id) else {
-                    continue;
-                };
-                entry.due = None;
-                if now >= entry.plan.valid_until {
-                    if let Some(entry) = state.remove(id) {
-                        let why = "lease validity ran out before it could be renewed";
-                        lost.push((entry.lease, why));
-                    }
-                } else if entry.plan.renewing(now) {
-                    calls.push((id, entry.lease.clone(), entry.plan));
-                } else {
-                    let at = entry.plan.valid_until;
-                    state.reschedule(id, at);
-                }
-            }
-            let mut next_wake = state.schedule.first().map(|&(due, _)| due);
-            if !state.entries.is_empty() {
-                idle_until = None;
-            } else if let Some(linger) = state.linger {
-                let until =
-                    *idle_until.get_or_insert_with(|| now.checked_add(linger).unwrap_or(now));
-                if now < until {
-                    next_wake = Some(until);
-                }
-            }
-            state.next_wake = next_wake;
-            let stop = state.closed && state.entries.is_empty() && extending.is_empty();
-            (next_wake, stop)
-        };
-        for (lease, why) in lost.drain(..) {
-            lease.mark_lost(why);
-        }
-        if stop {
-            // The layer and everything made from it are gone, so no request holds a lease.
-            break;
-        }
-        for (id, lease, plan) in calls.drain(..) {
-            extending.push(extend(&backend, id, lease, plan, now));
-        }
-        let sleep = tokio::time::sleep_until(next_wake.unwrap_or(now));
-        tokio::select! {
-            biased;
-            Some(done) = extending.next(), if !extending.is_empty() => {
-                finished.push(done);
-                while let Some(Some(done)) = extending.next().now_or_never() {
-                    finished.push(done);
-                }
-            }
-            () = sleep, if next_wake.is_some() => {}
-            () = inbox.wake.notified() => {
-                // A registration found the task parked: linger again once the schedule empties.
-                idle_until = None;
-            }
-        }
-    }
-}
-
-/// One extend call for the entry `id`: bounded by the renewal timeout and by the lease's
-/// validity; a panic (in making the call or in its future) is a failure like any other.
-fn extend<B: LockBackend>(
-    backend: &B,
-    id: u64,
-    lease: LockLease,
-    plan: Plan,
-    now: Instant,
-) -> impl Future<Output = (u64, Instant, Renewed)> + use<B> {
-    let deadline = plan.extend_deadline(now);
-    let call = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        backend.extend(lease.name(), lease.token(), plan.ttl)
-    }));
-    async move {
-        let outcome = match call {
-            Ok(call) => {
-                match tokio::time::timeout_at(deadline, AssertUnwindSafe(call).catch_unwind()).await
-                {
-                    Ok(Ok(Ok(extended))) => Renewed::Done(extended),
-                    Ok(Ok(Err(_))) => Renewed::Failed("lease renewal failed"),
-                    Ok(Err(_)) => Renewed::Failed("lease renewal panicked"),
-                    Err(_) => Renewed::Failed("lease renewal timed out"),
-                }
-            }
-            Err(_) => Renewed::Failed("lease renewal panicked"),
-        };
-        (id, now, outcome)
-    }
-}
-
-/// Applies the outcome of the extend of entry `id`, sent at `sent_at`, seen at `now`.
-fn settle(
-    state: &mut State,
-    id: u64,
-    sent_at: Instant,
-    outcome: Renewed,
-    now: Instant,
-    lost: &mut Vec<(LockLease, &'static str)>,
-) {
-    // Gone: the request ended while its extend was in flight.
-    let Some(entry) = state.entries.get_mut(&id) else {
-        return;
-    };
-    match outcome {
-        Renewed::Done(Extend::Extended) => {
-            tracing::trace!(lock = %entry.lease.label(), "lease renewed");
-            entry.plan.valid_until = sent_at.checked_add(entry.plan.ttl).unwrap_or(sent_at);
-            entry.lease.set_valid_until(entry.plan.valid_until);
-            let due = entry.plan.next_due(now);
-            state.reschedule(id, due);
-        }
-        Renewed::Done(Extend::Lost) => {
-            if let Some(entry) = state.remove(id) {
-                lost.push((entry.lease, "the lock was gone or held by another request"));
-            }
-        }
-        Renewed::Failed(why) => {
-            tracing::debug!(lock = %entry.lease.label(), why, "lease renewal failed, retrying");
-            crate::telemetry::backend_error("extend");
-            if now >= entry.plan.valid_until {
-                if let Some(entry) = state.remove(id) {
-                    lost.push((entry.lease, "lease validity ran out while renewals failed"));
-                }
-            } else {
-                let due = entry.plan.retry_due(now);
-                state.reschedule(id, due);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn lease() -> LockLease {
         LockLease::new(
+            LockKey::new("k"),
             LockName::new("t:", "k"),
             LockToken::random(),
             7,
@@ -636,68 +240,6 @@ mod tests {
             Instant::now(),
             Duration::from_secs(60),
         )
-    }
-
-    fn state_with(entries: u64) -> State {
-        let mut state = State::default();
-        let plan = Plan {
-            ttl: Duration::from_secs(60),
-            every: None,
-            renew_until: None,
-            valid_until: Instant::now(),
-            timeout: Duration::from_secs(1),
-        };
-        for id in 0..entries {
-            let entry = Entry {
-                lease: lease(),
-                plan,
-                due: Some(Instant::now()),
-            };
-            state.insert(id, entry);
-        }
-        state
-    }
-
-    /// The schedule gives memory back once it is less than a quarter full (and only then),
-    /// keeping room for twice what it holds, so a steady load does not rehash on every request;
-    /// small maps are left alone. (A removal may also leave a tombstone, which lowers the
-    /// capacity by one: a shrink is a drop of more than one.)
-    #[tokio::test]
-    async fn the_schedule_shrinks_below_a_quarter_full_to_twice_its_entries() {
-        let mut state = state_with(1000);
-        let mut shrinks = 0;
-        for id in 0..1000 {
-            let before = state.entries.capacity();
-            assert!(state.remove(id).is_some());
-            let (len, after) = (state.entries.len(), state.entries.capacity());
-            assert!(
-                after > 64 || len * 4 >= after || after + 1 >= before,
-                "left {len} entries in room for {after}"
-            );
-            if after + 1 < before {
-                shrinks += 1;
-                assert!(before > 64, "a small map ({before}) was shrunk");
-                assert!(
-                    len * 4 < before,
-                    "shrunk from {before} with {len} entries left"
-                );
-                assert!(after >= 2 * len, "shrunk to {after} for {len} entries");
-            }
-            assert_eq!(state.schedule.len(), len);
-        }
-        assert!(shrinks > 0, "never shrunk");
-
-        let mut small = state_with(40);
-        let capacity = small.entries.capacity();
-        assert!(capacity <= 64);
-        for id in 0..38 {
-            small.remove(id);
-        }
-        assert!(
-            small.entries.capacity() + 38 >= capacity,
-            "a small map was shrunk"
-        );
-        assert!(small.remove(1000).is_none());
     }
 
     #[tokio::test]
@@ -727,6 +269,7 @@ mod tests {
         assert!(!debug.contains(&lease.token().to_hex()), "{debug}");
         assert_eq!(lease.label(), lease.name().fingerprint());
         let logged = LockLease::new(
+            LockKey::new("k"),
             LockName::new("t:", "k"),
             LockToken::random(),
             1,

@@ -55,6 +55,8 @@
 
 pub mod backend;
 mod body;
+mod config;
+mod core;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
@@ -66,15 +68,18 @@ mod layer;
 mod lease;
 pub mod locks;
 pub mod policy;
+mod renewal;
 mod response;
 pub mod routes;
 mod service;
+mod settings;
 mod telemetry;
 
 pub use crate::backend::{LockBackend, MemoryBackend, RedisBackend};
 pub use crate::body::LockBody;
+pub use crate::config::LeaseLostPolicy;
 pub use crate::future::ResponseFuture;
-pub use crate::layer::{LeaseLostPolicy, LockLayer};
+pub use crate::layer::LockLayer;
 pub use crate::lease::LockLease;
 pub use crate::locks::{Lock, Locks, TryLockError};
 pub use crate::policy::LockPolicy;

@@ -32,19 +32,18 @@
 //! ```
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::time::Instant;
+use tracing::Instrument;
 
-use crate::backend::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, Inspect, LockBackend, LockName,
-    LockToken, Release,
-};
-use crate::guard::{AcquireCleanup, LockGuard, report_release};
+use crate::backend::{BackendError, BackendErrorKind, Inspect, LockBackend, LockName, Release};
+use crate::core::{Attempted, Core};
+use crate::guard::{LockGuard, report_release};
 use crate::key::LockKey;
-use crate::layer::LockLayer;
 use crate::lease::LockLease;
+use crate::settings::{Settings, engine_setters};
 
 /// The lock engine: a backend and the settings that are not about HTTP. See the
 /// [module docs](self).
@@ -53,116 +52,54 @@ use crate::lease::LockLease;
 /// [`Locks::layer`] (or [`LockLayer::from_locks`], [`LockPolicy::layer_with`]) shares them too,
 /// so routes and jobs lock alike.
 ///
+/// [`LockLayer::from_locks`]: crate::LockLayer::from_locks
 /// [`LockPolicy::layer_with`]: crate::LockPolicy::layer_with
-#[derive(Clone)]
 #[must_use = "an engine does nothing until it takes a lock or makes a layer"]
-pub struct Locks<B: LockBackend> {
-    base: LockLayer<(), B>,
+pub struct Locks<B> {
+    core: Arc<Core<B>>,
 }
 
-impl<B: LockBackend> fmt::Debug for Locks<B> {
+impl<B> Clone for Locks<B> {
+    fn clone(&self) -> Self {
+        Self {
+            core: self.core.clone(),
+        }
+    }
+}
+
+impl<B> fmt::Debug for Locks<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Locks")
-            .field("config", &self.base.core().config)
-            .finish_non_exhaustive()
+        let mut debug = f.debug_struct("Locks");
+        self.core.settings.debug_fields(&mut debug);
+        debug.finish_non_exhaustive()
     }
 }
 
 impl<B: LockBackend> Locks<B> {
-    /// Locks in `backend`, with the defaults of [`LockLayer::new`]: TTL 10 s renewed every
-    /// 3.3 s, acquire and release timeouts 500 ms, namespace `tower-lock:`, fencing on.
+    /// Locks in `backend`, with the defaults: TTL 10 s renewed every 3.3 s, acquire and release
+    /// timeouts 500 ms, namespace `tower-lock:`, fencing on.
     pub fn new(backend: B) -> Self {
         Self {
-            base: LockLayer::new(backend, ()),
+            core: Arc::new(Core::new(backend)),
         }
     }
 
-    fn with(self, change: impl FnOnce(LockLayer<(), B>) -> LockLayer<(), B>) -> Self {
+    fn settings(self, change: impl Fn(&mut Settings) + Send + Sync + 'static) -> Self {
         Self {
-            base: change(self.base),
+            core: Arc::new(self.core.with_settings(change)),
         }
     }
 
-    /// The prefix of every key. See [`LockLayer::namespace`].
-    pub fn namespace(self, namespace: &str) -> Self {
-        self.with(|base| base.namespace(namespace))
-    }
+    engine_setters!();
 
-    /// The lease of each lock, clamped to 10 ms..365 days. See [`LockLayer::ttl`].
-    pub fn ttl(self, ttl: Duration) -> Self {
-        self.with(|base| base.ttl(ttl))
-    }
-
-    /// How long an acquire may take before [`try_lock`](Self::try_lock) answers a
-    /// [`BackendErrorKind::Timeout`] error (default 500 ms). Also bounds
-    /// [`inspect`](Self::inspect).
-    pub fn acquire_timeout(self, timeout: Duration) -> Self {
-        self.with(|base| base.acquire_timeout(timeout))
-    }
-
-    /// How long a release may take (default 500 ms); after that the lock expires with its TTL.
-    /// Also bounds [`force_unlock`](Self::force_unlock).
-    pub fn release_timeout(self, timeout: Duration) -> Self {
-        self.with(|base| base.release_timeout(timeout))
-    }
-
-    /// Keys longer than this many bytes are replaced by their digest. See
-    /// [`LockLayer::max_key_len`].
-    pub fn max_key_len(self, max: usize) -> Self {
-        self.with(|base| base.max_key_len(max))
-    }
-
-    /// Renew each held lock this often. See [`LockLayer::renew_every`].
-    pub fn renew_every(self, every: Duration) -> Self {
-        self.with(|base| base.renew_every(every))
-    }
-
-    /// Never renew: a lock lasts one TTL at most. See [`LockLayer::no_renewal`].
-    pub fn no_renewal(self) -> Self {
-        self.with(LockLayer::no_renewal)
-    }
-
-    /// How long one renewal call may take. See [`LockLayer::renew_timeout`].
-    pub fn renew_timeout(self, timeout: Duration) -> Self {
-        self.with(|base| base.renew_timeout(timeout))
-    }
-
-    /// Stop renewing this long after acquiring. See [`LockLayer::max_hold`].
-    pub fn max_hold(self, max_hold: Duration) -> Self {
-        self.with(|base| base.max_hold(max_hold))
-    }
-
-    /// Refuse ([`TryLockError::InsufficientValidity`]) a lock that has less than this validity
-    /// left once acquired (default: a tenth of the TTL). See [`LockLayer::min_validity`].
-    pub fn min_validity(self, min: Duration) -> Self {
-        self.with(|base| base.min_validity(min))
-    }
-
-    /// Hand out fencing tokens (default `true`). See [`LockLayer::fencing`].
-    pub fn fencing(self, fencing: bool) -> Self {
-        self.with(|base| base.fencing(fencing))
-    }
-
-    /// Put keys in traces instead of a short hash. See [`LockLayer::log_keys`].
-    pub fn log_keys(self, log_keys: bool) -> Self {
-        self.with(|base| base.log_keys(log_keys))
-    }
-
-    /// A layer locking each request on the key `extractor` finds, with this engine's settings
-    /// and renewal task (HTTP settings such as [`LockLayer::fail_open`] at their defaults, to be
-    /// set on the layer). The same as [`LockLayer::from_locks`].
-    pub fn layer<K>(&self, extractor: K) -> LockLayer<K, B> {
-        LockLayer::from_locks(self, extractor)
-    }
-
-    pub(crate) fn base(&self) -> &LockLayer<(), B> {
-        &self.base
+    pub(crate) fn core(&self) -> &Arc<Core<B>> {
+        &self.core
     }
 
     /// The backend name of the lock for `key` (namespace, hash tag, digest of long keys): the
     /// name a layer of this engine gives the same key.
     pub fn name(&self, key: &LockKey) -> LockName {
-        self.base.lock_name(key)
+        self.core.settings.lock_name(key)
     }
 
     /// Takes the lock on `key` if nobody holds it, without waiting.
@@ -184,67 +121,23 @@ impl<B: LockBackend> Locks<B> {
                 "no Tokio runtime to run the lock backend on",
             )));
         };
-        let core = self.base.core();
-        let config = &core.config;
-        let name = config.lock_name(key);
-        let label = name.label(config.log_keys);
-        let token = LockToken::random();
-        let started = Instant::now();
-        // Deletes what the acquire may have taken if it fails, times out, or this future is
-        // dropped before its outcome is known.
-        let cleanup = AcquireCleanup::new(core.clone(), name.clone(), token, runtime);
-        let outcome = tokio::time::timeout(
-            config.acquire_timeout,
-            core.backend.acquire(
-                &name,
-                token,
-                AcquireOptions::new(config.ttl).fencing(config.fencing),
-            ),
-        )
-        .await;
-        let error = match outcome {
-            Ok(Ok(Acquire::Acquired { fencing_token })) => {
-                let (name, token, runtime) = cleanup.disarm();
-                crate::telemetry::acquired(started.elapsed());
-                let lease = LockLease::new(
-                    name,
-                    token,
-                    fencing_token,
-                    config.log_keys,
-                    started,
-                    config.ttl,
-                );
-                let guard = LockGuard::new(core.clone(), lease.clone(), runtime.clone());
-                let lock = Lock {
-                    guard,
-                    release_timeout: config.release_timeout,
-                };
-                let validity = config.ttl.saturating_sub(started.elapsed());
-                if validity < config.min_validity() {
-                    tracing::warn!(lock = %label, ?validity, "lock acquired with too little validity; releasing");
-                    // Its outcome is traced; the caller learns why it has no lock.
-                    let _ = lock.release().await;
-                    return Err(TryLockError::InsufficientValidity { validity });
-                }
-                tracing::debug!(lock = %label, fencing_token, "lock acquired");
-                core.renew(&lease, started, &runtime);
-                return Ok(lock);
+        let name = self.name(key);
+        let span =
+            tracing::debug_span!("tower_lock", lock = %name.label(self.core.settings.log_keys()));
+        let attempt = self.core.attempt(key.clone(), name, runtime);
+        match attempt.instrument(span.clone()).await {
+            Attempted::Locked(guard) => Ok(Lock { guard }),
+            Attempted::TooLittleValidity(guard, validity) => {
+                // Its outcome is traced; the caller learns why it has no lock.
+                let _ = Lock { guard }.release().await;
+                Err(TryLockError::InsufficientValidity { validity })
             }
-            Ok(Ok(Acquire::Held { remaining })) => {
-                cleanup.disarm();
-                tracing::debug!(lock = %label, ?remaining, "lock held by another holder");
-                crate::telemetry::contended();
-                return Err(TryLockError::Held { remaining });
+            Attempted::Held(remaining) => Err(TryLockError::Held { remaining }),
+            Attempted::Failed(error) => {
+                span.in_scope(|| tracing::warn!(%error, "lock backend failed"));
+                Err(TryLockError::Backend(error))
             }
-            // The acquire may have landed although we got no answer: `cleanup` deletes it (if
-            // ours) when dropped below.
-            Ok(Err(error)) => error,
-            Err(_) => BackendError::timeout("lock acquire", config.acquire_timeout),
-        };
-        crate::telemetry::backend_error("acquire");
-        tracing::warn!(lock = %label, %error, "lock backend failed");
-        drop(cleanup);
-        Err(TryLockError::Backend(error))
+        }
     }
 
     /// Whether someone holds the lock on `key` now, and for how long their lease lasts. One
@@ -253,9 +146,8 @@ impl<B: LockBackend> Locks<B> {
     /// The answer may be stale by the time you act on it: to do something only while nobody
     /// holds the lock, take it with [`try_lock`](Self::try_lock).
     pub async fn inspect(&self, key: &LockKey) -> Result<Inspect, BackendError> {
-        let core = self.base.core();
-        let timeout = core.config.acquire_timeout;
-        tokio::time::timeout(timeout, core.backend.inspect(&self.name(key)))
+        let timeout = self.core.settings.acquire_timeout();
+        tokio::time::timeout(timeout, self.core.backend.inspect(&self.name(key)))
             .await
             .unwrap_or_else(|_| Err(BackendError::timeout("lock inspect", timeout)))
     }
@@ -275,13 +167,12 @@ impl<B: LockBackend> Locks<B> {
     /// tokens handed out afterwards stay larger than the dead holder's. Bounded by the release
     /// timeout.
     pub async fn force_unlock(&self, key: &LockKey) -> Result<bool, BackendError> {
-        let core = self.base.core();
-        let timeout = core.config.release_timeout;
+        let timeout = self.core.settings.release_timeout();
         let name = self.name(key);
-        let deleted = tokio::time::timeout(timeout, core.backend.force_release(&name))
+        let deleted = tokio::time::timeout(timeout, self.core.backend.force_release(&name))
             .await
             .unwrap_or_else(|_| Err(BackendError::timeout("forced unlock", timeout)))?;
-        tracing::warn!(lock = %name.label(core.config.log_keys), deleted, "lock force-unlocked");
+        tracing::warn!(lock = %name.label(self.core.settings.log_keys()), deleted, "lock force-unlocked");
         Ok(deleted)
     }
 
@@ -289,7 +180,7 @@ impl<B: LockBackend> Locks<B> {
     /// tests; not part of the API.
     #[doc(hidden)]
     pub fn renewal_entries(&self) -> (usize, usize) {
-        self.base.renewal_entries()
+        self.core.renewal_entries()
     }
 }
 
@@ -349,7 +240,6 @@ impl std::error::Error for TryLockError {
 #[must_use = "dropping the lock releases it at once"]
 pub struct Lock<B: LockBackend> {
     guard: LockGuard<B>,
-    release_timeout: Duration,
 }
 
 impl<B: LockBackend> fmt::Debug for Lock<B> {
@@ -388,10 +278,8 @@ impl<B: LockBackend> Lock<B> {
     /// ran out first) or [`Release::HeldByOther`] (it ran out and someone else took the lock,
     /// which is left alone). On an error the lock expires with its TTL.
     pub async fn release(self) -> Result<Release, BackendError> {
-        let Self {
-            guard,
-            release_timeout,
-        } = self;
+        let guard = self.guard;
+        let release_timeout = guard.release_timeout();
         // If this future is dropped midway, the guard (still armed) releases in the background.
         let outcome = guard.release().await.map_err(|_| release_timeout);
         report_release(&guard.lease().label(), outcome.clone());

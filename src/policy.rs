@@ -24,32 +24,33 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
+use http::Method;
 use http::request::Parts;
-use http::{Method, Response};
 
 use crate::backend::LockBackend;
+use crate::config::{HttpConfig, http_setters};
 use crate::key::{KeyExtractor, KeyRejection, KeyTemplate, LockKey, TemplateError};
-use crate::layer::{LeaseLostPolicy, LockLayer};
+use crate::layer::LockLayer;
 use crate::locks::Locks;
-use crate::response::Rejection;
+use crate::settings::{Settings, engine_setters};
 
 type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
-type RejectionHandler = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
+
+/// One setting a policy changes, applied over the layer's (or engine's) settings in the order
+/// the policy's builder methods were called.
+#[derive(Clone)]
+enum Override {
+    Settings(Arc<dyn Fn(&mut Settings) + Send + Sync>),
+    Http(Arc<dyn Fn(&mut HttpConfig) + Send + Sync>),
+}
 
 /// How one endpoint is locked. See the [module docs](self).
 #[derive(Clone)]
 #[must_use = "a policy does nothing until it is made a layer or added to a route table"]
 pub struct LockPolicy {
     key: PolicyKey,
-    ttl: Option<Duration>,
-    hold_through_body: Option<bool>,
-    fail_open: Option<bool>,
-    lease_lost: Option<LeaseLostPolicy>,
-    fencing: Option<bool>,
-    on_rejection: Option<RejectionHandler>,
+    overrides: Arc<Vec<Override>>,
 }
 
 /// The key extractor of a policy: its key source, applied only to the policy's methods.
@@ -116,12 +117,20 @@ impl std::fmt::Debug for PolicyKey {
 
 impl std::fmt::Debug for LockPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LockPolicy")
-            .field("key", &self.key)
-            .field("ttl", &self.ttl)
-            .field("hold_through_body", &self.hold_through_body)
-            .field("fail_open", &self.fail_open)
-            .finish_non_exhaustive()
+        // The settings the policy gives, over the defaults.
+        let mut settings = Settings::default();
+        let mut http = HttpConfig::default();
+        for change in self.overrides.iter() {
+            match change {
+                Override::Settings(change) => change(&mut settings),
+                Override::Http(change) => change(&mut http),
+            }
+        }
+        let mut debug = f.debug_struct("LockPolicy");
+        debug.field("key", &self.key);
+        settings.debug_fields(&mut debug);
+        http.debug_fields(&mut debug);
+        debug.finish()
     }
 }
 
@@ -147,12 +156,7 @@ impl LockPolicy {
                 source,
                 methods: None,
             },
-            ttl: None,
-            hold_through_body: None,
-            fail_open: None,
-            lease_lost: None,
-            fencing: None,
-            on_rejection: None,
+            overrides: Arc::default(),
         }
     }
 
@@ -166,45 +170,18 @@ impl LockPolicy {
         self
     }
 
-    /// The lease of this endpoint's locks. See [`LockLayer::ttl`].
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
+    fn settings(mut self, change: impl Fn(&mut Settings) + Send + Sync + 'static) -> Self {
+        Arc::make_mut(&mut self.overrides).push(Override::Settings(Arc::new(change)));
         self
     }
 
-    /// Hold the lock until the response body is sent. See [`LockLayer::hold_through_body`].
-    pub fn hold_through_body(mut self, hold: bool) -> Self {
-        self.hold_through_body = Some(hold);
+    fn http(mut self, change: impl Fn(&mut HttpConfig) + Send + Sync + 'static) -> Self {
+        Arc::make_mut(&mut self.overrides).push(Override::Http(Arc::new(change)));
         self
     }
 
-    /// Call the endpoint unlocked when the backend fails. See [`LockLayer::fail_open`].
-    pub fn fail_open(mut self, fail_open: bool) -> Self {
-        self.fail_open = Some(fail_open);
-        self
-    }
-
-    /// What happens when the lease is lost. See [`LockLayer::on_lease_lost`].
-    pub fn on_lease_lost(mut self, policy: LeaseLostPolicy) -> Self {
-        self.lease_lost = Some(policy);
-        self
-    }
-
-    /// Hand out fencing tokens. See [`LockLayer::fencing`].
-    pub fn fencing(mut self, fencing: bool) -> Self {
-        self.fencing = Some(fencing);
-        self
-    }
-
-    /// Answer this endpoint's rejections with your own response. See [`LockLayer::on_rejection`].
-    pub fn on_rejection<F, T>(mut self, handler: F) -> Self
-    where
-        F: Fn(Rejection) -> Response<T> + Send + Sync + 'static,
-        T: Into<Bytes>,
-    {
-        self.on_rejection = Some(Arc::new(move |r| handler(r).map(Into::into)));
-        self
-    }
+    engine_setters!();
+    http_setters!();
 
     /// The layer for this policy with the default settings, for axum's `route_layer`.
     ///
@@ -258,24 +235,11 @@ impl LockPolicy {
 
     /// Applies this policy's settings over `layer`'s.
     pub(crate) fn apply<K, B: LockBackend>(&self, mut layer: LockLayer<K, B>) -> LockLayer<K, B> {
-        if let Some(ttl) = self.ttl {
-            layer = layer.ttl(ttl);
-        }
-        if let Some(hold) = self.hold_through_body {
-            layer = layer.hold_through_body(hold);
-        }
-        if let Some(fail_open) = self.fail_open {
-            layer = layer.fail_open(fail_open);
-        }
-        if let Some(policy) = self.lease_lost {
-            layer = layer.on_lease_lost(policy);
-        }
-        if let Some(fencing) = self.fencing {
-            layer = layer.fencing(fencing);
-        }
-        if let Some(handler) = &self.on_rejection {
-            let handler = handler.clone();
-            layer = layer.on_rejection(move |rejection| handler(rejection));
+        for change in self.overrides.iter() {
+            layer = match change.clone() {
+                Override::Settings(change) => layer.settings(move |s| change(s)),
+                Override::Http(change) => layer.http(move |h| change(h)),
+            };
         }
         layer
     }

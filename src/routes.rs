@@ -41,10 +41,11 @@ use tower_service::Service;
 
 use crate::backend::LockBackend;
 use crate::body::LockBody;
+use crate::config::Shared;
 use crate::future::ResponseFuture;
 use crate::key::pattern::{Pattern, TableMatch};
 use crate::key::{KeyExtractor, TemplateError};
-use crate::layer::{Core, LockLayer};
+use crate::layer::LockLayer;
 use crate::policy::{LockPolicy, PolicyKey};
 use crate::service::take_ready;
 
@@ -59,7 +60,10 @@ struct Route<B> {
     pattern: Arc<str>,
     matcher: Pattern,
     key: PolicyKey,
-    core: Arc<Core<B>>,
+    /// Kept to apply again over new [`defaults`](LockRoutes::defaults).
+    policy: LockPolicy,
+    /// The table's defaults with the policy's settings over them.
+    shared: Arc<Shared<B>>,
 }
 
 impl<B> Clone for Route<B> {
@@ -68,7 +72,8 @@ impl<B> Clone for Route<B> {
             pattern: self.pattern.clone(),
             matcher: self.matcher.clone(),
             key: self.key.clone(),
-            core: self.core.clone(),
+            policy: self.policy.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -137,13 +142,14 @@ impl<B: LockBackend> LockRoutes<B> {
     /// that they and the jobs that lock through `locks` share locks and renewal.
     pub fn from_locks(locks: &crate::Locks<B>) -> Self {
         Self {
-            base: locks.base().clone(),
+            base: LockLayer::from_locks(locks, ()),
             routes: Arc::default(),
         }
     }
 
     /// Changes the settings every route starts from (namespace, timeouts, …); a route's policy
-    /// overrides them. Call it before adding routes.
+    /// overrides them. Whatever the order of calls: routes added before or after take the same
+    /// settings.
     ///
     /// ```
     /// # use tower_lock::{LockRoutes, MemoryBackend};
@@ -154,7 +160,18 @@ impl<B: LockBackend> LockRoutes<B> {
         configure: impl FnOnce(LockLayer<(), B>) -> LockLayer<(), B>,
     ) -> Self {
         self.base = configure(self.base);
+        // Routes added before apply the new defaults too, under their own policies.
+        let mut routes = std::mem::take(&mut self.routes);
+        for route in Arc::make_mut(&mut routes) {
+            route.shared = self.shared_for(&route.policy);
+        }
+        self.routes = routes;
         self
+    }
+
+    /// The defaults with `policy`'s settings over them.
+    fn shared_for(&self, policy: &LockPolicy) -> Arc<Shared<B>> {
+        policy.apply(self.base.clone()).shared().clone()
     }
 
     /// Adds a route: requests whose path matches `pattern`, with a method `policy` applies to, are
@@ -174,12 +191,13 @@ impl<B: LockBackend> LockRoutes<B> {
         };
         let matcher = Pattern::parse(pattern).map_err(refuse)?;
         let key = policy.key_extractor().clone().for_pattern(pattern)?;
-        let layer = policy.apply(self.base.clone().with_extractor(key.clone()));
+        let shared = self.shared_for(&policy);
         Arc::make_mut(&mut self.routes).push(Route {
             pattern: pattern.into(),
             matcher,
             key,
-            core: layer.core().clone(),
+            policy,
+            shared,
         });
         Ok(self)
     }
@@ -192,7 +210,7 @@ impl<S, B: LockBackend> Layer<S> for LockRoutes<B> {
         LockRoutesService {
             inner,
             routes: self.routes.clone(),
-            fallback: self.base.core().clone(),
+            fallback: self.base.shared().clone(),
         }
     }
 }
@@ -201,7 +219,7 @@ impl<S, B: LockBackend> Layer<S> for LockRoutes<B> {
 pub struct LockRoutesService<S, B> {
     inner: S,
     routes: Arc<Vec<Route<B>>>,
-    fallback: Arc<Core<B>>,
+    fallback: Arc<Shared<B>>,
 }
 
 impl<S: Clone, B> Clone for LockRoutesService<S, B> {
@@ -246,7 +264,7 @@ where
             }
             Some((route, route.matcher.matches(parts.uri.path())?))
         });
-        let (core, key) = match matched {
+        let (shared, key) = match matched {
             Some((route, params)) => {
                 // The key reads the parameters and pattern of the route this table matched, not
                 // those of a router around it (axum's `MatchedPath` may be `/api/{*rest}`).
@@ -259,10 +277,10 @@ where
                     Some(previous) => parts.extensions.insert(previous),
                     None => parts.extensions.remove::<TableMatch>(),
                 };
-                (route.core.clone(), key)
+                (route.shared.clone(), key)
             }
             None => (self.fallback.clone(), Ok(None)),
         };
-        ResponseFuture::new(core, key, inner, Request::from_parts(parts, body))
+        ResponseFuture::new(shared, key, inner, Request::from_parts(parts, body))
     }
 }

@@ -8,24 +8,24 @@ use tower_service::Service;
 
 use crate::backend::LockBackend;
 use crate::body::LockBody;
+use crate::config::Shared;
 use crate::future::ResponseFuture;
 use crate::key::KeyExtractor;
-use crate::layer::Core;
 
 /// Locks each request on its key, then calls the inner service. Made by
 /// [`LockLayer`](crate::LockLayer); see the crate docs for the semantics.
 pub struct LockService<S, K, B> {
     inner: S,
     extractor: K,
-    core: Arc<Core<B>>,
+    shared: Arc<Shared<B>>,
 }
 
 impl<S, K, B> LockService<S, K, B> {
-    pub(crate) fn new(inner: S, extractor: K, core: Arc<Core<B>>) -> Self {
+    pub(crate) fn new(inner: S, extractor: K, shared: Arc<Shared<B>>) -> Self {
         Self {
             inner,
             extractor,
-            core,
+            shared,
         }
     }
 
@@ -40,7 +40,7 @@ impl<S: Clone, K: Clone, B> Clone for LockService<S, K, B> {
         Self {
             inner: self.inner.clone(),
             extractor: self.extractor.clone(),
-            core: self.core.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -74,7 +74,7 @@ where
         let (parts, body) = request.into_parts();
         let key = self.extractor.extract(&parts);
         let request = Request::from_parts(parts, body);
-        ResponseFuture::new(self.core.clone(), key, inner, request)
+        ResponseFuture::new(self.shared.clone(), key, inner, request)
     }
 }
 

@@ -13,8 +13,6 @@
 
 use std::time::Duration;
 
-use crate::response::Rejection;
-
 pub(crate) fn acquired(_latency: Duration) {
     #[cfg(feature = "metrics")]
     {
@@ -28,18 +26,10 @@ pub(crate) fn contended() {
     metrics::counter!("tower_lock_contended_total").increment(1);
 }
 
-pub(crate) fn rejected(_rejection: &Rejection) {
+/// A request was answered with a rejection; `reason` is its label (see the table above).
+pub(crate) fn rejected(_reason: &'static str) {
     #[cfg(feature = "metrics")]
-    {
-        let reason = match _rejection {
-            Rejection::Conflict { .. } => "conflict",
-            Rejection::InvalidKey(_) => "invalid_key",
-            Rejection::BackendUnavailable(_) => "backend_unavailable",
-            Rejection::InsufficientValidity { .. } => "insufficient_validity",
-            Rejection::LeaseLost => "lease_lost",
-        };
-        metrics::counter!("tower_lock_rejected_total", "reason" => reason).increment(1);
-    }
+    metrics::counter!("tower_lock_rejected_total", "reason" => _reason).increment(1);
 }
 
 pub(crate) fn backend_error(_operation: &'static str) {

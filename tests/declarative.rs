@@ -48,7 +48,7 @@ fn echo_service(
             let key = req
                 .extensions()
                 .get::<LockLease>()
-                .map_or_else(|| "unlocked".to_owned(), |l| l.key().to_owned());
+                .map_or_else(|| "unlocked".to_owned(), |l| l.name().lock_key().to_owned());
             Ok(Response::new(key))
         }
     })
@@ -224,7 +224,7 @@ async fn template_missing_part_is_a_400_naming_it() {
 /// The axum app of these tests: two routes protected declaratively with `route_layer`.
 fn axum_app(backend: MemoryBackend, gate: Arc<Notify>) -> Router {
     async fn deposit(lease: LockLease, FencingToken(token): FencingToken) -> String {
-        format!("{} {token}", lease.key())
+        format!("{} {token}", lease.name().lock_key())
     }
     async fn optional(lease: Option<LockLease>) -> String {
         format!("{}", lease.is_some())

@@ -32,7 +32,10 @@ fn handler(gate: Arc<Notify>) -> MethodRouter {
             if headers.contains_key("x-gate") {
                 gate.notified().await;
             }
-            let lock = lease.map_or_else(|| "unlocked".to_owned(), |lease| lease.key().to_owned());
+            let lock = lease.map_or_else(
+                || "unlocked".to_owned(),
+                |lease| lease.name().lock_key().to_owned(),
+            );
             let doc = query.get("doc").cloned().unwrap_or_default();
             format!("{lock}|{doc}")
         },
@@ -287,7 +290,7 @@ mod differential {
             let key = request
                 .extensions()
                 .get::<LockLease>()
-                .map_or_else(|| "unlocked".to_owned(), |l| l.key().to_owned());
+                .map_or_else(|| "unlocked".to_owned(), |l| l.name().lock_key().to_owned());
             Ok::<_, Infallible>(Response::new(Body::from(key)))
         })
     }
@@ -323,7 +326,7 @@ mod differential {
                     None => LockPolicy::key(Global::new("g")).layer(backend.clone()),
                 };
                 Router::new().route(&pattern, post(|lease: Option<LockLease>| async move {
-                    lease.map_or_else(|| "unlocked".to_owned(), |l| l.key().to_owned())
+                    lease.map_or_else(|| "unlocked".to_owned(), |l| l.name().lock_key().to_owned())
                 }).route_layer(layer))
             });
             match (&table, &axum) {

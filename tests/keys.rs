@@ -30,7 +30,10 @@ fn handler(gate: Arc<Notify>) -> MethodRouter {
             if headers.contains_key("x-gate") {
                 gate.notified().await;
             }
-            lease.map_or_else(|| "unlocked".to_owned(), |lease| lease.key().to_owned())
+            lease.map_or_else(
+                || "unlocked".to_owned(),
+                |lease| lease.name().lock_key().to_owned(),
+            )
         },
     )
 }
@@ -167,7 +170,7 @@ async fn route_table_pattern_wins_over_axum_matched_path<F: Fixture>() {
                     let key = request
                         .extensions()
                         .get::<LockLease>()
-                        .map_or_else(|| "unlocked".to_owned(), |l| l.key().to_owned());
+                        .map_or_else(|| "unlocked".to_owned(), |l| l.name().lock_key().to_owned());
                     Ok::<_, Infallible>(Response::new(Body::from(key)))
                 }
             }
@@ -221,7 +224,8 @@ async fn parameter_after_static_text_is_read<F: Fixture>() {
                     .extensions()
                     .get::<LockLease>()
                     .unwrap()
-                    .key()
+                    .name()
+                    .lock_key()
                     .to_owned();
                 Ok::<_, Infallible>(Response::new(Body::from(key)))
             })),

@@ -317,7 +317,7 @@ async fn lease_is_visible_to_the_handler<F: Fixture>() {
         let lease = req.extensions().get::<LockLease>().unwrap();
         Ok::<_, Infallible>(Response::new(format!(
             "{} {} {}",
-            lease.key(),
+            lease.name().lock_key(),
             lease.fencing_token(),
             lease.is_lost()
         )))

@@ -104,7 +104,7 @@ async fn tracing_and_metrics_report_acquire_contention_release_and_loss() {
     let logs = captured.text();
     for event in [
         "lock acquired",
-        "lock held by another request",
+        "lock held by another holder",
         "lock lease lost",
         "lock had already expired when released",
         "lock released",

@@ -57,10 +57,10 @@ fn echo(
             if req.headers().contains_key("x-gate") {
                 gate.wait().await;
             }
-            let key = req
-                .extensions()
-                .get::<LockLease>()
-                .map_or_else(|| "unlocked".to_owned(), |lease| lease.key().to_owned());
+            let key = req.extensions().get::<LockLease>().map_or_else(
+                || "unlocked".to_owned(),
+                |lease| lease.name().lock_key().to_owned(),
+            );
             Ok(Response::new(key))
         }
     })
