@@ -12,10 +12,10 @@ use tokio::time::Timeout;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_service::Service;
 
+use crate::acquire::{Attempt, Attempted};
 use crate::backend::{BackendError, BackendErrorKind, BackendFuture, LockBackend, Release};
 use crate::body::{BodyLock, LockBody};
 use crate::config::{HttpConfig, LeaseLostPolicy, Shared};
-use crate::core::{Attempt, Attempted};
 use crate::guard::{LockGuard, report_release};
 use crate::key::{KeyRejection, LockKey};
 use crate::response::Rejection;

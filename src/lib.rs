@@ -53,6 +53,7 @@
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod acquire;
 pub mod backend;
 mod body;
 mod config;

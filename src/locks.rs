@@ -38,8 +38,9 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
+use crate::acquire::Attempted;
 use crate::backend::{BackendError, BackendErrorKind, Inspect, LockBackend, LockName, Release};
-use crate::core::{Attempted, Core};
+use crate::core::Core;
 use crate::guard::{LockGuard, report_release};
 use crate::key::LockKey;
 use crate::lease::LockLease;

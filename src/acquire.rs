@@ -1,0 +1,146 @@
+//! The one way a lock is taken, used alike by [`Locks::try_lock`](crate::Locks::try_lock) and by
+//! the layer's response future: [`Core::attempt`], a future that ends with the lock held (its
+//! guard owning it, renewal started) or with why not.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::runtime::Handle;
+use tokio::time::{Instant, Timeout};
+
+use crate::backend::{
+    Acquire, AcquireOptions, BackendError, BackendFuture, LockBackend, LockName, LockToken,
+};
+use crate::core::Core;
+use crate::guard::{AcquireCleanup, LockGuard};
+use crate::key::LockKey;
+use crate::lease::LockLease;
+
+impl<B: LockBackend> Core<B> {
+    /// Starts an acquire of `key`'s lock (named `name`) with a fresh random token, bounded by the
+    /// acquire timeout. `runtime` is where renewal and any clean-up release run.
+    pub(crate) fn attempt(
+        self: &Arc<Self>,
+        key: LockKey,
+        name: LockName,
+        runtime: Handle,
+    ) -> Attempt<B> {
+        let token = LockToken::random();
+        let settings = &self.settings;
+        let acquire = tokio::time::timeout(
+            settings.acquire_timeout(),
+            self.backend.acquire(
+                &name,
+                token,
+                AcquireOptions::new(settings.ttl()).fencing(settings.fencing()),
+            ),
+        );
+        Attempt {
+            acquire,
+            started: Instant::now(),
+            key: Some(key),
+            // Deletes what the acquire may have taken if it fails, times out, or the attempt is
+            // dropped before its outcome is known.
+            cleanup: Some(AcquireCleanup::new(self.clone(), name, token, runtime)),
+        }
+    }
+}
+
+pin_project! {
+    /// One acquire attempt, from the backend call to a held lock (renewal started) or to a known
+    /// failure. Dropped midway, its clean-up deletes whatever the acquire may have taken. Its
+    /// events name no lock: the caller polls it inside a span that does.
+    pub(crate) struct Attempt<B: LockBackend> {
+        #[pin]
+        acquire: Timeout<BackendFuture<Acquire>>,
+        started: Instant,
+        key: Option<LockKey>,
+        cleanup: Option<AcquireCleanup<B>>,
+    }
+}
+
+/// How an [`Attempt`] ended.
+pub(crate) enum Attempted<B: LockBackend> {
+    /// The lock is held, renewed until its guard releases it.
+    Locked(LockGuard<B>),
+    /// The lock was taken with less than the minimum validity left (a slow acquire): not
+    /// renewed, to be released by the caller.
+    TooLittleValidity(LockGuard<B>, Duration),
+    /// Another holder has the lock (for this long, when the backend knows).
+    Held(Option<Duration>),
+    /// The backend failed or timed out; whatever the acquire took is being cleaned up.
+    Failed(BackendError),
+}
+
+impl<B: LockBackend> Future for Attempt<B> {
+    type Output = Attempted<B>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let outcome = ready!(this.acquire.poll(cx));
+        let (Some(cleanup), Some(key)) = (this.cleanup.take(), this.key.take()) else {
+            unreachable!("an attempt is not polled after it completed");
+        };
+        let started = *this.started;
+        Poll::Ready(match outcome {
+            Ok(Ok(Acquire::Acquired { fencing_token })) => {
+                held(cleanup, key, started, fencing_token)
+            }
+            Ok(Ok(Acquire::Held { remaining })) => {
+                cleanup.disarm();
+                tracing::debug!(?remaining, "lock held by another holder");
+                crate::telemetry::contended();
+                Attempted::Held(remaining)
+            }
+            // The acquire may have landed although we got no answer: `cleanup` deletes it (if
+            // ours) as it is dropped here.
+            Ok(Err(error)) => failed(error),
+            Err(_) => failed(BackendError::timeout(
+                "lock acquire",
+                cleanup.core().settings.acquire_timeout(),
+            )),
+        })
+    }
+}
+
+/// The lock is ours: a guard owns it from now on; renewal starts unless its validity is too
+/// short already.
+fn held<B: LockBackend>(
+    cleanup: AcquireCleanup<B>,
+    key: LockKey,
+    started: Instant,
+    fencing_token: u64,
+) -> Attempted<B> {
+    let (core, name, token, runtime) = cleanup.disarm();
+    crate::telemetry::acquired(started.elapsed());
+    let settings = &core.settings;
+    let lease = LockLease::new(
+        key,
+        name,
+        token,
+        fencing_token,
+        settings.log_keys(),
+        started,
+        settings.ttl(),
+    );
+    let validity = settings.ttl().saturating_sub(started.elapsed());
+    if validity < settings.min_validity() {
+        tracing::warn!(
+            ?validity,
+            "lock acquired with too little validity; releasing"
+        );
+        return Attempted::TooLittleValidity(LockGuard::new(core, lease, runtime), validity);
+    }
+    tracing::debug!(fencing_token, "lock acquired");
+    core.renew(&lease, started, &runtime);
+    Attempted::Locked(LockGuard::new(core, lease, runtime))
+}
+
+fn failed<B: LockBackend>(error: BackendError) -> Attempted<B> {
+    crate::telemetry::backend_error("acquire");
+    Attempted::Failed(error)
+}

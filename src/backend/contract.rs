@@ -1,0 +1,329 @@
+//! The contract every backend keeps (see the [module docs](super)): the [`LockBackend`] trait,
+//! what its calls return, and the names and tokens they take.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The shortest lease a layer takes: a shorter one could not be renewed before it runs out.
+pub const MIN_TTL: Duration = Duration::from_millis(10);
+
+/// The longest lease a layer takes (365 days): every backend can keep a lease that long, and
+/// deadlines that far ahead never overflow a clock. Longer TTLs are clamped to it.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The boxed future every backend operation returns. `'static` so that a release can be spawned
+/// from a `Drop`.
+pub type BackendFuture<T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'static>>;
+
+/// A store of locks. See the [module docs](self) for the contract.
+pub trait LockBackend: Clone + Send + Sync + 'static {
+    /// Tries to take `name` for `token` for `options.ttl`, bumping the fencing counter of `name`
+    /// when `options.fencing` is set. One round trip on networked backends.
+    fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire>;
+
+    /// Releases `name` if (and only if) it still holds `token`.
+    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release>;
+
+    /// Resets the expiry of `name` to `ttl` if (and only if) it still holds `token`.
+    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend>;
+
+    /// Cleans up after an acquire of `name` for `token` (with lease `ttl`) whose outcome is
+    /// unknown — it timed out, failed, or was dropped mid-flight — and may still reach the
+    /// backend later: deletes the lock if it holds `token`, like [`LockBackend::release`], and,
+    /// on backends where a late acquire can overtake this call (another connection), keeps that
+    /// acquire from taking the lock afterwards.
+    ///
+    /// The default is [`LockBackend::release`], right for backends where an acquire cannot land
+    /// after a later call (in-process ones).
+    fn release_abandoned(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        ttl: Duration,
+    ) -> BackendFuture<Release> {
+        let _ = ttl;
+        self.release(name, token)
+    }
+
+    /// Whether `name` is held now, and for how long its holder's lease lasts (Redis `PTTL`).
+    /// Reads only; for [`Locks::inspect`](crate::Locks::inspect) and
+    /// [`Locks::is_locked`](crate::Locks::is_locked).
+    ///
+    /// The default answers an error of kind [`BackendErrorKind::Unsupported`].
+    fn inspect(&self, name: &LockName) -> BackendFuture<Inspect> {
+        let _ = name;
+        unsupported("inspect")
+    }
+
+    /// Deletes the lock `name` whoever holds it (Redis `DEL` of the lock key, never of its
+    /// fencing counter); `true` if a held lock was deleted. An operator's tool: the holder keeps
+    /// running and learns of the loss at its next renewal at best. For
+    /// [`Locks::force_unlock`](crate::Locks::force_unlock).
+    ///
+    /// The default answers an error of kind [`BackendErrorKind::Unsupported`].
+    fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
+        let _ = name;
+        unsupported("force_release")
+    }
+}
+
+fn unsupported<T: Send + 'static>(operation: &str) -> BackendFuture<T> {
+    let error = BackendError::new(
+        BackendErrorKind::Unsupported,
+        format_args!("this lock backend does not implement `{operation}`"),
+    );
+    Box::pin(std::future::ready(Err(error)))
+}
+
+/// How to acquire a lock. New fields arrive with defaults, so build it with [`AcquireOptions::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AcquireOptions {
+    /// The lease: the lock expires this long after acquisition unless extended.
+    pub ttl: Duration,
+    /// Whether to hand out a fencing token (one counter key per lock key, kept forever on Redis).
+    pub fencing: bool,
+}
+
+impl AcquireOptions {
+    /// A lease of `ttl`, with fencing.
+    pub fn new(ttl: Duration) -> Self {
+        Self { ttl, fencing: true }
+    }
+
+    /// Whether to hand out a fencing token.
+    pub fn fencing(mut self, fencing: bool) -> Self {
+        self.fencing = fencing;
+        self
+    }
+}
+
+/// The outcome of [`LockBackend::acquire`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acquire {
+    /// The lock is ours. `fencing_token` is larger than every token handed out before for this
+    /// name (see the README's "Fencing" section for when that holds), or 0 without fencing.
+    Acquired {
+        /// The fencing token of this acquisition.
+        fencing_token: u64,
+    },
+    /// Someone else holds the lock.
+    Held {
+        /// How long the holder's lease has left, when the backend knows (`None` for a lock stored
+        /// without expiry by someone else).
+        remaining: Option<Duration>,
+    },
+}
+
+/// The outcome of [`LockBackend::release`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Our lock was deleted.
+    Released,
+    /// The lock had already expired; nothing was deleted.
+    Expired,
+    /// The lock had expired and someone else took it; theirs was left alone.
+    HeldByOther,
+}
+
+/// The outcome of [`LockBackend::inspect`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inspect {
+    /// Nobody holds the lock.
+    Free,
+    /// Someone holds the lock.
+    Held {
+        /// How long the holder's lease has left, when the backend knows (`None` for a lock stored
+        /// without expiry by someone else).
+        remaining: Option<Duration>,
+    },
+}
+
+/// The outcome of [`LockBackend::extend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extend {
+    /// Our lease was extended.
+    Extended,
+    /// The lock is gone or held by someone else: our lease is lost.
+    Lost,
+}
+
+/// The full name of a lock in a backend: namespace, hash-tagged key, and the name of its fencing
+/// counter. Cheap to clone.
+///
+/// For key `account:42` in namespace `tower-lock:` the lock is `tower-lock:{account:42}` and its
+/// fencing counter `tower-lock:{account:42}:fence`: both in the same Redis Cluster hash slot.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LockName(Arc<Names>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct Names {
+    lock: String,
+    fence: String,
+}
+
+impl LockName {
+    /// The name for `key` (already escaped and bounded) in `namespace`.
+    pub(crate) fn new(namespace: &str, key: &str) -> Self {
+        let lock = format!("{namespace}{{{key}}}");
+        let fence = format!("{lock}:fence");
+        Self(Arc::new(Names { lock, fence }))
+    }
+
+    /// The name of the lock itself.
+    pub fn lock_key(&self) -> &str {
+        &self.0.lock
+    }
+
+    /// The name of the lock's fencing counter.
+    pub fn fence_key(&self) -> &str {
+        &self.0.fence
+    }
+
+    /// How the lock is named in traces: the full name when `log_keys`, else its fingerprint.
+    pub(crate) fn label(&self, log_keys: bool) -> String {
+        if log_keys {
+            self.lock_key().to_owned()
+        } else {
+            self.fingerprint()
+        }
+    }
+
+    /// A short, stable fingerprint of the name, for logs that must not carry key material.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.0.lock.as_bytes());
+        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for LockName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LockName")
+            .field(&self.fingerprint())
+            .finish()
+    }
+}
+
+/// 128 random bits identifying one acquisition. Only the holder of the token can release or
+/// extend the lock.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LockToken(u128);
+
+impl LockToken {
+    /// A fresh token from the thread-local CSPRNG.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// The token as 32 lowercase hex digits, as stored in Redis.
+    pub fn to_hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    /// The token written by [`LockToken::to_hex`]: exactly 32 hex digits (either case); `None`
+    /// for anything else. For operators' tools that act on a lock whose token they logged or read
+    /// from Redis.
+    ///
+    /// ```
+    /// use tower_lock::backend::LockToken;
+    ///
+    /// let token = LockToken::random();
+    /// assert_eq!(LockToken::from_hex(&token.to_hex()), Some(token));
+    /// assert_eq!(LockToken::from_hex("not a token"), None);
+    /// ```
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u128::from_str_radix(hex, 16).ok().map(Self)
+    }
+}
+
+impl fmt::Debug for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print a full token: it is a capability to release someone's lock.
+        write!(f, "LockToken({:08x}…)", (self.0 >> 96) as u32)
+    }
+}
+
+/// A backend failure: unreachable, timed out, or an unexpected reply. Distinct from "held".
+#[derive(Debug, Clone)]
+pub struct BackendError {
+    kind: BackendErrorKind,
+    message: Arc<str>,
+}
+
+/// What kind of failure a [`BackendError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// The operation did not finish within its timeout.
+    Timeout,
+    /// The backend could not be reached or answered with an error.
+    Unavailable,
+    /// The backend answered something this crate does not understand.
+    Protocol,
+    /// The backend does not implement this operation (a provided method of [`LockBackend`]
+    /// that it does not override).
+    Unsupported,
+}
+
+impl BackendError {
+    /// A new error of `kind`.
+    pub fn new(kind: BackendErrorKind, message: impl fmt::Display) -> Self {
+        Self {
+            kind,
+            message: message.to_string().into(),
+        }
+    }
+
+    pub(crate) fn timeout(what: &str, after: Duration) -> Self {
+        Self::new(
+            BackendErrorKind::Timeout,
+            format_args!("{what} timed out after {after:?}"),
+        )
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> BackendErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_and_fence_share_a_hash_tag() {
+        let name = LockName::new("tower-lock:", "account:42");
+        assert_eq!(name.lock_key(), "tower-lock:{account:42}");
+        assert_eq!(name.fence_key(), "tower-lock:{account:42}:fence");
+    }
+
+    #[test]
+    fn tokens_are_unique_and_hex() {
+        let a = LockToken::random();
+        let b = LockToken::random();
+        assert_ne!(a, b);
+        assert_eq!(a.to_hex().len(), 32);
+        assert!(!format!("{a:?}").contains(&a.to_hex()));
+    }
+}
