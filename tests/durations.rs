@@ -64,16 +64,18 @@ fn durations() -> impl Strategy<Value = Durations> {
         (duration(), duration(), duration(), duration()),
         (duration(), duration(), duration(), any::<bool>()),
     )
-        .prop_map(|((ttl, acquire, release, every), (renew, hold, min, off))| Durations {
-            ttl,
-            acquire_timeout: acquire,
-            release_timeout: release,
-            renew_every: every,
-            renew_timeout: renew,
-            max_hold: hold,
-            min_validity: min,
-            no_renewal: off,
-        })
+        .prop_map(
+            |((ttl, acquire, release, every), (renew, hold, min, off))| Durations {
+                ttl,
+                acquire_timeout: acquire,
+                release_timeout: release,
+                renew_every: every,
+                renew_timeout: renew,
+                max_hold: hold,
+                min_validity: min,
+                no_renewal: off,
+            },
+        )
 }
 
 /// The settings applied through the builder methods both a layer and an engine have.
