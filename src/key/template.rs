@@ -61,16 +61,17 @@
 //! # Ok::<(), tower_lock::key::TemplateError>(())
 //! ```
 
-use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
 use http::HeaderName;
 use http::request::Parts;
 
+use super::error::TemplateError;
+use super::lock_key::{Piece, separators};
 use super::pattern::{Pattern, path_params, route_pattern};
 use super::sources::query_value;
-use super::{KeyExtractor, KeyRejection, LockKey, kept_plain};
+use super::{KeyExtractor, KeyRejection, LockKey};
 
 const SOURCES: &str = "one of `path.NAME`, `header.NAME`, `query.NAME`, `method`, `matched_path`";
 
@@ -352,78 +353,6 @@ fn parse_source(body: &str, start: usize) -> Result<Source, (usize, String, Stri
     }
 }
 
-/// Checks that every literal between two placeholders separates them, and returns the set of
-/// separator characters that material must escape.
-///
-/// Why this makes keys injective: material never contains a separator character unescaped (nor
-/// does an escape `%XX`, whose `%` and hex digits are not separator characters), and every
-/// separating literal has at least one of them, kept plain in the key. So, reading the key from
-/// the left, the first separator character after a placeholder's value is at a fixed offset in
-/// the next separator: where each value ends is determined by the key, and percent-escaping is
-/// injective, so the values are too.
-pub(crate) fn separators(text: &str, parts: &[Piece]) -> Result<u128, TemplateError> {
-    let mut escape = 0u128;
-    for (index, part) in parts.iter().enumerate() {
-        let (Some(Piece::Value { span: before }), Some(Piece::Value { span })) = (
-            index.checked_sub(1).and_then(|i| parts.get(i)),
-            parts.get(index + 1),
-        ) else {
-            // Leading and trailing literals are fixed text: they need nothing.
-            if let (Piece::Value { span: first }, Some(Piece::Value { span })) =
-                (part, parts.get(index + 1))
-            {
-                return Err(TemplateError {
-                    template: text.into(),
-                    position: span.start,
-                    expected: "a separator such as `:` between two placeholders".into(),
-                    found: format!(
-                        "`{}` right after `{}`",
-                        &text[span.clone()],
-                        &text[first.clone()]
-                    ),
-                });
-            }
-            continue;
-        };
-        let Piece::Literal { text: literal, at } = part else {
-            // Three placeholders in a row: refused above, at the first pair.
-            continue;
-        };
-        let mut found = false;
-        for byte in literal.bytes() {
-            if (byte == b':' || kept_plain(byte)) && !byte.is_ascii_alphanumeric() {
-                escape |= 1u128 << byte;
-                found = true;
-            }
-        }
-        if !found {
-            return Err(TemplateError {
-                template: text.into(),
-                position: *at,
-                expected: "a separator with a punctuation character that is kept in the key, \
-                           such as `:`, `-` or `/` (letters, digits, spaces, `%`, `#` and \
-                           braces cannot separate two values)"
-                    .into(),
-                found: format!(
-                    "`{}` between `{}` and `{}`",
-                    &text[before.end..span.start],
-                    &text[before.clone()],
-                    &text[span.clone()]
-                ),
-            });
-        }
-    }
-    Ok(escape)
-}
-
-/// A part of a key as the separator rule sees it: fixed text, or a value (its placeholder's
-/// byte range in the template text). Templates and [`KeyBuilder`](super::KeyBuilder) both
-/// describe themselves this way, so both follow one rule.
-pub(crate) enum Piece<'a> {
-    Literal { text: &'a str, at: usize },
-    Value { span: Range<usize> },
-}
-
 impl KeyExtractor for KeyTemplate {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
         let escape = self.compiled.escape;
@@ -485,62 +414,6 @@ impl KeyExtractor for KeyTemplate {
         Ok(Some(key))
     }
 }
-
-/// A malformed key template: where it went wrong and what was expected there.
-///
-/// This is a configuration error, reported while the service is built:
-///
-/// ```
-/// use tower_lock::key::KeyTemplate;
-///
-/// let error = KeyTemplate::parse("acc:{pth.id}").unwrap_err();
-/// assert_eq!(
-///     error.to_string(),
-///     "key template `acc:{pth.id}`: at byte 4: expected one of `path.NAME`, `header.NAME`, \
-///      `query.NAME`, `method`, `matched_path`, found `pth.id`"
-/// );
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TemplateError {
-    template: Box<str>,
-    position: usize,
-    expected: String,
-    found: String,
-}
-
-impl TemplateError {
-    /// Byte offset in the template text where the error was found.
-    pub fn position(&self) -> usize {
-        self.position
-    }
-
-    /// What was expected at [`position`](Self::position), e.g. ``a valid HTTP header name``.
-    pub fn expected(&self) -> &str {
-        &self.expected
-    }
-
-    /// What was found instead, e.g. ``a lone `}` ``.
-    pub fn found(&self) -> &str {
-        &self.found
-    }
-
-    /// The template text.
-    pub fn template(&self) -> &str {
-        &self.template
-    }
-}
-
-impl fmt::Display for TemplateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "key template `{}`: at byte {}: expected {}, found {}",
-            self.template, self.position, self.expected, self.found
-        )
-    }
-}
-
-impl std::error::Error for TemplateError {}
 
 #[cfg(test)]
 mod tests;
