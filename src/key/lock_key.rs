@@ -35,20 +35,16 @@ impl LockKey {
         self
     }
 
-    /// Appends escaped user material as another part, separated by `:`.
-    pub fn push(&mut self, material: impl AsRef<[u8]>) {
-        self.0.push(':');
-        escape_into(&mut self.0, material.as_ref());
-    }
-
-    /// An empty key, to be built with [`LockKey::push_literal`] and [`LockKey::push_material`].
-    pub fn empty() -> Self {
+    /// An empty key, to be built with [`LockKey::push_literal`] and
+    /// [`LockKey::push_material_escaping`] (by templates and [`KeyBuilder`], which check the
+    /// separator rule first).
+    pub(crate) fn empty() -> Self {
         Self(String::new())
     }
 
     /// Appends developer-written text (a template's literal part): escaped like material, except
     /// that `:` is kept, so `account:` stays readable.
-    pub fn push_literal(&mut self, text: &str) {
+    pub(crate) fn push_literal(&mut self, text: &str) {
         for part in text.split_inclusive(':') {
             match part.strip_suffix(':') {
                 Some(part) => {
@@ -60,17 +56,12 @@ impl LockKey {
         }
     }
 
-    /// Appends user-controlled material, escaped, with no separator.
+    /// Appends user-controlled material, escaped, with no separator, escaping also every ASCII
+    /// byte in `extra` (a bit per byte value): the separators of a key template.
     ///
-    /// Only `:` separates material unambiguously: after `push_literal("-")` between two
-    /// materials, `("1-2", "3")` and `("1", "2-3")` give one key. Key templates escape every
-    /// character their separators use, and refuse placeholders without a separator.
-    pub fn push_material(&mut self, material: impl AsRef<[u8]>) {
-        escape_into(&mut self.0, material.as_ref());
-    }
-
-    /// Appends user-controlled material, escaping also every ASCII byte in `extra` (a bit per
-    /// byte value): the separators of a key template.
+    /// Only escaped separators keep material apart: with `-` between two values and `-` not in
+    /// `extra`, `("1-2", "3")` and `("1", "2-3")` would give one key. Callers check the
+    /// separator rule ([`separators`]) and pass its answer as `extra`.
     pub(crate) fn push_material_escaping(&mut self, material: &[u8], extra: u128) {
         escape_with(&mut self.0, material, extra);
     }
@@ -344,16 +335,34 @@ mod tests {
 
     #[test]
     fn literals_keep_colons_and_material_does_not() {
-        let mut key = LockKey::empty();
-        key.push_literal("account:{x}:");
-        key.push_material("a:b");
+        let key = LockKey::literal("account:{x}:")
+            .part("a:b")
+            .build()
+            .unwrap();
         assert_eq!(key.as_str(), "account:%7Bx%7D:a%3Ab");
     }
 
     #[test]
-    fn push_appends_an_escaped_part() {
-        let mut key = LockKey::new("tenant");
-        key.push("a:b");
+    fn join_appends_an_escaped_part() {
+        let key = LockKey::new("tenant").join(&LockKey::new("a:b"));
         assert_eq!(key.as_str(), "tenant:a%3Ab");
+    }
+
+    #[test]
+    fn a_builder_escapes_its_separators_in_values() {
+        let key = LockKey::builder()
+            .part("1-2")
+            .literal("-")
+            .part("3")
+            .build()
+            .unwrap();
+        assert_eq!(key.as_str(), "1%2D2-3");
+        let other = LockKey::builder()
+            .part("1")
+            .literal("-")
+            .part("2-3")
+            .build()
+            .unwrap();
+        assert_ne!(key, other);
     }
 }
