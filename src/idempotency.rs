@@ -49,7 +49,7 @@ use http::request::Parts;
 use http::{HeaderName, Method, Response, StatusCode};
 
 use crate::backend::LockBackend;
-use crate::key::{KeyExtractor, KeyRejection, LockKey};
+use crate::key::{DynExtract, KeyExtractor, KeyRejection, LockKey};
 use crate::layer::LockLayer;
 use crate::policy::{LockPolicy, covers};
 use crate::response::{Rejection, problem_response};
@@ -67,8 +67,6 @@ static MISSING_KEY_DETAIL: &str =
 
 /// The first part of every key of the preset, which keeps its keys apart from other routes'.
 const KEY_PREFIX: &str = "idempotency";
-
-type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
 
 /// Keys requests by their `Idempotency-Key` header. See the [module docs](self).
 #[derive(Clone)]

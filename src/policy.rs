@@ -31,12 +31,11 @@ use http::request::Parts;
 use http::{Method, Response};
 
 use crate::backend::LockBackend;
-use crate::key::{KeyExtractor, KeyRejection, KeyTemplate, LockKey, TemplateError};
+use crate::key::{DynExtract, KeyExtractor, KeyRejection, KeyTemplate, LockKey, TemplateError};
 use crate::layer::{LeaseLostPolicy, LockLayer};
 use crate::locks::Locks;
 use crate::response::Rejection;
 
-type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
 type RejectionHandler = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
 
 /// How one endpoint is locked. See the [module docs](self).

@@ -95,6 +95,11 @@ where
     }
 }
 
+/// A key extractor behind a pointer: what a [`LockPolicy`](crate::LockPolicy) keeps of any
+/// extractor, and the idempotency preset of its scope.
+pub(crate) type DynExtract =
+    dyn Fn(&http::request::Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
+
 /// Combinators for every [`KeyExtractor`].
 pub trait KeyExtractorExt: KeyExtractor + Sized {
     /// Locks on both keys joined with `:`; if either gives no key, the request is not locked.
