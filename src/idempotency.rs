@@ -183,6 +183,8 @@ fn is_missing_key(rejection: &KeyRejection) -> bool {
 ///
 /// The policy covers the key's methods (`POST` and `PATCH` by default) and no others, so in a
 /// route table other methods on the same path go on to later routes.
+///
+/// This is where the preset's settings live; [`layer`] and [`layer_with`] apply them too.
 pub fn policy(key: IdempotencyKey) -> LockPolicy {
     let methods = key.methods.to_vec();
     LockPolicy::key(key)
@@ -198,9 +200,9 @@ pub fn layer<B: LockBackend>(backend: B) -> LockLayer<IdempotencyKey, B> {
 
 /// The preset as a layer, with a configured [`IdempotencyKey`] (scope, methods).
 pub fn layer_with<B: LockBackend>(backend: B, key: IdempotencyKey) -> LockLayer<IdempotencyKey, B> {
-    LockLayer::new(backend, key)
-        .fencing(false)
-        .on_rejection(rejection_response)
+    // The policy's settings over a layer keyed by `key` itself (which covers its own methods),
+    // so that the layer keeps its `IdempotencyKey` type.
+    policy(key.clone()).apply(LockLayer::new(backend, key))
 }
 
 #[cfg(test)]
@@ -305,6 +307,43 @@ mod tests {
         let response = rejection_response(Rejection::InvalidKey(rejection));
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_eq!(body["title"], "Idempotency-Key is missing");
+    }
+
+    /// The preset as a layer and as a policy's layer: the same 400, and no fencing.
+    #[tokio::test]
+    async fn the_layer_and_the_policy_are_one_preset() {
+        use crate::{LockLease, MemoryBackend};
+        use http_body_util::BodyExt;
+        use tower::{ServiceBuilder, ServiceExt};
+
+        async fn check<K: KeyExtractor>(layer: LockLayer<K, MemoryBackend>) {
+            let service = ServiceBuilder::new().layer(layer).service_fn(
+                |request: http::Request<()>| async move {
+                    let lease = request.extensions().get::<LockLease>();
+                    let token = lease.map(LockLease::fencing_token);
+                    Ok::<_, std::convert::Infallible>(Response::new(format!("{token:?}")))
+                },
+            );
+            let call = |request| async {
+                let response = service.clone().oneshot(request).await.unwrap();
+                let status = response.status();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            };
+
+            let (status, body) = call(http::Request::post("/orders").body(()).unwrap()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(problem["title"], "Idempotency-Key is missing");
+
+            let keyed = http::Request::post("/orders").header("idempotency-key", "k");
+            let (status, body) = call(keyed.body(()).unwrap()).await;
+            // Locked, with fencing off.
+            assert_eq!((status, &*body), (StatusCode::OK, "Some(0)"));
+        }
+
+        check(layer(MemoryBackend::new())).await;
+        check(policy(IdempotencyKey::new()).layer(MemoryBackend::new())).await;
     }
 
     #[test]
