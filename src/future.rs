@@ -112,7 +112,7 @@ where
             Err(rejection) => {
                 tracing::debug!(%rejection, "request rejected: no lock key");
                 State::Rejected {
-                    rejection: Some(Rejection::InvalidKey(rejection)),
+                    rejection: Some(Rejection::from(rejection)),
                 }
             }
             Ok(Some(key)) => match Handle::try_current() {

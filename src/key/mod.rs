@@ -4,7 +4,9 @@
 //!
 //! - `Ok(Some(key))`: lock on `key` before calling the inner service;
 //! - `Ok(None)`: this request needs no lock, call the inner service directly;
-//! - `Err(rejection)`: the request cannot be keyed, answer **400** with a problem+json body.
+//! - `Err(rejection)`: the request cannot be keyed: answer **400** with a problem+json body when
+//!   the request lacks or garbles a part the key needs, and **500** when no request could be
+//!   keyed because the server is wired wrong (see [`KeyRejectionKind`]).
 //!
 //! Closures with the right signature are extractors, and the built-ins in this module cover the
 //! usual sources: [`Header`], [`Query`], [`PathParam`], [`PathSegment`] and [`Global`], combined
@@ -51,6 +53,8 @@ mod template;
 use std::borrow::Cow;
 use std::fmt;
 
+use http::HeaderName;
+
 pub use error::TemplateError;
 pub use lock_key::{KeyBuilder, LockKey};
 pub use sources::{And, Global, Header, PathParam, PathSegment, Query};
@@ -78,7 +82,8 @@ pub use template::KeyTemplate;
 /// assert_eq!(jobs.extract(&parts).unwrap().unwrap().as_str(), "7");
 /// ```
 pub trait KeyExtractor: Clone + Send + Sync + 'static {
-    /// Returns the key to lock on, `None` for no lock, or a rejection (answered with 400).
+    /// Returns the key to lock on, `None` for no lock, or a rejection (answered with 400, or 500
+    /// for a [misconfiguration](KeyRejectionKind::Misconfigured)).
     fn extract(&self, parts: &http::request::Parts) -> Result<Option<LockKey>, KeyRejection>;
 }
 
@@ -110,25 +115,103 @@ pub trait KeyExtractorExt: KeyExtractor + Sized {
 
 impl<K: KeyExtractor> KeyExtractorExt for K {}
 
-/// Why a request could not be keyed; answered with **400** and a problem+json body.
+/// Why a request could not be keyed, and who must act: the client (**400**) or whoever
+/// configured the server (**500**). Answered with a problem+json body whose `detail` is
+/// [`KeyRejection::detail`].
+///
+/// ```
+/// use tower_lock::key::{KeyRejection, KeyRejectionKind};
+///
+/// let missing = KeyRejection::missing_header(http::HeaderName::from_static("x-tenant-id"));
+/// assert_eq!(missing.kind(), KeyRejectionKind::Missing);
+/// assert_eq!(missing.header().map(|name| name.as_str()), Some("x-tenant-id"));
+///
+/// let invalid = KeyRejection::new("the job id is not a number");
+/// assert_eq!(invalid.kind(), KeyRejectionKind::Invalid);
+///
+/// let wiring = KeyRejection::misconfigured("the auth layer must run before the lock layer");
+/// assert_eq!(wiring.kind(), KeyRejectionKind::Misconfigured);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRejection {
+    kind: KeyRejectionKind,
     detail: Cow<'static, str>,
+    /// The header whose absence this is, for [`KeyRejection::missing_header`].
+    header: Option<HeaderName>,
+}
+
+/// What kind of [`KeyRejection`] a rejection is, which decides its response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyRejectionKind {
+    /// The request lacks a part the key needs (a header, a query or path parameter, a path
+    /// segment): **400**.
+    Missing,
+    /// The request has the part, but it cannot name a lock (not UTF-8 once decoded, given twice,
+    /// not what the extractor accepts): **400**.
+    Invalid,
+    /// No request can be keyed, whatever it carries: the server is wired wrong (a `{path.NAME}`
+    /// the route pattern does not have, a layer that no route pattern reaches). **500 Internal
+    /// Server Error**; the built-in extractors also log it at error level, once per extractor.
+    Misconfigured,
 }
 
 impl KeyRejection {
-    /// A rejection with the given human-readable detail (it is sent to the client).
+    /// A rejection of invalid request input ([`KeyRejectionKind::Invalid`], 400) with the given
+    /// human-readable detail (it is sent to the client).
     pub fn new(detail: impl Into<Cow<'static, str>>) -> Self {
         Self {
+            kind: KeyRejectionKind::Invalid,
             detail: detail.into(),
+            header: None,
         }
     }
 
-    /// A rejection for a required request part that is missing, e.g. `missing("header `x-id`")`.
+    /// A rejection for a required request part that is missing ([`KeyRejectionKind::Missing`],
+    /// 400), e.g. `missing("query parameter `doc`")`.
     pub fn missing(part: impl fmt::Display) -> Self {
-        Self::new(format!(
-            "the request has no {part}, which the lock key needs"
-        ))
+        Self {
+            kind: KeyRejectionKind::Missing,
+            ..Self::new(format!(
+                "the request has no {part}, which the lock key needs"
+            ))
+        }
+    }
+
+    /// A rejection for a missing request header ([`KeyRejectionKind::Missing`], 400) that
+    /// records which header: [`KeyRejection::header`].
+    pub fn missing_header(name: HeaderName) -> Self {
+        Self {
+            header: Some(name.clone()),
+            ..Self::missing(format_args!("header `{name}`"))
+        }
+    }
+
+    /// A server misconfiguration ([`KeyRejectionKind::Misconfigured`], 500): no request could be
+    /// keyed. Say in `detail` what to fix; it is sent to the client in the problem+json body.
+    /// Log it yourself if your extractor makes it (the built-in extractors log theirs once).
+    pub fn misconfigured(detail: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            kind: KeyRejectionKind::Misconfigured,
+            ..Self::new(detail)
+        }
+    }
+
+    /// The same rejection with another detail (the idempotency preset's wording).
+    pub(crate) fn with_detail(mut self, detail: impl Into<Cow<'static, str>>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    /// Who must act on this rejection, and so its response.
+    pub fn kind(&self) -> KeyRejectionKind {
+        self.kind
+    }
+
+    /// The header whose absence this rejection reports, when it was made by
+    /// [`KeyRejection::missing_header`] (as [`Header`] and `{header.NAME}` do).
+    pub fn header(&self) -> Option<&HeaderName> {
+        self.header.as_ref()
     }
 
     /// The detail sent to the client.

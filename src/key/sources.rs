@@ -51,10 +51,7 @@ impl KeyExtractor for Header {
         match parts.headers.get(&self.name) {
             Some(value) => Ok(Some(LockKey::new(value.as_bytes()))),
             None if self.optional => Ok(None),
-            None => Err(KeyRejection::missing(format_args!(
-                "header `{}`",
-                self.name
-            ))),
+            None => Err(KeyRejection::missing_header(self.name.clone())),
         }
     }
 }

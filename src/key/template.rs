@@ -388,7 +388,7 @@ impl KeyExtractor for KeyTemplate {
                 },
                 Source::Header(name) => match parts.headers.get(name) {
                     Some(value) => key.push_material_escaping(value.as_bytes(), escape),
-                    None => return Err(KeyRejection::missing(format_args!("header `{name}`"))),
+                    None => return Err(KeyRejection::missing_header(name.clone())),
                 },
                 Source::Query(name) => match query_value(parts, name)? {
                     Some(value) => key.push_material_escaping(&value, escape),
