@@ -52,6 +52,8 @@ mod template;
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::HeaderName;
 
@@ -227,3 +229,32 @@ impl fmt::Display for KeyRejection {
 }
 
 impl std::error::Error for KeyRejection {}
+/// Logs the first misconfiguration an extractor meets, at error level, once for the extractor
+/// and its clones (a layer's services share their extractor's clones): every request of a
+/// misconfigured route is answered 500, and one log line says why.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ReportOnce(Arc<AtomicBool>);
+
+impl ReportOnce {
+    /// Passes `result` through, logging it first if it is the first misconfiguration met.
+    /// `extractor` names the extractor in the log (a template's text, say).
+    pub(crate) fn check<T>(
+        &self,
+        result: Result<T, KeyRejection>,
+        extractor: &dyn fmt::Display,
+    ) -> Result<T, KeyRejection> {
+        if let Err(rejection) = &result
+            && rejection.kind() == KeyRejectionKind::Misconfigured
+            && !self.0.load(Ordering::Relaxed)
+            && !self.0.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                extractor = %extractor,
+                detail = rejection.detail(),
+                "the lock key of a route can never be extracted: every request to it is answered \
+                 500 until the server is fixed (logged once)"
+            );
+        }
+        result
+    }
+}
