@@ -170,7 +170,7 @@ impl KeyRejection {
     }
 
     /// A rejection for a required request part that is missing ([`KeyRejectionKind::Missing`],
-    /// 400), e.g. `missing("query parameter `doc`")`.
+    /// 400), e.g. ``missing("query parameter `doc`")``.
     pub fn missing(part: impl fmt::Display) -> Self {
         Self {
             kind: KeyRejectionKind::Missing,
