@@ -123,7 +123,7 @@ where
             Err(rejection) => {
                 tracing::debug!(%rejection, "request rejected: no lock key");
                 State::Rejected {
-                    rejection: Some(Rejection::InvalidKey(rejection)),
+                    rejection: Some(Rejection::from(rejection)),
                 }
             }
             Ok(Some(key)) => match Handle::try_current() {
@@ -373,6 +373,7 @@ fn metric_reason(rejection: &Rejection) -> &'static str {
     match rejection {
         Rejection::Conflict { .. } => "conflict",
         Rejection::InvalidKey(_) => "invalid_key",
+        Rejection::MisconfiguredKey(_) => "misconfigured_key",
         Rejection::BackendUnavailable(_) => "backend_unavailable",
         Rejection::InsufficientValidity { .. } => "insufficient_validity",
         Rejection::LeaseLost => "lease_lost",

@@ -49,7 +49,7 @@ use http::request::Parts;
 use http::{HeaderName, Method, Response, StatusCode};
 
 use crate::backend::LockBackend;
-use crate::key::{KeyExtractor, KeyRejection, LockKey};
+use crate::key::{DynExtract, KeyExtractor, KeyRejection, KeyRejectionKind, LockKey};
 use crate::layer::LockLayer;
 use crate::policy::{LockPolicy, covers};
 use crate::response::{Rejection, problem_response};
@@ -59,16 +59,14 @@ pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-ke
 
 /// The detail of the 400 for a protected request without the header (the draft's wording).
 ///
-/// A `static`, so that it has one address: [`rejection_response`] recognises the preset's own
-/// rejection by that address ([`is_missing_key`]), not by its text, which any other extractor
-/// (a scope extractor, say) could happen to use.
-static MISSING_KEY_DETAIL: &str =
+/// [`rejection_response`] recognises that 400 by what it is ([`is_missing_key`]: a missing
+/// `Idempotency-Key` header), never by this text, which any other extractor (a scope extractor,
+/// say) could happen to use.
+const MISSING_KEY_DETAIL: &str =
     "This operation is idempotent and it requires correct usage of Idempotency Key.";
 
 /// The first part of every key of the preset, which keeps its keys apart from other routes'.
 const KEY_PREFIX: &str = "idempotency";
-
-type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
 
 /// Keys requests by their `Idempotency-Key` header. See the [module docs](self).
 #[derive(Clone)]
@@ -126,7 +124,8 @@ impl KeyExtractor for IdempotencyKey {
             return Ok(None);
         }
         let Some(value) = parts.headers.get(&IDEMPOTENCY_KEY) else {
-            return Err(KeyRejection::new(MISSING_KEY_DETAIL));
+            return Err(KeyRejection::missing_header(IDEMPOTENCY_KEY.clone())
+                .with_detail(MISSING_KEY_DETAIL));
         };
         let key = LockKey::new(value.as_bytes());
         let prefix = LockKey::new(KEY_PREFIX);
@@ -168,23 +167,26 @@ pub fn rejection_response(rejection: Rejection) -> Response<Bytes> {
             StatusCode::BAD_REQUEST,
             "urn:tower-lock:idempotency-key-missing",
             "Idempotency-Key is missing",
-            invalid.detail(),
+            MISSING_KEY_DETAIL,
             None,
         ),
         _ => rejection.into_response(),
     }
 }
 
-/// Whether `rejection` is the preset's own "Idempotency-Key is missing": the same `&'static str`
-/// (address and length), not merely the same text.
+/// Whether `rejection` says that the `Idempotency-Key` header is missing: by its kind and the
+/// header it records, never by its text. (So a layer keyed by `Header::new("idempotency-key")`
+/// answered by [`rejection_response`] gets the draft's 400 too.)
 fn is_missing_key(rejection: &KeyRejection) -> bool {
-    std::ptr::eq(rejection.detail(), MISSING_KEY_DETAIL)
+    rejection.kind() == KeyRejectionKind::Missing && rejection.header() == Some(&IDEMPOTENCY_KEY)
 }
 
 /// The preset as a policy (for [`LockRoutes`](crate::LockRoutes) or `route_layer`).
 ///
 /// The policy covers the key's methods (`POST` and `PATCH` by default) and no others, so in a
 /// route table other methods on the same path go on to later routes.
+///
+/// This is where the preset's settings live; [`layer`] and [`layer_with`] apply them too.
 pub fn policy(key: IdempotencyKey) -> LockPolicy {
     let methods = key.methods.to_vec();
     LockPolicy::key(key)
@@ -200,9 +202,9 @@ pub fn layer<B: LockBackend>(backend: B) -> LockLayer<IdempotencyKey, B> {
 
 /// The preset as a layer, with a configured [`IdempotencyKey`] (scope, methods).
 pub fn layer_with<B: LockBackend>(backend: B, key: IdempotencyKey) -> LockLayer<IdempotencyKey, B> {
-    LockLayer::new(backend, key)
-        .fencing(false)
-        .on_rejection(rejection_response)
+    // The policy's settings over a layer keyed by `key` itself (which covers its own methods),
+    // so that the layer keeps its `IdempotencyKey` type.
+    policy(key.clone()).apply(LockLayer::new(backend, key))
 }
 
 #[cfg(test)]
@@ -255,7 +257,7 @@ mod tests {
         let rejection = key
             .extract(&parts(Method::POST, &[("idempotency-key", "k")]))
             .unwrap_err();
-        let response = rejection_response(Rejection::InvalidKey(rejection));
+        let response = rejection_response(Rejection::from(rejection));
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_ne!(body["title"], "Idempotency-Key is missing");
@@ -288,25 +290,91 @@ mod tests {
         assert_eq!(scoped.as_str(), "idempotency:alice:a%3Ab");
     }
 
+    fn title(rejection: KeyRejection) -> serde_json::Value {
+        let response = rejection_response(Rejection::from(rejection));
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        body["title"].clone()
+    }
+
     #[test]
     fn a_lookalike_rejection_does_not_get_the_missing_key_title() {
-        // A scope extractor whose own rejection has the very text of the preset's 400.
-        let lookalike = |_: &Parts| -> Result<Option<LockKey>, KeyRejection> {
-            Err(KeyRejection::new(MISSING_KEY_DETAIL.to_owned()))
-        };
-        let key = IdempotencyKey::new().scoped_by(lookalike);
-        let rejection = key
-            .extract(&parts(Method::POST, &[("idempotency-key", "k")]))
-            .unwrap_err();
-        let response = rejection_response(Rejection::InvalidKey(rejection));
-        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
-        assert_ne!(body["title"], "Idempotency-Key is missing");
+        // Scope extractors whose own rejections have the very text of the preset's 400 (a
+        // literal, which the compiler may even merge with the preset's own), of every kind.
+        const TEXT: &str =
+            "This operation is idempotent and it requires correct usage of Idempotency Key.";
+        assert_eq!(TEXT, MISSING_KEY_DETAIL);
+        let lookalikes = [
+            KeyRejection::new(TEXT),
+            KeyRejection::missing("header `x-user`").with_detail(TEXT),
+            KeyRejection::misconfigured(TEXT),
+            KeyRejection::missing_header(HeaderName::from_static("x-user")).with_detail(TEXT),
+        ];
+        for lookalike in lookalikes {
+            let scope = move |_: &Parts| -> Result<Option<LockKey>, KeyRejection> {
+                Err(lookalike.clone())
+            };
+            let key = IdempotencyKey::new().scoped_by(scope);
+            let rejection = key
+                .extract(&parts(Method::POST, &[("idempotency-key", "k")]))
+                .unwrap_err();
+            assert_eq!(rejection.detail(), TEXT);
+            assert_ne!(title(rejection), "Idempotency-Key is missing");
 
-        // The preset's own rejection still gets it.
-        let rejection = key.extract(&parts(Method::POST, &[])).unwrap_err();
-        let response = rejection_response(Rejection::InvalidKey(rejection));
-        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
-        assert_eq!(body["title"], "Idempotency-Key is missing");
+            // The preset's own rejection still gets it.
+            let rejection = key.extract(&parts(Method::POST, &[])).unwrap_err();
+            assert_eq!(title(rejection), "Idempotency-Key is missing");
+        }
+    }
+
+    #[test]
+    fn a_missing_idempotency_key_header_is_recognised_whoever_reports_it() {
+        let rejection = Header::new("Idempotency-Key")
+            .extract(&parts(Method::POST, &[]))
+            .unwrap_err();
+        assert_eq!(title(rejection), "Idempotency-Key is missing");
+        let rejection = IdempotencyKey::new()
+            .extract(&parts(Method::PATCH, &[]))
+            .unwrap_err();
+        assert_eq!(rejection.kind(), KeyRejectionKind::Missing);
+        assert_eq!(rejection.header(), Some(&IDEMPOTENCY_KEY));
+        assert_eq!(rejection.detail(), MISSING_KEY_DETAIL);
+    }
+
+    /// The preset as a layer and as a policy's layer: the same 400, and no fencing.
+    #[tokio::test]
+    async fn the_layer_and_the_policy_are_one_preset() {
+        use crate::{LockLease, MemoryBackend};
+        use http_body_util::BodyExt;
+        use tower::{ServiceBuilder, ServiceExt};
+
+        async fn check<K: KeyExtractor>(layer: LockLayer<K, MemoryBackend>) {
+            let service = ServiceBuilder::new().layer(layer).service_fn(
+                |request: http::Request<()>| async move {
+                    let lease = request.extensions().get::<LockLease>();
+                    let token = lease.map(LockLease::fencing_token);
+                    Ok::<_, std::convert::Infallible>(Response::new(format!("{token:?}")))
+                },
+            );
+            let call = |request| async {
+                let response = service.clone().oneshot(request).await.unwrap();
+                let status = response.status();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            };
+
+            let (status, body) = call(http::Request::post("/orders").body(()).unwrap()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(problem["title"], "Idempotency-Key is missing");
+
+            let keyed = http::Request::post("/orders").header("idempotency-key", "k");
+            let (status, body) = call(keyed.body(()).unwrap()).await;
+            // Locked, with fencing off.
+            assert_eq!((status, &*body), (StatusCode::OK, "Some(0)"));
+        }
+
+        check(layer(MemoryBackend::new())).await;
+        check(policy(IdempotencyKey::new()).layer(MemoryBackend::new())).await;
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | lock acquired | inner service called; lock released after its response future completes |
 //! | key held by another request | **409**, `Retry-After` (holder's remaining lease, rounded up, ≥ 1 s), problem+json |
 //! | extractor rejects the request | **400**, problem+json |
+//! | the key can never be extracted on this route (server misconfiguration) | **500**, problem+json naming the fix, logged once per layer |
 //! | backend unreachable / timed out | **503**, `Retry-After: 1`, problem+json (or the inner service, unlocked, with [`LockLayer::fail_open`]) |
 //! | custom rejection | [`LockLayer::on_rejection`] overrides any of the above |
 //!

@@ -30,12 +30,10 @@ use http::request::Parts;
 
 use crate::backend::LockBackend;
 use crate::config::{HttpConfig, http_setters};
-use crate::key::{KeyExtractor, KeyRejection, KeyTemplate, LockKey, TemplateError};
+use crate::key::{DynExtract, KeyExtractor, KeyRejection, KeyTemplate, LockKey, TemplateError};
 use crate::layer::LockLayer;
 use crate::locks::Locks;
 use crate::settings::{Settings, engine_setters};
-
-type DynExtract = dyn Fn(&Parts) -> Result<Option<LockKey>, KeyRejection> + Send + Sync;
 
 /// One setting a policy changes, applied over the layer's (or engine's) settings in the order
 /// the policy's builder methods were called.

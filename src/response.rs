@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::backend::BackendError;
-use crate::key::KeyRejection;
+use crate::key::{KeyRejection, KeyRejectionKind};
 
 /// Why the layer answered instead of the inner service.
 ///
@@ -20,8 +20,13 @@ pub enum Rejection {
         /// How long the holder's lease has left, if known.
         remaining: Option<Duration>,
     },
-    /// The key extractor rejected the request: **400 Bad Request**.
+    /// The key extractor rejected the request, which lacks or garbles a part the key needs
+    /// ([`KeyRejectionKind::Missing`] or [`KeyRejectionKind::Invalid`]): **400 Bad Request**.
     InvalidKey(KeyRejection),
+    /// The key extractor can key no request on this route: the server is misconfigured
+    /// ([`KeyRejectionKind::Misconfigured`], e.g. a `{path.NAME}` the route pattern does not
+    /// have): **500 Internal Server Error**.
+    MisconfiguredKey(KeyRejection),
     /// The backend failed or timed out (fail-closed): **503 Service Unavailable**.
     BackendUnavailable(BackendError),
     /// The lock was acquired, but with less validity left than the configured minimum:
@@ -41,6 +46,7 @@ impl Rejection {
         match self {
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::InvalidKey(_) => StatusCode::BAD_REQUEST,
+            Self::MisconfiguredKey(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BackendUnavailable(_) | Self::InsufficientValidity { .. } | Self::LeaseLost => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -50,14 +56,14 @@ impl Rejection {
     /// The `Retry-After` the default response carries, in whole seconds.
     ///
     /// For a conflict: the holder's remaining lease rounded up, at least 1. For a backend failure
-    /// or lost lease: 1. For a bad key: none (retrying will not help).
+    /// or lost lease: 1. For a bad or misconfigured key: none (retrying will not help).
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Self::Conflict {
                 remaining: Some(remaining),
             } => Some(ceil_secs(*remaining).max(1)),
             Self::Conflict { remaining: None } => Some(1),
-            Self::InvalidKey(_) => None,
+            Self::InvalidKey(_) | Self::MisconfiguredKey(_) => None,
             Self::BackendUnavailable(_) | Self::InsufficientValidity { .. } | Self::LeaseLost => {
                 Some(1)
             }
@@ -75,6 +81,11 @@ impl Rejection {
             Self::InvalidKey(rejection) => (
                 "urn:tower-lock:invalid-lock-key",
                 "The request cannot be locked",
+                rejection.detail().to_owned(),
+            ),
+            Self::MisconfiguredKey(rejection) => (
+                "urn:tower-lock:misconfigured-key",
+                "The lock key of this route is misconfigured",
                 rejection.detail().to_owned(),
             ),
             Self::BackendUnavailable(_) => (
@@ -108,6 +119,18 @@ impl Rejection {
         let status = self.status();
         let (kind, title, detail) = self.problem();
         problem_response(status, kind, title, &detail, self.retry_after_secs())
+    }
+}
+
+/// A key rejection as the layer answers it: [`Rejection::MisconfiguredKey`] (500) for a
+/// [misconfiguration](KeyRejectionKind::Misconfigured), [`Rejection::InvalidKey`] (400) for the
+/// rest.
+impl From<KeyRejection> for Rejection {
+    fn from(rejection: KeyRejection) -> Self {
+        match rejection.kind() {
+            KeyRejectionKind::Misconfigured => Self::MisconfiguredKey(rejection),
+            _ => Self::InvalidKey(rejection),
+        }
     }
 }
 
@@ -161,6 +184,39 @@ mod tests {
             Rejection::InvalidKey(KeyRejection::new("x")).retry_after_secs(),
             None
         );
+    }
+
+    #[test]
+    fn key_rejections_are_answered_by_kind() {
+        for (rejection, status, kind) in [
+            (
+                KeyRejection::new("bad"),
+                StatusCode::BAD_REQUEST,
+                "urn:tower-lock:invalid-lock-key",
+            ),
+            (
+                KeyRejection::missing("header `x`"),
+                StatusCode::BAD_REQUEST,
+                "urn:tower-lock:invalid-lock-key",
+            ),
+            (
+                KeyRejection::misconfigured("fix the route"),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "urn:tower-lock:misconfigured-key",
+            ),
+        ] {
+            let detail = rejection.detail().to_owned();
+            let rejection = Rejection::from(rejection);
+            assert_eq!(rejection.status(), status);
+            assert_eq!(rejection.retry_after_secs(), None);
+            let response = rejection.into_response();
+            assert_eq!(response.status(), status);
+            assert!(!response.headers().contains_key(header::RETRY_AFTER));
+            let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+            assert_eq!(body["type"], kind);
+            assert_eq!(body["status"], status.as_u16());
+            assert_eq!(body["detail"], detail);
+        }
     }
 
     #[test]

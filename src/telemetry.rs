@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `tower_lock_acquired_total` | counter | |
 //! | `tower_lock_contended_total` | counter | |
-//! | `tower_lock_rejected_total` | counter | `reason`: `conflict`, `invalid_key`, `backend_unavailable`, `insufficient_validity`, `lease_lost` |
+//! | `tower_lock_rejected_total` | counter | `reason`: `conflict`, `invalid_key`, `misconfigured_key`, `backend_unavailable`, `insufficient_validity`, `lease_lost` |
 //! | `tower_lock_backend_errors_total` | counter | `operation`: `acquire`, `release`, `extend` |
 //! | `tower_lock_lease_lost_total` | counter | |
 //! | `tower_lock_acquire_seconds` | histogram | |

@@ -20,7 +20,14 @@
 //!
 //! A value that is not valid UTF-8 once percent-decoded is rejected with 400, as axum's `Path`
 //! does: a handler reads text, so two byte strings it would read as one must not take two locks.
+//!
+//! A parameter that can never be read is the server's mistake, answered 500
+//! ([`KeyRejectionKind::Misconfigured`](super::KeyRejectionKind::Misconfigured)): no source at
+//! all (no table, no pattern of the extractor's own, no axum match), or a name the route pattern
+//! in effect (the table's, the extractor's own, or axum's when the extractor has none) does not
+//! have. A path that does not match the extractor's own pattern is the client's (400).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -253,6 +260,16 @@ impl PathParams {
         )
     }
 
+    /// Whether the route has a parameter `name` (its value may be empty).
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _)| **n == *name)
+    }
+
+    /// The names of the route's parameters.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(n, _)| &**n)
+    }
+
     /// The value of parameter `name`. An empty value counts as missing.
     pub(crate) fn get(&self, name: &str) -> Option<&[u8]> {
         self.0
@@ -290,20 +307,32 @@ pub(crate) fn route_pattern<'a>(parts: &'a Parts, own: Option<&'a Pattern>) -> O
 
 /// Where a request's path parameters come from (see the module docs).
 pub(crate) enum ParamSource<'a> {
-    /// The table's match, or the pattern's own match of the path.
-    Borrowed(&'a PathParams),
-    /// Values read from the router (axum) or matched now.
-    Owned(PathParams),
-    /// The path does not match the extractor's own pattern.
+    /// The parameters of the route the key is attached to: a table's route, the extractor's own
+    /// pattern (matching the path), or axum's match when the extractor has no pattern. A name
+    /// they lack is one the route pattern does not have: no request can be keyed (500).
+    Route {
+        params: Cow<'a, PathParams>,
+        pattern: &'a str,
+    },
+    /// axum's parameters, for an extractor whose own pattern does not match the path: a name they
+    /// lack means this request is not on the extractor's route (400).
+    #[cfg(feature = "axum")]
+    Router(PathParams),
+    /// The path does not match the extractor's own pattern, and no router reports a match.
     NoMatch,
 }
 
 impl ParamSource<'_> {
-    /// The value of `name`, or the 400 for it.
+    /// The value of `name`, or the 400 (missing, not UTF-8) or 500 (a parameter the route
+    /// pattern does not have) for it.
     pub(crate) fn get(&self, name: &str) -> Result<&[u8], KeyRejection> {
+        if let Some(misconfigured) = self.misconfigured(name) {
+            return Err(misconfigured);
+        }
         let params = match self {
-            Self::Borrowed(params) => *params,
-            Self::Owned(params) => params,
+            Self::Route { params, .. } => &**params,
+            #[cfg(feature = "axum")]
+            Self::Router(params) => params,
             Self::NoMatch => return Err(missing(name)),
         };
         let value = params.get(name).ok_or_else(|| missing(name))?;
@@ -316,72 +345,130 @@ impl ParamSource<'_> {
         }
         Ok(value)
     }
+
+    /// The 500 for `name` when the route pattern in effect does not have it.
+    pub(crate) fn misconfigured(&self, name: &str) -> Option<KeyRejection> {
+        match self {
+            Self::Route { params, pattern } if !params.contains(name) => {
+                Some(not_in_pattern(name, pattern, params))
+            }
+            _ => None,
+        }
+    }
 }
 
 fn missing(name: &str) -> KeyRejection {
     KeyRejection::missing(format_args!("path parameter `{name}`"))
 }
 
-/// The path parameters of the request (see the module docs); `what` names the placeholder or
-/// extractor in the rejection when no pattern is known at all.
+/// The 500 for a path parameter `name` that the matched route `pattern` does not have.
+fn not_in_pattern(name: &str, pattern: &str, params: &PathParams) -> KeyRejection {
+    let names: Vec<String> = params.names().map(|n| format!("`{n}`")).collect();
+    let has = if names.is_empty() {
+        "it has none".to_owned()
+    } else {
+        format!("it has {}", names.join(", "))
+    };
+    KeyRejection::misconfigured(format!(
+        "the lock key reads the path parameter `{name}`, which the route pattern `{pattern}` does \
+         not have ({has}), so no request to this route can be keyed: key on a parameter of the \
+         route, or add this lock layer only to routes with `{{{name}}}`"
+    ))
+}
+
+/// The 500 for `what` (a placeholder or extractor that needs a route pattern) when none is known:
+/// no table route, no pattern of its own, no route axum matched. `give_pattern` names the
+/// methods that give it one.
+pub(crate) fn no_pattern(what: &dyn std::fmt::Display, give_pattern: &str) -> KeyRejection {
+    #[cfg(feature = "axum")]
+    let why = "no route that axum matched reaches the lock layer (add it to routes with axum's \
+               `route_layer`, not around the router, where it runs before routing, nor with \
+               `Router::layer`, which also wraps the fallback)";
+    #[cfg(not(feature = "axum"))]
+    let why = "tower-lock is built without its `axum` feature, so it cannot read the route axum \
+               matched (enable the feature to use the layer with axum's `route_layer`)";
+    KeyRejection::misconfigured(format!(
+        "no route pattern is known for {what}, so no request can be keyed: {why}; otherwise put \
+         the policy in a `LockRoutes` table, or give the pattern with {give_pattern}"
+    ))
+}
+
+/// The path parameters of the request (see the module docs). `what` names the placeholder or
+/// extractor, and `give_pattern` how to give it a pattern, in the 500 when no pattern is known.
 pub(crate) fn path_params<'a>(
     parts: &'a Parts,
-    own: Option<&Pattern>,
-    what: &str,
+    own: Option<&'a Pattern>,
+    what: &dyn std::fmt::Display,
+    give_pattern: &str,
 ) -> Result<ParamSource<'a>, KeyRejection> {
     if let Some(table) = parts.extensions.get::<TableMatch>() {
-        return Ok(ParamSource::Borrowed(&table.params));
+        return Ok(ParamSource::Route {
+            params: Cow::Borrowed(&table.params),
+            pattern: &table.pattern,
+        });
     }
     // A pattern given to the extractor is the user's word for this route: it wins over a
     // router around it (axum's `route_service("/api/{*rest}", …)`) whenever it matches.
-    if let Some(params) = own.and_then(|pattern| pattern.matches(parts.uri.path())) {
-        return Ok(ParamSource::Owned(params));
+    if let Some(own) = own
+        && let Some(params) = own.matches(parts.uri.path())
+    {
+        return Ok(ParamSource::Route {
+            params: Cow::Owned(params),
+            pattern: own.as_str(),
+        });
     }
     #[cfg(feature = "axum")]
-    if let Some(params) = axum_params(parts)? {
-        return Ok(ParamSource::Owned(params));
+    if let Some((params, pattern)) = axum_params(parts)? {
+        return Ok(match own {
+            // The path is not the extractor's route: the router's match may still hold the
+            // value (a route around it with the same parameter), or say the request lacks it.
+            Some(_) => ParamSource::Router(params),
+            None => ParamSource::Route {
+                params: Cow::Owned(params),
+                pattern,
+            },
+        });
     }
     match own {
-        Some(pattern) => Ok(match pattern.matches(parts.uri.path()) {
-            Some(params) => ParamSource::Owned(params),
-            None => ParamSource::NoMatch,
-        }),
-        None => Err(KeyRejection::new(format!(
-            "no route pattern is known for {what}; give one with `with_pattern`, or add the \
-             layer with axum's `route_layer`"
-        ))),
+        Some(_) => Ok(ParamSource::NoMatch),
+        None => Err(no_pattern(what, give_pattern)),
     }
 }
 
 /// The values axum's router extracted, when the request went through an axum route.
 #[cfg(feature = "axum")]
-fn axum_params(parts: &Parts) -> Result<Option<PathParams>, KeyRejection> {
+fn axum_params(parts: &Parts) -> Result<Option<(PathParams, &str)>, KeyRejection> {
     use axum::extract::rejection::RawPathParamsRejection;
     use axum::extract::{FromRequestParts, MatchedPath, RawPathParams};
     use futures_util::FutureExt;
 
-    if parts.extensions.get::<MatchedPath>().is_none() {
+    let Some(matched) = parts.extensions.get::<MatchedPath>() else {
         return Ok(None);
-    }
+    };
     // `RawPathParams` reads axum's private params extension through `&mut Parts`: give it a
     // scratch head carrying only the extensions. Its future never waits.
     let mut scratch = http::Request::new(()).into_parts().0;
     scratch.extensions = parts.extensions.clone();
-    match RawPathParams::from_request_parts(&mut scratch, &()).now_or_never() {
-        Some(Ok(raw)) => Ok(Some(PathParams(
+    let params = match RawPathParams::from_request_parts(&mut scratch, &()).now_or_never() {
+        Some(Ok(raw)) => PathParams(
             raw.iter()
                 .map(|(name, value)| (name.into(), value.as_bytes().to_vec()))
                 .collect(),
-        ))),
-        Some(Err(RawPathParamsRejection::InvalidUtf8InPathParam(_))) => Err(KeyRejection::new(
-            "a path parameter is not valid UTF-8 once percent-decoded",
-        )),
+        ),
+        Some(Err(RawPathParamsRejection::InvalidUtf8InPathParam(_))) => {
+            return Err(KeyRejection::new(
+                "a path parameter is not valid UTF-8 once percent-decoded",
+            ));
+        }
         // A route without parameters.
-        Some(Err(_)) => Ok(Some(PathParams::default())),
-        None => Err(KeyRejection::new(
-            "the route's path parameters are not ready",
-        )),
-    }
+        Some(Err(_)) => PathParams::default(),
+        None => {
+            return Err(KeyRejection::new(
+                "the route's path parameters are not ready",
+            ));
+        }
+    };
+    Ok(Some((params, matched.as_str())))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use http::request::Parts;
 use percent_encoding::percent_decode_str;
 
 use super::pattern::{Pattern, path_params};
-use super::{KeyExtractor, KeyRejection, LockKey};
+use super::{KeyExtractor, KeyRejection, LockKey, ReportOnce};
 
 /// Locks on the value of a request header, e.g. `Idempotency-Key`.
 ///
@@ -51,10 +51,7 @@ impl KeyExtractor for Header {
         match parts.headers.get(&self.name) {
             Some(value) => Ok(Some(LockKey::new(value.as_bytes()))),
             None if self.optional => Ok(None),
-            None => Err(KeyRejection::missing(format_args!(
-                "header `{}`",
-                self.name
-            ))),
+            None => Err(KeyRejection::missing_header(self.name.clone())),
         }
     }
 }
@@ -192,10 +189,16 @@ impl KeyExtractor for PathSegment {
 /// matches it. Patterns use axum 0.8's syntax: `{id}`, text before a parameter (`v{version}`),
 /// a final catch-all `{*rest}`. Values are percent-decoded to bytes, so `a%20b` and `a b` share a
 /// lock.
+///
+/// With no pattern known at all (no table, no pattern given, no axum match), or a `name` the
+/// matched route pattern does not have, no request can be keyed: that is answered **500** (a
+/// [misconfiguration](super::KeyRejectionKind::Misconfigured), logged at error level once per
+/// extractor and its clones), not 400.
 #[derive(Clone, Debug)]
 pub struct PathParam {
     name: Arc<str>,
     pattern: Option<Pattern>,
+    misconfigured: ReportOnce,
 }
 
 impl PathParam {
@@ -204,6 +207,7 @@ impl PathParam {
         Self {
             name: name.into(),
             pattern: None,
+            misconfigured: ReportOnce::default(),
         }
     }
 
@@ -225,15 +229,23 @@ impl PathParam {
         Self {
             name: name.into(),
             pattern: Some(pattern),
+            misconfigured: ReportOnce::default(),
         }
     }
 }
 
 impl KeyExtractor for PathParam {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
-        let what = format!("path parameter `{}`", self.name);
-        let params = path_params(parts, self.pattern.as_ref(), &what)?;
-        Ok(Some(LockKey::new(params.get(&self.name)?)))
+        let name = &*self.name;
+        let value = path_params(
+            parts,
+            self.pattern.as_ref(),
+            &format_args!("`PathParam` `{name}`"),
+            "`PathParam::with_pattern`",
+        )
+        .and_then(|params| params.get(name).map(LockKey::new));
+        let extractor = format_args!("PathParam({name:?})");
+        self.misconfigured.check(value, &extractor).map(Some)
     }
 }
 
@@ -323,7 +335,22 @@ mod tests {
             Some("a/b.txt".into())
         );
         assert!(key(&id, "/accounts").is_err());
-        assert!(key(&PathParam::new("id"), "/accounts/1").is_err());
+    }
+
+    #[test]
+    fn path_param_rejections_say_whose_mistake_it_is() {
+        use crate::key::KeyRejectionKind::{Misconfigured, Missing};
+        let kind = |extractor: &PathParam, uri| key(extractor, uri).unwrap_err().kind();
+        // The path is not the pattern's route: the client's.
+        let id = PathParam::with_pattern("/accounts/{id}/deposit", "id");
+        assert_eq!(kind(&id, "/accounts"), Missing);
+        // No pattern at all: no request can be keyed.
+        let detail = key(&PathParam::new("id"), "/accounts/1")
+            .unwrap_err()
+            .detail()
+            .to_owned();
+        assert_eq!(kind(&PathParam::new("id"), "/accounts/1"), Misconfigured);
+        assert!(detail.contains("`PathParam::with_pattern`"), "{detail}");
     }
 
     #[test]

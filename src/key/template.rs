@@ -6,11 +6,11 @@
 //!
 //! | placeholder | value | missing |
 //! |---|---|---|
-//! | `{path.NAME}` | path parameter `NAME` of the matched route, percent-decoded to bytes | 400 |
+//! | `{path.NAME}` | path parameter `NAME` of the matched route, percent-decoded to bytes; not UTF-8 once decoded, 400 | 400; **500** if the route has no `NAME` or no route is known |
 //! | `{header.NAME}` | first value of request header `NAME` (case-insensitive) | 400 |
 //! | `{query.NAME}` | query parameter `NAME`, decoded as `application/x-www-form-urlencoded`; given twice or not UTF-8 once decoded, 400 | 400 |
 //! | `{method}` | the HTTP method, e.g. `PUT`; `HEAD` reads `GET` (it runs the GET handler) | never |
-//! | `{matched_path}` | the route pattern, e.g. `/accounts/{id}` | 400 |
+//! | `{matched_path}` | the route pattern, e.g. `/accounts/{id}` | **500** (no route is known) |
 //!
 //! `{{` and `}}` are a literal `{` and `}`. Whitespace inside braces is not allowed.
 //!
@@ -21,6 +21,9 @@
 //! with [`KeyTemplate::with_pattern`], matched against the URI path as axum's router does.
 //! Patterns use axum 0.8's syntax: `{id}`, text before a parameter (`/files/v{version}`), a final
 //! catch-all `{*rest}`.
+//!
+//! A route that can never give the template its value is the server's mistake: see
+//! [`KeyTemplate`] (answered 500, logged once).
 //!
 //! Request material (values of placeholders) is escaped as described in
 //! [key hygiene](super#key-hygiene), so a `:` or a brace in a header value can neither forge
@@ -61,16 +64,17 @@
 //! # Ok::<(), tower_lock::key::TemplateError>(())
 //! ```
 
-use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
 use http::HeaderName;
 use http::request::Parts;
 
-use super::pattern::{Pattern, path_params, route_pattern};
+use super::error::TemplateError;
+use super::lock_key::{Piece, separators};
+use super::pattern::{ParamSource, Pattern, no_pattern, path_params, route_pattern};
 use super::sources::query_value;
-use super::{KeyExtractor, KeyRejection, LockKey, kept_plain};
+use super::{KeyExtractor, KeyRejection, LockKey, ReportOnce};
 
 const SOURCES: &str = "one of `path.NAME`, `header.NAME`, `query.NAME`, `method`, `matched_path`";
 
@@ -81,11 +85,22 @@ const SOURCES: &str = "one of `path.NAME`, `header.NAME`, `query.NAME`, `method`
 /// `{matched_path}` (the route pattern). `{{` and `}}` are literal braces; whitespace inside
 /// braces is not allowed; two placeholders need a punctuation separator between them.
 /// Placeholder values are escaped (separator characters included), literal `:` is kept, and a
-/// request without a referenced part is rejected with 400 naming that part.
+/// request without a referenced part is rejected with 400 naming that part (500 when the route
+/// can never give a `{path.NAME}` or `{matched_path}`, below).
 ///
 /// The route and its parameters are the ones the router matched (a `LockRoutes` table, or axum
 /// with the `axum` feature; right under `Router::nest` and `nest_service`), otherwise the pattern
 /// given with [`KeyTemplate::with_pattern`], matched against the URI path as axum's router does.
+///
+/// A route that can never give the template its value is the server's mistake, not the
+/// client's: no route known at all (a layer around the whole axum router, which runs before
+/// routing; the crate built without its `axum` feature under `route_layer`; no pattern given
+/// outside a router), or a `{path.NAME}` the matched route pattern does not have. Such requests
+/// are answered **500** with a detail that names the fix, before any part the request lacks is
+/// looked at, and the template logs it at error level once (per template and its clones: one
+/// layer). Where a pattern meets the template while the app is built
+/// ([`KeyTemplate::with_pattern`], [`LockPolicy::layer_for`](crate::LockPolicy::layer_for),
+/// [`LockRoutes::route`](crate::LockRoutes::route)), a missing parameter is an error then.
 ///
 /// A separator is literal text with at least one punctuation character kept as itself in the
 /// key (`:`, `-`, `/`, `.`, …; not a letter, digit, space, `%`, `#` or brace). Every separator
@@ -108,6 +123,8 @@ const SOURCES: &str = "one of `path.NAME`, `header.NAME`, `query.NAME`, `method`
 pub struct KeyTemplate {
     compiled: Arc<Compiled>,
     pattern: Option<Pattern>,
+    /// Shared by clones (the services of one layer): a misconfiguration is logged once.
+    misconfigured: ReportOnce,
 }
 
 #[derive(Debug)]
@@ -247,6 +264,7 @@ impl KeyTemplate {
                 escape,
             }),
             pattern: None,
+            misconfigured: ReportOnce::default(),
         })
     }
 
@@ -288,6 +306,8 @@ impl KeyTemplate {
             }
         }
         self.pattern = Some(compiled);
+        // Another route: its misconfiguration, if any, is another one to report.
+        self.misconfigured = ReportOnce::default();
         Ok(self)
     }
 
@@ -352,83 +372,68 @@ fn parse_source(body: &str, start: usize) -> Result<Source, (usize, String, Stri
     }
 }
 
-/// Checks that every literal between two placeholders separates them, and returns the set of
-/// separator characters that material must escape.
-///
-/// Why this makes keys injective: material never contains a separator character unescaped (nor
-/// does an escape `%XX`, whose `%` and hex digits are not separator characters), and every
-/// separating literal has at least one of them, kept plain in the key. So, reading the key from
-/// the left, the first separator character after a placeholder's value is at a fixed offset in
-/// the next separator: where each value ends is determined by the key, and percent-escaping is
-/// injective, so the values are too.
-pub(crate) fn separators(text: &str, parts: &[Piece]) -> Result<u128, TemplateError> {
-    let mut escape = 0u128;
-    for (index, part) in parts.iter().enumerate() {
-        let (Some(Piece::Value { span: before }), Some(Piece::Value { span })) = (
-            index.checked_sub(1).and_then(|i| parts.get(i)),
-            parts.get(index + 1),
-        ) else {
-            // Leading and trailing literals are fixed text: they need nothing.
-            if let (Piece::Value { span: first }, Some(Piece::Value { span })) =
-                (part, parts.get(index + 1))
-            {
-                return Err(TemplateError {
-                    template: text.into(),
-                    position: span.start,
-                    expected: "a separator such as `:` between two placeholders".into(),
-                    found: format!(
-                        "`{}` right after `{}`",
-                        &text[span.clone()],
-                        &text[first.clone()]
-                    ),
-                });
-            }
-            continue;
-        };
-        let Piece::Literal { text: literal, at } = part else {
-            // Three placeholders in a row: refused above, at the first pair.
-            continue;
-        };
-        let mut found = false;
-        for byte in literal.bytes() {
-            if (byte == b':' || kept_plain(byte)) && !byte.is_ascii_alphanumeric() {
-                escape |= 1u128 << byte;
-                found = true;
-            }
-        }
-        if !found {
-            return Err(TemplateError {
-                template: text.into(),
-                position: *at,
-                expected: "a separator with a punctuation character that is kept in the key, \
-                           such as `:`, `-` or `/` (letters, digits, spaces, `%`, `#` and \
-                           braces cannot separate two values)"
-                    .into(),
-                found: format!(
-                    "`{}` between `{}` and `{}`",
-                    &text[before.end..span.start],
-                    &text[before.clone()],
-                    &text[span.clone()]
-                ),
-            });
-        }
-    }
-    Ok(escape)
-}
-
-/// A part of a key as the separator rule sees it: fixed text, or a value (its placeholder's
-/// byte range in the template text). Templates and [`KeyBuilder`](super::KeyBuilder) both
-/// describe themselves this way, so both follow one rule.
-pub(crate) enum Piece<'a> {
-    Literal { text: &'a str, at: usize },
-    Value { span: Range<usize> },
-}
-
 impl KeyExtractor for KeyTemplate {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
+        let key = self.render(parts);
+        let template = format_args!("KeyTemplate({:?})", self.as_str());
+        self.misconfigured.check(key, &template).map(Some)
+    }
+}
+
+/// How a template tells `KeyTemplate::with_pattern`'s users to give it a pattern.
+const GIVE_PATTERN: &str = "`KeyTemplate::with_pattern` or `LockPolicy::layer_for`";
+
+impl KeyTemplate {
+    /// What the route decides, read before any request part: a misconfiguration (no route
+    /// pattern known, a `{path.NAME}` the route does not have) is the server's whatever the
+    /// request carries, so it is reported before a part the request lacks. Returns the path
+    /// parameters (when the template reads any) and the route pattern (for `{matched_path}`).
+    fn route<'a>(
+        &'a self,
+        parts: &'a Parts,
+    ) -> Result<(Option<ParamSource<'a>>, Option<&'a str>), KeyRejection> {
+        let placeholders = || {
+            self.compiled.parts.iter().filter_map(|part| match part {
+                Part::Placeholder { source, span } => Some((source, span)),
+                Part::Literal { .. } => None,
+            })
+        };
+        let mut params = None;
+        let mut pattern = None;
+        for (source, span) in placeholders() {
+            let placeholder = &self.compiled.source[span.clone()];
+            let what = format_args!("`{placeholder}` in the key template `{}`", self.as_str());
+            match source {
+                Source::Path(name) => {
+                    let params = match &mut params {
+                        Some(params) => params,
+                        None => params.insert(path_params(
+                            parts,
+                            self.pattern.as_ref(),
+                            &what,
+                            GIVE_PATTERN,
+                        )?),
+                    };
+                    if let Some(misconfigured) = params.misconfigured(name) {
+                        return Err(misconfigured);
+                    }
+                }
+                Source::MatchedPath if pattern.is_none() => {
+                    pattern = Some(
+                        route_pattern(parts, self.pattern.as_ref())
+                            .ok_or_else(|| no_pattern(&what, GIVE_PATTERN))?,
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok((params, pattern))
+    }
+
+    fn render(&self, parts: &Parts) -> Result<LockKey, KeyRejection> {
+        let (path, matched_path) = self.route(parts)?;
         let escape = self.compiled.escape;
         let mut key = LockKey::empty();
-        let mut path = None;
         for part in self.compiled.parts.iter() {
             let source = match part {
                 Part::Literal { text, .. } => {
@@ -447,19 +452,14 @@ impl KeyExtractor for KeyTemplate {
                     };
                     key.push_material_escaping(method.as_bytes(), escape)
                 }
-                Source::MatchedPath => match route_pattern(parts, self.pattern.as_ref()) {
-                    Some(pattern) => key.push_material_escaping(pattern.as_bytes(), escape),
-                    None => {
-                        return Err(KeyRejection::new(
-                            "no route pattern is known for `{matched_path}`; give one with \
-                             `KeyTemplate::with_pattern`, or add the layer with axum's \
-                             `route_layer`",
-                        ));
-                    }
-                },
+                Source::MatchedPath => {
+                    // Read by `route`, which fails when there is none.
+                    let pattern = matched_path.unwrap_or_default();
+                    key.push_material_escaping(pattern.as_bytes(), escape);
+                }
                 Source::Header(name) => match parts.headers.get(name) {
                     Some(value) => key.push_material_escaping(value.as_bytes(), escape),
-                    None => return Err(KeyRejection::missing(format_args!("header `{name}`"))),
+                    None => return Err(KeyRejection::missing_header(name.clone())),
                 },
                 Source::Query(name) => match query_value(parts, name)? {
                     Some(value) => key.push_material_escaping(&value, escape),
@@ -470,77 +470,18 @@ impl KeyExtractor for KeyTemplate {
                     }
                 },
                 Source::Path(name) => {
-                    let params = match &mut path {
-                        Some(params) => params,
-                        None => path.insert(path_params(
-                            parts,
-                            self.pattern.as_ref(),
-                            &format!("path parameter `{name}`"),
-                        )?),
+                    // Read by `route` whenever the template has a `{path.NAME}`.
+                    let value = match &path {
+                        Some(params) => params.get(name)?,
+                        None => &[],
                     };
-                    key.push_material_escaping(params.get(name)?, escape);
+                    key.push_material_escaping(value, escape);
                 }
             }
         }
-        Ok(Some(key))
+        Ok(key)
     }
 }
-
-/// A malformed key template: where it went wrong and what was expected there.
-///
-/// This is a configuration error, reported while the service is built:
-///
-/// ```
-/// use tower_lock::key::KeyTemplate;
-///
-/// let error = KeyTemplate::parse("acc:{pth.id}").unwrap_err();
-/// assert_eq!(
-///     error.to_string(),
-///     "key template `acc:{pth.id}`: at byte 4: expected one of `path.NAME`, `header.NAME`, \
-///      `query.NAME`, `method`, `matched_path`, found `pth.id`"
-/// );
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TemplateError {
-    template: Box<str>,
-    position: usize,
-    expected: String,
-    found: String,
-}
-
-impl TemplateError {
-    /// Byte offset in the template text where the error was found.
-    pub fn position(&self) -> usize {
-        self.position
-    }
-
-    /// What was expected at [`position`](Self::position), e.g. ``a valid HTTP header name``.
-    pub fn expected(&self) -> &str {
-        &self.expected
-    }
-
-    /// What was found instead, e.g. ``a lone `}` ``.
-    pub fn found(&self) -> &str {
-        &self.found
-    }
-
-    /// The template text.
-    pub fn template(&self) -> &str {
-        &self.template
-    }
-}
-
-impl fmt::Display for TemplateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "key template `{}`: at byte {}: expected {}, found {}",
-            self.template, self.position, self.expected, self.found
-        )
-    }
-}
-
-impl std::error::Error for TemplateError {}
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,7 @@
 //! Unit tests of key templates.
 use super::*;
+use crate::key::KeyRejectionKind;
+use crate::key::pattern::{PathParams, TableMatch};
 
 fn request(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
     let mut builder = http::Request::builder().method(method).uri(uri);
@@ -166,20 +168,82 @@ fn missing_path_parameter_is_rejected_naming_the_parameter() {
     );
 }
 
+fn misconfiguration(template: &KeyTemplate, parts: &Parts) -> String {
+    let rejection = template.extract(parts).expect_err("rejected");
+    assert_eq!(
+        rejection.kind(),
+        KeyRejectionKind::Misconfigured,
+        "{rejection}"
+    );
+    rejection.detail().to_owned()
+}
+
 #[test]
-fn path_and_matched_path_without_any_pattern_are_rejected() {
+fn path_and_matched_path_without_any_pattern_are_misconfigured() {
     let path = KeyTemplate::parse("{path.id}").unwrap();
-    let detail = rejection(&path, &request("GET", "/accounts/1", &[]));
+    let detail = misconfiguration(&path, &request("GET", "/accounts/1", &[]));
     assert!(
-        detail.starts_with("no route pattern is known for path parameter `id`; "),
+        detail.starts_with(
+            "no route pattern is known for `{path.id}` in the key template `{path.id}`, so no \
+             request can be keyed: "
+        ),
         "{detail}"
     );
+    // The fix is named.
+    assert!(
+        detail.contains("`LockRoutes` table") && detail.contains("`KeyTemplate::with_pattern`"),
+        "{detail}"
+    );
+    #[cfg(feature = "axum")]
+    assert!(detail.contains("`route_layer`"), "{detail}");
+    #[cfg(not(feature = "axum"))]
+    assert!(detail.contains("`axum` feature"), "{detail}");
+
     let matched = KeyTemplate::parse("{matched_path}").unwrap();
-    let detail = rejection(&matched, &request("GET", "/accounts/1", &[]));
+    let detail = misconfiguration(&matched, &request("GET", "/accounts/1", &[]));
     assert!(
-        detail.starts_with("no route pattern is known for `{matched_path}`; "),
+        detail.starts_with("no route pattern is known for `{matched_path}` in the key template "),
         "{detail}"
     );
+}
+
+#[test]
+fn a_misconfiguration_is_reported_before_a_part_the_request_lacks() {
+    let template = KeyTemplate::parse("{header.x-tenant}:{path.id}").unwrap();
+    misconfiguration(&template, &request("GET", "/accounts/1", &[]));
+    let template = KeyTemplate::parse("{query.doc}:{matched_path}").unwrap();
+    misconfiguration(&template, &request("GET", "/docs", &[]));
+}
+
+#[test]
+fn a_path_parameter_the_matched_route_lacks_is_misconfigured() {
+    // A table route (or axum's match) without `{id}`: no request to it can be keyed.
+    let template = KeyTemplate::parse("account:{path.id}").unwrap();
+    let mut parts = request("GET", "/accounts/7", &[]);
+    parts.extensions.insert(TableMatch {
+        pattern: "/accounts/{account}".into(),
+        params: PathParams::from_raw([("account", "7")].into_iter()),
+    });
+    let detail = misconfiguration(&template, &parts);
+    assert_eq!(
+        detail,
+        "the lock key reads the path parameter `id`, which the route pattern \
+         `/accounts/{account}` does not have (it has `account`), so no request to this route can \
+         be keyed: key on a parameter of the route, or add this lock layer only to routes with \
+         `{id}`"
+    );
+}
+
+#[test]
+fn a_path_that_does_not_match_the_given_pattern_is_the_clients() {
+    let template = KeyTemplate::parse("account:{path.id}")
+        .unwrap()
+        .with_pattern("/accounts/{id}")
+        .unwrap();
+    let rejection = template
+        .extract(&request("GET", "/orders/1", &[]))
+        .unwrap_err();
+    assert_eq!(rejection.kind(), KeyRejectionKind::Missing);
 }
 
 #[test]
