@@ -1,7 +1,7 @@
 //! [`Locks`]: the lock engine, for code outside HTTP (background jobs, queue consumers, CLIs),
 //! sharing its locks, settings and renewal with the layers built from it.
 //!
-//! A [`LockLayer`] takes a lock per request; a [`Locks`] engine takes one when your code asks.
+//! A [`LockLayer`](crate::LockLayer) takes a lock per request; a [`Locks`] engine takes one when your code asks.
 //! Both acquire, renew and release the same way (one random token per acquisition, the acquire
 //! timeout, the clean-up of an acquire whose outcome is unknown, the minimum validity, one
 //! renewal task, release on drop), and a key built with [`LockKey::literal`] names the lock a

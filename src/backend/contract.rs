@@ -18,7 +18,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// from a `Drop`.
 pub type BackendFuture<T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'static>>;
 
-/// A store of locks. See the [module docs](self) for the contract.
+/// A store of locks. See the [module docs](crate::backend) for the contract.
 pub trait LockBackend: Clone + Send + Sync + 'static {
     /// Tries to take `name` for `token` for `options.ttl`, bumping the fencing counter of `name`
     /// when `options.fencing` is set. One round trip on networked backends.

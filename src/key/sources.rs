@@ -270,31 +270,6 @@ impl KeyExtractor for Global {
     }
 }
 
-/// Two extractors combined: see [`KeyExtractorExt::and`](super::KeyExtractorExt::and).
-#[derive(Clone, Debug)]
-pub struct And<A, B> {
-    first: A,
-    second: B,
-}
-
-impl<A, B> And<A, B> {
-    pub(crate) fn new(first: A, second: B) -> Self {
-        Self { first, second }
-    }
-}
-
-impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for And<A, B> {
-    fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
-        let Some(first) = self.first.extract(parts)? else {
-            return Ok(None);
-        };
-        Ok(self
-            .second
-            .extract(parts)?
-            .map(|second| first.join(&second)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
