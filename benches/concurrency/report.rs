@@ -617,7 +617,7 @@ pub fn throughput_svg(redis: &RedisPathResult, machine: &Machine, quiet: bool) -
         let _ = writeln!(
             svg,
             r##"<text x="{:.1}" y="24" fill="#b00" text-anchor="end">noisy machine: to be re-run on a quiet one</text>"##,
-            left + plot_w
+            width - 10.0
         );
     }
     // Grid and axes.
@@ -716,11 +716,14 @@ pub fn throughput_svg(redis: &RedisPathResult, machine: &Machine, quiet: bool) -
             escape(c.short)
         );
     }
+    let (x, y) = (
+        left + plot_w + 20.0,
+        top + 10.0 + redis.contenders.len() as f64 * 22.0 + 8.0,
+    );
     let _ = writeln!(
         svg,
-        r##"<text x="{:.1}" y="{:.1}" fill="#555">bars: min–max over rounds</text>"##,
-        left + plot_w + 20.0,
-        top + 10.0 + redis.contenders.len() as f64 * 22.0 + 8.0
+        r##"<text x="{x:.1}" y="{y:.1}" fill="#555">bars: min–max over rounds</text><text x="{x:.1}" y="{:.1}" fill="#555">(clipped at the top)</text>"##,
+        y + 16.0
     );
     svg.push_str("</svg>\n");
     svg
