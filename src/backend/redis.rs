@@ -1,87 +1,84 @@
 //! One Redis primary, reached through one shared multiplexed connection.
 
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::{RedisError, Script, Value};
 
 use super::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
     LockBackend, LockName, LockToken, Release,
 };
 
-/// `SET NX PX`; on success bump the fencing counter (when ARGV[3] is 1), else report the holder's
-/// PTTL. One round trip. An acquire whose clean-up already ran (its tombstone KEYS[3] exists:
-/// it reached Redis after the clean-up, e.g. on a socket that broke while Redis was stalled)
-/// takes nothing; nobody waits for its answer.
+/// The lock's value: the holder's token (32 hex digits), `:`, and when its lease ends, in
+/// milliseconds of the holder's wall clock. The deadline only tells another acquirer how long to
+/// wait (`Retry-After`): ownership is decided by the token alone, and a clock that is off skews
+/// that hint, never who holds the lock.
+fn lock_value(token: LockToken, ttl: Duration) -> String {
+    let deadline = SystemTime::now()
+        .checked_add(ttl)
+        .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |since| since.as_millis());
+    format!("{}:{deadline}", token.to_hex())
+}
+
+/// How long the holder whose lock value is `value` has left, by its deadline and this clock.
+fn remaining_from_value(value: &[u8]) -> Option<Duration> {
+    let value = std::str::from_utf8(value).ok()?;
+    let (_, deadline) = value.split_once(':')?;
+    let deadline = UNIX_EPOCH.checked_add(Duration::from_millis(deadline.parse().ok()?))?;
+    Some(
+        deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The acquire when it needs more than `SET NX PX GET`: with fencing, `SET NX PX` and, on
+/// success, the fencing counter's `INCR`, atomically; on Redis before 7.0 (no `NX` with `GET`),
+/// the same without fencing. One scalar back (a table costs Redis more than the `INCR`): the
+/// fencing token (≥ 1), 0 for acquired without fencing, or `-3 - PTTL` for held (≤ -2).
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return {0, -3}
-end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == '1' then
-    return {1, redis.call('INCR', KEYS[2])}
+    return redis.call('INCR', KEYS[2])
   end
-  return {1, 0}
+  return 0
 end
-return {0, redis.call('PTTL', KEYS[1])}
+return -3 - redis.call('PTTL', KEYS[1])
 ",
     )
 });
 
-/// Compare-and-delete: 1 released, 0 already gone, -1 held by another token.
+/// Compare-and-delete by token (the value's first 32 characters): 1 released, 0 already gone,
+/// -1 held by another token.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
+if not holder then return 0 end
+if string.sub(holder, 1, 32) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
-if holder then return -1 end
-return 0
+return -1
 ",
     )
 });
 
-/// The clean-up of an acquire whose outcome is unknown: compare-and-delete (1 released, 0 gone,
-/// -1 held by another token) and, when the lock was not ours, a tombstone (KEYS[2], for ARGV[2]
-/// ms) that keeps our acquire, should it still arrive, from taking the lock.
-static RELEASE_ABANDONED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-if holder then return -1 end
-return 0
-",
-    )
-});
-
-/// How long a tombstone outlives the clean-up that wrote it: an abandoned acquire that reaches
-/// Redis later than this (Redis stalled for longer) could still take the lock for one TTL.
-fn tombstone_ttl(ttl: Duration) -> Duration {
-    ttl.saturating_mul(10).max(Duration::from_secs(60))
-}
-
-/// The tombstone of `token`'s acquire of `name`: same hash tag, so the same Cluster slot.
-fn tombstone_key(name: &LockName, token: LockToken) -> String {
-    format!("{}:abandoned:{}", name.lock_key(), token.to_hex())
-}
-
-/// Compare-and-expire: 1 extended, 0 gone or held by another token.
+/// Compare-and-expire by token: the lease runs ARGV[2] ms from now, and the value carries the
+/// new deadline (ARGV[3]). 1 extended, 0 gone or held by another token.
 static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local holder = redis.call('GET', KEYS[1])
+if holder and string.sub(holder, 1, 32) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  return 1
 end
 return 0
 ",
@@ -91,8 +88,10 @@ return 0
 /// Locks on one Redis primary.
 ///
 /// All requests share one multiplexed connection ([`ConnectionManager`]), which reconnects on its
-/// own after Redis restarts; no connection is opened per request. Acquire, release and extend are
-/// each one `EVALSHA` round trip.
+/// own after Redis restarts; no connection is opened per request. Every call is one round trip:
+/// an acquire is a plain `SET NX PX GET` without fencing (the `GET` gives a refused acquire the
+/// holder's deadline), or one `EVALSHA` that also increments the fencing counter; release and
+/// renewal are one `EVALSHA` each (compare-and-delete, compare-and-expire).
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), redis::RedisError> {
@@ -105,6 +104,8 @@ return 0
 #[derive(Clone)]
 pub struct RedisBackend {
     connection: ConnectionManager,
+    /// Set once Redis has refused `SET … NX … GET` (before 7.0): acquires go through the script.
+    scripted_acquire: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -116,7 +117,10 @@ impl std::fmt::Debug for RedisBackend {
 impl RedisBackend {
     /// A backend on an existing connection manager.
     pub fn new(connection: ConnectionManager) -> Self {
-        Self { connection }
+        Self {
+            connection,
+            scripted_acquire: Arc::default(),
+        }
     }
 
     /// A backend for `url` (`redis://host:port/db`). The connection is opened lazily, on the first
@@ -200,6 +204,17 @@ fn millis(duration: Duration) -> u64 {
         .clamp(1, i64::MAX as u64 / 2)
 }
 
+/// What the acquire script answered (see [`ACQUIRE`]).
+fn scripted_outcome(outcome: i64) -> Acquire {
+    match u64::try_from(outcome) {
+        Ok(fencing_token) => Acquire::Acquired { fencing_token },
+        // `-3 - PTTL`: PTTL -1 is a key without expiry (set by someone else).
+        Err(_) => Acquire::Held {
+            remaining: u64::try_from(-3 - outcome).ok().map(Duration::from_millis),
+        },
+    }
+}
+
 fn release_outcome(outcome: i64) -> Release {
     match outcome {
         1 => Release::Released,
@@ -225,27 +240,64 @@ impl LockBackend for RedisBackend {
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
         let mut connection = self.connection.clone();
-        let mut invocation = ACQUIRE.key(name.lock_key());
-        invocation
-            .key(name.fence_key())
-            .key(tombstone_key(name, token))
-            .arg(token.to_hex())
-            .arg(millis(options.ttl))
-            .arg(u8::from(options.fencing));
+        let value = lock_value(token, options.ttl);
+        let ttl = millis(options.ttl);
+        if options.fencing || self.scripted_acquire.load(Ordering::Relaxed) {
+            let mut invocation = ACQUIRE.key(name.lock_key());
+            invocation
+                .key(name.fence_key())
+                .arg(value)
+                .arg(ttl)
+                .arg(u8::from(options.fencing));
+            return Box::pin(async move {
+                let outcome: i64 = invocation
+                    .invoke_async(&mut connection)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(scripted_outcome(outcome))
+            });
+        }
+        let mut command = redis::cmd("SET");
+        command
+            .arg(name.lock_key())
+            .arg(&value)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl)
+            .arg("GET");
+        let scripted = self.scripted_acquire.clone();
+        let name = name.clone();
         Box::pin(async move {
-            let (acquired, value): (i64, i64) = invocation
-                .invoke_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            Ok(match acquired {
-                1 => Acquire::Acquired {
-                    fencing_token: u64::try_from(value).unwrap_or(0),
-                },
-                _ => Acquire::Held {
-                    // PTTL is -1 for a key without expiry (set by someone else).
-                    remaining: u64::try_from(value).ok().map(Duration::from_millis),
-                },
-            })
+            match command.query_async::<Value>(&mut connection).await {
+                // Nothing was there: the lock is ours.
+                Ok(Value::Nil) => Ok(Acquire::Acquired { fencing_token: 0 }),
+                Ok(Value::BulkString(holder)) => Ok(Acquire::Held {
+                    remaining: remaining_from_value(&holder),
+                }),
+                Ok(other) => Err(BackendError::new(
+                    BackendErrorKind::Protocol,
+                    format_args!("redis: unexpected reply to SET NX GET: {other:?}"),
+                )),
+                // Redis before 7.0 refuses `NX` with `GET` (a syntax error: nothing was set).
+                Err(error)
+                    if error.code() == Some("ERR")
+                        && error.to_string().contains("syntax error") =>
+                {
+                    scripted.store(true, Ordering::Relaxed);
+                    let mut invocation = ACQUIRE.key(name.lock_key());
+                    invocation
+                        .key(name.fence_key())
+                        .arg(value)
+                        .arg(ttl)
+                        .arg(0u8);
+                    let outcome: i64 = invocation
+                        .invoke_async(&mut connection)
+                        .await
+                        .map_err(unavailable)?;
+                    Ok(scripted_outcome(outcome))
+                }
+                Err(error) => Err(unavailable(error)),
+            }
         })
     }
 
@@ -262,31 +314,13 @@ impl LockBackend for RedisBackend {
         })
     }
 
-    fn release_abandoned(
-        &self,
-        name: &LockName,
-        token: LockToken,
-        ttl: Duration,
-    ) -> BackendFuture<Release> {
-        let mut connection = self.connection.clone();
-        let mut invocation = RELEASE_ABANDONED.key(name.lock_key());
-        invocation
-            .key(tombstone_key(name, token))
-            .arg(token.to_hex())
-            .arg(millis(tombstone_ttl(ttl)));
-        Box::pin(async move {
-            let outcome: i64 = invocation
-                .invoke_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            Ok(release_outcome(outcome))
-        })
-    }
-
     fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
         let mut connection = self.connection.clone();
         let mut invocation = EXTEND.key(name.lock_key());
-        invocation.arg(token.to_hex()).arg(millis(ttl));
+        invocation
+            .arg(token.to_hex())
+            .arg(millis(ttl))
+            .arg(lock_value(token, ttl));
         Box::pin(async move {
             let outcome: i64 = invocation
                 .invoke_async(&mut connection)
@@ -331,5 +365,54 @@ impl LockBackend for RedisBackend {
                 .map_err(unavailable)?;
             Ok(deleted > 0)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_acquire_scripts_scalar_is_a_token_or_the_holders_pttl() {
+        assert!(matches!(
+            scripted_outcome(7),
+            Acquire::Acquired { fencing_token: 7 }
+        ));
+        assert!(matches!(
+            scripted_outcome(0),
+            Acquire::Acquired { fencing_token: 0 }
+        ));
+        // -3 - PTTL: 1500 ms left, then no expiry (PTTL -1).
+        assert!(matches!(
+            scripted_outcome(-1503),
+            Acquire::Held { remaining: Some(d) } if d == Duration::from_millis(1500)
+        ));
+        assert!(matches!(
+            scripted_outcome(-3),
+            Acquire::Held {
+                remaining: Some(Duration::ZERO)
+            }
+        ));
+        assert!(matches!(
+            scripted_outcome(-2),
+            Acquire::Held { remaining: None }
+        ));
+    }
+
+    #[test]
+    fn a_lock_value_carries_the_token_then_the_deadline() {
+        let token = LockToken::random();
+        let value = lock_value(token, Duration::from_secs(30));
+        assert_eq!(&value[..32], token.to_hex());
+        assert_eq!(&value[32..33], ":");
+        let remaining = remaining_from_value(value.as_bytes()).unwrap();
+        assert!(remaining <= Duration::from_secs(30) && remaining > Duration::from_secs(29));
+        // Past deadlines, values of other writers, and garbage.
+        let past = format!("{}:1", token.to_hex());
+        assert_eq!(remaining_from_value(past.as_bytes()), Some(Duration::ZERO));
+        assert_eq!(remaining_from_value(token.to_hex().as_bytes()), None);
+        assert_eq!(remaining_from_value(b"x:not-a-number"), None);
+        assert_eq!(remaining_from_value(b"x:99999999999999999999999"), None);
+        assert_eq!(remaining_from_value(&[0xff, b':', b'1']), None);
     }
 }

@@ -155,7 +155,7 @@ impl RedisServer {
             .expect("connect to test redis")
     }
 
-    /// Lock keys (not fencing counters or abandoned-acquire tombstones) currently stored under
+    /// Lock keys (not fencing counters) currently stored under
     /// `namespace`.
     pub async fn lock_keys(&self, namespace: &str) -> Vec<String> {
         let mut connection = self.connection().await;
@@ -165,7 +165,7 @@ impl RedisServer {
             .await
             .expect("KEYS");
         keys.into_iter()
-            .filter(|k| !k.ends_with(":fence") && !k.contains("}:abandoned:"))
+            .filter(|k| !k.ends_with(":fence"))
             .collect()
     }
 

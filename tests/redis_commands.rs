@@ -1,0 +1,160 @@
+//! What the Redis backend sends, counted at the server: an uncontended request is two client
+//! commands (acquire, release) and a refused one is one, with fencing on and off; without
+//! fencing the acquire is a plain `SET NX PX GET`, whose refusal still tells the holder's
+//! remaining lease, renewals included.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Fixture, NS, Redis, RedisServer, request, send};
+use http::{Request, Response, StatusCode, header};
+use tokio::sync::Notify;
+use tower::ServiceBuilder;
+use tower_lock::key::Header;
+use tower_lock::{LockLayer, RedisBackend};
+
+/// The calls of each command so far (`cmdstat_*`); a script's own calls count under their names.
+async fn command_stats(server: &RedisServer) -> HashMap<String, u64> {
+    let mut connection = server.connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// How many calls of each command were made between two readings (the `INFO` itself left out).
+fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> HashMap<String, u64> {
+    after
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info")
+        .filter_map(|(name, calls)| {
+            let change = calls - before.get(name).copied().unwrap_or(0);
+            (change > 0).then(|| (name.clone(), change))
+        })
+        .collect()
+}
+
+fn counts(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
+    pairs.iter().map(|(n, c)| ((*n).to_owned(), *c)).collect()
+}
+
+/// A service holding its lock until `gate` is notified (when the request has `x-hold`).
+fn service(
+    backend: RedisBackend,
+    fencing: bool,
+    gate: Arc<Notify>,
+) -> impl tower::Service<
+    Request<String>,
+    Response = Response<tower_lock::LockBody<String>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let layer = LockLayer::new(backend, Header::new("x-key"))
+        .namespace(NS)
+        .fencing(fencing)
+        .ttl(Duration::from_secs(3))
+        .renew_every(Duration::from_millis(500));
+    ServiceBuilder::new()
+        .layer(layer)
+        .service(tower::service_fn(move |req: Request<String>| {
+            let gate = gate.clone();
+            async move {
+                if req.headers().contains_key("x-hold") {
+                    gate.notified().await;
+                }
+                Ok::<_, Infallible>(Response::new(String::new()))
+            }
+        }))
+}
+
+async fn commands_per_request(fencing: bool) {
+    let fixture = Redis::start().await;
+    let gate = Arc::new(Notify::new());
+    let service = service(fixture.backend.clone(), fencing, gate.clone());
+    // Load the scripts first, so that every call below is an EVALSHA.
+    assert_eq!(
+        send(&service, request("warm")).await.status(),
+        StatusCode::OK
+    );
+
+    let before = command_stats(&fixture.server).await;
+    assert_eq!(send(&service, request("a")).await.status(), StatusCode::OK);
+    let uncontended = delta(&before, &command_stats(&fixture.server).await);
+
+    let holder = tokio::spawn(send(&service, request("b").header("x-hold", "1")));
+    assert!(common::eventually(Duration::from_secs(5), async || fixture.held().await == 1).await);
+    let before = command_stats(&fixture.server).await;
+    let refused = send(&service, request("b")).await;
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    let conflict = delta(&before, &command_stats(&fixture.server).await);
+    gate.notify_one();
+    holder.await.unwrap();
+
+    if fencing {
+        // Two scripts: acquire (SET NX PX, INCR) and release (GET, DEL); the 409 is one script
+        // (SET refused, PTTL).
+        let expected = counts(&[
+            ("evalsha", 2),
+            ("set", 1),
+            ("incr", 1),
+            ("get", 1),
+            ("del", 1),
+        ]);
+        assert_eq!(uncontended, expected, "uncontended, fencing on");
+        assert_eq!(conflict, counts(&[("evalsha", 1), ("set", 1), ("pttl", 1)]));
+    } else {
+        // A plain SET, then the release script (GET, DEL inside it); the 409 is one SET.
+        let expected = counts(&[("set", 1), ("evalsha", 1), ("get", 1), ("del", 1)]);
+        assert_eq!(uncontended, expected, "uncontended, fencing off");
+        assert_eq!(conflict, counts(&[("set", 1)]), "refused, fencing off");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fencing_a_request_is_two_scripts_and_a_conflict_one() {
+    commands_per_request(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_fencing_the_acquire_is_a_plain_set_and_a_conflict_one_set() {
+    commands_per_request(false).await;
+}
+
+/// A refused plain `SET NX PX GET` reads the holder's deadline from the lock's value; renewals
+/// move that deadline, so `Retry-After` stays the holder's real remaining lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_fencing_retry_after_follows_the_holders_renewed_lease() {
+    let fixture = Redis::start().await;
+    let gate = Arc::new(Notify::new());
+    let service = service(fixture.backend.clone(), false, gate.clone());
+    let holder = tokio::spawn(send(&service, request("k").header("x-hold", "1")));
+    assert!(common::eventually(Duration::from_secs(5), async || fixture.held().await == 1).await);
+    // Past the first TTL's end: only renewals keep the lock (TTL 3 s, renewed every 500 ms).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let refused = send(&service, request("k")).await;
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    let retry_after: u64 = refused.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (2..=3).contains(&retry_after),
+        "Retry-After {retry_after} s, the renewed lease has 2.5–3 s left"
+    );
+    gate.notify_one();
+    holder.await.unwrap();
+}
