@@ -31,6 +31,9 @@ impl<B: LockBackend> Core<B> {
     ) -> Attempt<B> {
         let token = LockToken::random();
         let settings = &self.settings;
+        // Before the call: a backend may take the lock inside it (MemoryBackend does), and the
+        // lease's validity must not count from later than the store's.
+        let started = Instant::now();
         let acquire = tokio::time::timeout(
             settings.acquire_timeout(),
             self.backend.acquire(
@@ -41,7 +44,7 @@ impl<B: LockBackend> Core<B> {
         );
         Attempt {
             acquire,
-            started: Instant::now(),
+            started,
             key: Some(key),
             // Deletes what the acquire may have taken if it fails, times out, or the attempt is
             // dropped before its outcome is known.
