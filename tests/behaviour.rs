@@ -17,7 +17,7 @@ use tower_lock::backend::{Acquire, AcquireOptions, LockToken};
 use tower_lock::key::{Header, LockKey};
 use tower_lock::{LockBackend, LockBody, LockLayer};
 
-use common::{Fixture, Memory, NS, Redis, body_json, eventually, layer, request, send, until_held};
+use common::{Fixture, NS, Redis, body_json, eventually, layer, request, send, until_held};
 
 type Svc = BoxCloneService<Request<String>, Response<LockBody<String>>, std::io::Error>;
 

@@ -22,7 +22,7 @@ use tower_lock::backend::{
 use tower_lock::key::{Header, KeyExtractor, KeyTemplate, LockKey};
 use tower_lock::{LockBackend, LockPolicy, LockRoutes, Locks, TryLockError};
 
-use common::{Fixture, Memory, NS, Redis, eventually, until_held};
+use common::{Fixture, NS, eventually, until_held};
 
 fn engine<F: Fixture>(fixture: &F) -> Locks<F::Backend> {
     Locks::new(fixture.backend()).namespace(NS)

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_lock::{LockLease, LockPolicy};
 
-use common::{Fixture, Memory, NS, Redis, until_held};
+use common::{Fixture, Memory, NS, until_held};
 
 /// Answers with the lock it runs under (or `unlocked`) and, after `|`, the `doc` query
 /// parameter as axum's `Query` reads it; with an `x-gate` header it first waits for `gate`.

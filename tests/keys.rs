@@ -20,7 +20,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_lock::key::{Header, KeyExtractor, KeyTemplate, LockKey, PathParam, Query};
 use tower_lock::{LockLayer, LockLease, LockPolicy, LockRoutes, MemoryBackend};
 
-use common::{Fixture, Memory, NS, Redis, until_held};
+use common::{Fixture, NS, until_held};
 
 /// An axum handler answering with the name of the lock it runs under (or `unlocked`); with an
 /// `x-gate` header it first waits for `gate`.

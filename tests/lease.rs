@@ -21,8 +21,7 @@ use tower_lock::key::{Header, LockKey};
 use tower_lock::{LeaseLostPolicy, LockBackend, LockBody, LockLayer, LockLease};
 
 use common::{
-    Fixture, Memory, NS, Redis, RedisServer, body_json, eventually, layer, request, send,
-    until_held,
+    Fixture, NS, Redis, RedisServer, body_json, eventually, layer, request, send, until_held,
 };
 
 type Svc = BoxCloneSyncService<Request<String>, Response<LockBody<String>>, Infallible>;

@@ -18,7 +18,7 @@ use tower_lock::idempotency::{self, IdempotencyKey};
 use tower_lock::key::Header;
 use tower_lock::{LockLease, LockPolicy, LockRoutes, RouteError};
 
-use common::{Fixture, Memory, NS, Redis, until_held};
+use common::{Fixture, NS, until_held};
 
 /// Holds gated requests until opened; stays open after that.
 #[derive(Clone)]

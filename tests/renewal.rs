@@ -22,7 +22,7 @@ use tower_lock::backend::{
 use tower_lock::key::Header;
 use tower_lock::{LockBackend, LockBody, LockLayer, LockLease, LockPolicy, LockRoutes};
 
-use common::{Fixture, Memory, NS, Redis, body_json, eventually, request, send, until_held};
+use common::{Fixture, NS, body_json, eventually, request, send, until_held};
 
 type Svc = BoxCloneSyncService<Request<String>, Response<LockBody<String>>, Infallible>;
 

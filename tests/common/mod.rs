@@ -377,14 +377,14 @@ pub async fn until_held<F: Fixture>(fixture: &F, n: usize) {
 /// Runs each behaviour once per backend: `suite!(test_a, test_b)` makes the tests
 /// `redis_backend::test_a` and `memory_backend::test_a` (on a two-worker runtime), calling the
 /// including file's `async fn test_a<F: Fixture>()` as `test_a::<Redis>()` and
-/// `test_a::<Memory>()` (the including file imports `Redis` and `Memory`).
+/// `test_a::<Memory>()`.
 macro_rules! suite {
     ($($test:ident),* $(,)?) => {
         mod redis_backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test::<super::Redis>().await;
+                    super::$test::<crate::common::Redis>().await;
                 }
             )*
         }
@@ -392,7 +392,7 @@ macro_rules! suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test::<super::Memory>().await;
+                    super::$test::<crate::common::Memory>().await;
                 }
             )*
         }
