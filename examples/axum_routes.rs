@@ -22,8 +22,10 @@
 //! the `LockLease` / `FencingToken` handler extractors. Without `REDIS_URL` the locks live in
 //! process (`MemoryBackend`).
 
+#[path = "support/driver.rs"]
+mod driver;
+
 use std::convert::Infallible;
-use std::error::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +41,7 @@ use tokio::sync::Notify;
 use tower_lock::extract::FencingToken;
 use tower_lock::{LockBackend, LockLease, LockPolicy, MemoryBackend, RedisBackend};
 
-type BoxError = Box<dyn Error + Send + Sync>;
+use driver::{BoxError, send, show};
 
 /// Lets the driver below know that a handler is running (and holding its lock), so the
 /// concurrent request is sent at the right moment instead of after a guessed sleep.
@@ -52,15 +54,6 @@ struct Hold {
     hold_ms: Option<u64>,
 }
 
-impl Hold {
-    async fn apply(&self, started: &Started) {
-        if let Some(ms) = self.hold_ms {
-            started.0.notify_one();
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
-    }
-}
-
 /// Locked on `account:{id}`. The extractors are only available on a locked route: on a route
 /// without a lock layer they answer 500 (use `Option<LockLease>` where the lock is optional).
 async fn deposit(
@@ -70,7 +63,7 @@ async fn deposit(
     lease: LockLease,
     FencingToken(token): FencingToken,
 ) -> String {
-    hold.apply(&started).await;
+    driver::hold(&started.0, hold.hold_ms).await;
     // A real handler passes `token` to the store it writes to, which refuses smaller tokens, and
     // checks `lease.is_lost()` (or selects on `lease.lost()`) before committing.
     format!(
@@ -86,7 +79,7 @@ async fn put_document(
     Query(hold): Query<Hold>,
     lease: LockLease,
 ) -> String {
-    hold.apply(&started).await;
+    driver::hold(&started.0, hold.hold_ms).await;
     format!("saved document {doc} under lock `{}`", lease.key().as_str())
 }
 
@@ -140,50 +133,35 @@ fn app<B: LockBackend>(backend: B, started: Started) -> Result<Router, BoxError>
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("backend: Redis at {url}");
-            run(RedisBackend::from_url(&url)?).await
-        }
-        Err(_) => {
-            println!("backend: in process (set REDIS_URL to use Redis)");
-            run(MemoryBackend::new()).await
-        }
-    }
+    driver::run_on_backend_from_env(run::<RedisBackend>, run::<MemoryBackend>).await
 }
 
 async fn run<B: LockBackend>(backend: B) -> Result<(), BoxError> {
     let started = Started::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let router = app(backend, started.clone())?;
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let base = driver::serve(app(backend, started.clone())?).await?;
     let client = reqwest::Client::new();
 
     println!("\n== POST /accounts/{{id}}/deposit, locked on account:{{path.id}} ==");
     let deposit = format!("{base}/accounts/42/deposit");
-    show("deposit", client.post(&deposit).send().await?).await?;
+    send("deposit", client.post(&deposit)).await?;
 
     let holder = tokio::spawn(client.post(format!("{deposit}?hold_ms=1000")).send());
     started.0.notified().await;
-    show(
+    send(
         "deposit while another deposit holds account 42",
-        client.post(&deposit).send().await?,
+        client.post(&deposit),
     )
     .await?;
-    show(
+    send(
         "deposit into account 43 meanwhile",
-        client
-            .post(format!("{base}/accounts/43/deposit"))
-            .send()
-            .await?,
+        client.post(format!("{base}/accounts/43/deposit")),
     )
     .await?;
     show("the held deposit, finished", holder.await??).await?;
 
     println!("\n== PUT /documents/{{doc}}, locked on {{header.x-tenant-id}}:doc:{{path.doc}} ==");
     let readme = format!("{base}/documents/readme");
-    show("PUT without x-tenant-id", client.put(&readme).send().await?).await?;
+    send("PUT without x-tenant-id", client.put(&readme)).await?;
     let holder = tokio::spawn(
         client
             .put(format!("{readme}?hold_ms=1000"))
@@ -191,29 +169,17 @@ async fn run<B: LockBackend>(backend: B) -> Result<(), BoxError> {
             .send(),
     );
     started.0.notified().await;
-    show(
+    send(
         "PUT by acme while acme's PUT is running (2 s lease)",
-        client
-            .put(&readme)
-            .header("x-tenant-id", "acme")
-            .send()
-            .await?,
+        client.put(&readme).header("x-tenant-id", "acme"),
     )
     .await?;
-    show(
+    send(
         "PUT by globex meanwhile",
-        client
-            .put(&readme)
-            .header("x-tenant-id", "globex")
-            .send()
-            .await?,
+        client.put(&readme).header("x-tenant-id", "globex"),
     )
     .await?;
-    show(
-        "GET meanwhile (not a locked method)",
-        client.get(&readme).send().await?,
-    )
-    .await?;
+    send("GET meanwhile (not a locked method)", client.get(&readme)).await?;
     show("acme's PUT, finished", holder.await??).await?;
 
     println!("\n== GET /reports/{{name}}, hold_through_body(true) ==");
@@ -223,32 +189,19 @@ async fn run<B: LockBackend>(backend: B) -> Result<(), BoxError> {
         "first GET: {} (headers received, the handler has returned, the body is still streaming)",
         streaming.status()
     );
-    show(
+    send(
         "second GET while the first body streams",
-        client.get(&nightly).send().await?,
+        client.get(&nightly),
     )
     .await?;
     show("first GET, body read to the end", streaming).await?;
     // The lock is released as the body ends; that release is not awaited before the last bytes
     // reach the client, so give it a moment before asking again.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    show(
+    send(
         "third GET, after the first body ended",
-        client.get(&nightly).send().await?,
+        client.get(&nightly),
     )
     .await?;
-    Ok(())
-}
-
-/// Prints status, `Retry-After` (when present) and body.
-async fn show(label: &str, response: reqwest::Response) -> Result<(), BoxError> {
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(http::header::RETRY_AFTER)
-        .map(|value| format!(", Retry-After: {}", value.to_str().unwrap_or("?")))
-        .unwrap_or_default();
-    let body = response.text().await?;
-    println!("{label}:\n    {status}{retry_after}\n    {body}");
     Ok(())
 }

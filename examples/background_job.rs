@@ -11,7 +11,9 @@
 //! It runs to completion on its own in well under a second, and exits non-zero if the route and
 //! the job ever hold the account at once.
 
-use std::error::Error;
+#[path = "support/driver.rs"]
+mod driver;
+
 use std::time::Duration;
 
 use axum::Router;
@@ -23,26 +25,19 @@ use tower_lock::backend::Inspect;
 use tower_lock::key::LockKey;
 use tower_lock::{LockBackend, LockPolicy, Locks, MemoryBackend, RedisBackend, TryLockError};
 
+use driver::BoxError;
+
 /// How long a deposit holds the account.
 const DEPOSIT_TAKES: Duration = Duration::from_millis(300);
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn Error>> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("locks in Redis at {url}");
-            run(Locks::new(RedisBackend::connect(&url).await?)).await
-        }
-        Err(_) => {
-            println!("locks in process (set REDIS_URL to use Redis)");
-            run(Locks::new(MemoryBackend::new())).await
-        }
-    }
+async fn main() -> Result<(), BoxError> {
+    driver::run_on_backend_from_env(run::<RedisBackend>, run::<MemoryBackend>).await
 }
 
-async fn run<B: LockBackend>(locks: Locks<B>) -> Result<(), Box<dyn Error>> {
+async fn run<B: LockBackend>(backend: B) -> Result<(), BoxError> {
     // One engine: namespace, lease and renewal shared by the route and the job.
-    let locks = locks
+    let locks = Locks::new(backend)
         .namespace("background-job-example:")
         .ttl(Duration::from_secs(5));
 
@@ -122,6 +117,6 @@ async fn run<B: LockBackend>(locks: Locks<B>) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-fn check(condition: bool, what: &str) -> Result<(), Box<dyn Error>> {
+fn check(condition: bool, what: &str) -> Result<(), BoxError> {
     if condition { Ok(()) } else { Err(what.into()) }
 }

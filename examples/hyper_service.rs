@@ -20,10 +20,11 @@
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example hyper_service
 //! ```
 
+#[path = "support/driver.rs"]
+mod driver;
+
 use std::convert::Infallible;
-use std::error::Error;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -36,20 +37,11 @@ use tokio::sync::Notify;
 use tower::ServiceBuilder;
 use tower_lock::{LockBackend, LockLease, LockPolicy, LockRoutes, MemoryBackend, RedisBackend};
 
-type BoxError = Box<dyn Error + Send + Sync>;
+use driver::{BoxError, send, show};
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("backend: Redis at {url}");
-            run(RedisBackend::from_url(&url)?).await
-        }
-        Err(_) => {
-            println!("backend: in process (set REDIS_URL to use Redis)");
-            run(MemoryBackend::new()).await
-        }
-    }
+    driver::run_on_backend_from_env(run::<RedisBackend>, run::<MemoryBackend>).await
 }
 
 /// The application: it does not know about locks, except that it may look at its lease.
@@ -60,14 +52,7 @@ async fn handle(
     req: Request<Incoming>,
     started: Arc<Notify>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let hold_ms = req
-        .headers()
-        .get("x-hold-ms")
-        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
-    if let Some(ms) = hold_ms {
-        started.notify_one();
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+    driver::hold(&started, driver::hold_ms(req.headers())).await;
     let lock = match req.extensions().get::<LockLease>() {
         Some(lease) => format!(
             "locked on `{}`, fencing token {}",
@@ -117,52 +102,36 @@ async fn run<B: LockBackend>(backend: B) -> Result<(), BoxError> {
     let client = reqwest::Client::new();
     let job = format!("{base}/jobs/7");
 
-    show("PUT /jobs/7", client.put(&job).send().await?).await?;
+    send("PUT /jobs/7", client.put(&job)).await?;
 
     let holder = tokio::spawn(client.put(&job).header("x-hold-ms", "1000").send());
     started.notified().await;
-    show(
+    send(
         "PUT /jobs/7 while another PUT /jobs/7 runs",
-        client.put(&job).send().await?,
+        client.put(&job),
     )
     .await?;
-    show(
+    send(
         "PUT /jobs/8 meanwhile",
-        client.put(format!("{base}/jobs/8")).send().await?,
+        client.put(format!("{base}/jobs/8")),
     )
     .await?;
-    show(
+    send(
         "GET /jobs/7 meanwhile (the policy locks PUT only)",
-        client.get(&job).send().await?,
+        client.get(&job),
     )
     .await?;
-    show(
+    send(
         "GET /health (no route matches: passes through)",
-        client.get(format!("{base}/health")).send().await?,
+        client.get(format!("{base}/health")),
     )
     .await?;
     show("the held PUT /jobs/7, finished", holder.await??).await?;
 
-    show(
+    send(
         "POST /reports/nightly (every method of this route is locked)",
-        client
-            .post(format!("{base}/reports/nightly"))
-            .send()
-            .await?,
+        client.post(format!("{base}/reports/nightly")),
     )
     .await?;
-    Ok(())
-}
-
-/// Prints status, `Retry-After` (when present) and body.
-async fn show(label: &str, response: reqwest::Response) -> Result<(), BoxError> {
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(http::header::RETRY_AFTER)
-        .map(|value| format!(", Retry-After: {}", value.to_str().unwrap_or("?")))
-        .unwrap_or_default();
-    let body = response.text().await?;
-    println!("{label}:\n    {status}{retry_after}\n    {body}");
     Ok(())
 }

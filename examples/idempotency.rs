@@ -24,10 +24,11 @@
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example idempotency
 //! ```
 
-use std::error::Error;
+#[path = "support/driver.rs"]
+mod driver;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -38,7 +39,7 @@ use tower_lock::idempotency::{self, IdempotencyKey};
 use tower_lock::key::Header;
 use tower_lock::{LockBackend, MemoryBackend, RedisBackend};
 
-type BoxError = Box<dyn Error + Send + Sync>;
+use driver::{BoxError, send, show};
 
 #[derive(Clone, Default)]
 struct AppState {
@@ -48,13 +49,7 @@ struct AppState {
 }
 
 async fn create_order(State(state): State<AppState>, headers: HeaderMap) -> String {
-    if let Some(ms) = headers
-        .get("x-hold-ms")
-        .and_then(|value| value.to_str().ok()?.parse().ok())
-    {
-        state.started.notify_one();
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
+    driver::hold(&state.started, driver::hold_ms(&headers)).await;
     // The layer guarantees both headers are present here.
     let user = headers["x-user"].to_str().unwrap_or("?");
     let key = headers["idempotency-key"].to_str().unwrap_or("?");
@@ -86,24 +81,13 @@ fn app<B: LockBackend>(backend: B, state: AppState) -> Router {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("backend: Redis at {url}");
-            run(RedisBackend::from_url(&url)?).await
-        }
-        Err(_) => {
-            println!("backend: in process (set REDIS_URL to use Redis)");
-            run(MemoryBackend::new()).await
-        }
-    }
+    driver::run_on_backend_from_env(run::<RedisBackend>, run::<MemoryBackend>).await
 }
 
 async fn run<B: LockBackend>(backend: B) -> Result<(), BoxError> {
     let state = AppState::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let orders = format!("http://{}/orders", listener.local_addr()?);
-    let router = app(backend, state.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let base = driver::serve(app(backend, state.clone())).await?;
+    let orders = format!("{base}/orders");
 
     let client = reqwest::Client::new();
     // Idempotency-Key values are Structured Field strings, hence the quotes.
@@ -118,16 +102,8 @@ async fn run<B: LockBackend>(backend: B) -> Result<(), BoxError> {
         request
     };
 
-    show(
-        "POST without x-user",
-        post(None, Some("\"8e03978e\"")).send().await?,
-    )
-    .await?;
-    show(
-        "POST without Idempotency-Key",
-        post(Some("alice"), None).send().await?,
-    )
-    .await?;
+    send("POST without x-user", post(None, Some("\"8e03978e\""))).await?;
+    send("POST without Idempotency-Key", post(Some("alice"), None)).await?;
 
     let first = tokio::spawn(
         post(Some("alice"), Some("\"8e03978e\""))
@@ -135,38 +111,22 @@ async fn run<B: LockBackend>(backend: B) -> Result<(), BoxError> {
             .send(),
     );
     state.started.notified().await;
-    show(
+    send(
         "alice retries the same key while her first POST is processed",
-        post(Some("alice"), Some("\"8e03978e\"")).send().await?,
+        post(Some("alice"), Some("\"8e03978e\"")),
     )
     .await?;
-    show(
+    send(
         "bob uses the same key meanwhile",
-        post(Some("bob"), Some("\"8e03978e\"")).send().await?,
+        post(Some("bob"), Some("\"8e03978e\"")),
     )
     .await?;
-    show("GET /orders meanwhile", client.get(&orders).send().await?).await?;
+    send("GET /orders meanwhile", client.get(&orders)).await?;
     show("alice's first POST, finished", first.await??).await?;
-    show(
+    send(
         "alice retries the same key after it completed (no replay: a second order)",
-        post(Some("alice"), Some("\"8e03978e\"")).send().await?,
+        post(Some("alice"), Some("\"8e03978e\"")),
     )
     .await?;
-    Ok(())
-}
-
-/// Prints status, `Content-Type`, `Retry-After` (when present) and body.
-async fn show(label: &str, response: reqwest::Response) -> Result<(), BoxError> {
-    let status = response.status();
-    let header = |name: http::HeaderName| {
-        response
-            .headers()
-            .get(&name)
-            .map(|value| format!(", {name}: {}", value.to_str().unwrap_or("?")))
-            .unwrap_or_default()
-    };
-    let headers = header(http::header::CONTENT_TYPE) + &header(http::header::RETRY_AFTER);
-    let body = response.text().await?;
-    println!("{label}:\n    {status}{headers}\n    {body}");
     Ok(())
 }

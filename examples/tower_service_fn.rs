@@ -17,34 +17,31 @@
 //! No feature is needed. Without `REDIS_URL` the locks live in process, in a `MemoryBackend`, and
 //! the example also prints `MemoryBackend::held()`, the number of locks held.
 
-use std::error::Error;
+#[path = "support/driver.rs"]
+mod driver;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response, header};
-use http_body_util::BodyExt;
 use tokio::sync::Notify;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_lock::key::Header;
-use tower_lock::{LockBackend, LockBody, LockLayer, MemoryBackend, RedisBackend, Rejection};
+use tower_lock::{LockBackend, LockLayer, MemoryBackend, Rejection};
 
-type BoxError = Box<dyn Error + Send + Sync>;
+use driver::{BoxError, call, show_response};
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("backend: Redis at {url}");
-            run(RedisBackend::from_url(&url)?, || None).await
-        }
-        Err(_) => {
-            println!("backend: in process (set REDIS_URL to use Redis)");
-            let backend = MemoryBackend::new();
-            let memory = backend.clone();
-            run(backend, move || Some(memory.held())).await
-        }
-    }
+    // In process, the example also counts the locks held.
+    driver::run_on_backend_from_env(
+        |redis| run(redis, || None),
+        |memory: MemoryBackend| {
+            let held = memory.clone();
+            run(memory, move || Some(held.held()))
+        },
+    )
+    .await
 }
 
 /// A request for job `id` (no `x-job-id` header when `None`), quick or taking `work_ms` to run.
@@ -89,13 +86,13 @@ async fn run<B: LockBackend>(
     let run_job = tower::service_fn(move |req: Request<()>| {
         let started = job_started.clone();
         async move {
-            let mut work_ms = 0;
-            if let Some(value) = req.headers().get("x-work-ms") {
-                work_ms = value.to_str()?.parse()?;
-                started.notify_one();
-                tokio::time::sleep(Duration::from_millis(work_ms)).await;
-            }
+            let work_ms = match req.headers().get("x-work-ms") {
+                Some(value) => Some(value.to_str()?.parse()?),
+                None => None,
+            };
+            driver::hold(&started, work_ms).await;
             let id = req.headers()["x-job-id"].to_str()?;
+            let work_ms = work_ms.unwrap_or(0);
             Ok::<_, BoxError>(Response::new(format!("job {id} done after {work_ms} ms")))
         }
     });
@@ -105,31 +102,15 @@ async fn run<B: LockBackend>(
         .layer(LockLayer::new(backend.clone(), Header::new("x-job-id")))
         .service(run_job.clone());
 
-    show(
-        "job a",
-        service.clone().oneshot(job(Some("a"), None)).await?,
-    )
-    .await?;
+    call("job a", &service, job(Some("a"), None)).await?;
 
     let running = tokio::spawn(service.clone().oneshot(job(Some("a"), Some(500))));
     started.notified().await;
     println!("(job a is running; locks held: {})", held());
-    show(
-        "job a again, while it runs",
-        service.clone().oneshot(job(Some("a"), None)).await?,
-    )
-    .await?;
-    show(
-        "job b meanwhile",
-        service.clone().oneshot(job(Some("b"), None)).await?,
-    )
-    .await?;
-    show("the running job a, finished", running.await??).await?;
-    show(
-        "a job without x-job-id",
-        service.clone().oneshot(job(None, None)).await?,
-    )
-    .await?;
+    call("job a again, while it runs", &service, job(Some("a"), None)).await?;
+    call("job b meanwhile", &service, job(Some("b"), None)).await?;
+    show_response("the running job a, finished", running.await??).await?;
+    call("a job without x-job-id", &service, job(None, None)).await?;
     println!("(locks held: {})", held());
 
     println!("\n== 2. on_rejection: our own responses ==");
@@ -141,17 +122,9 @@ async fn run<B: LockBackend>(
         .service(run_job.clone());
     let running = tokio::spawn(custom.clone().oneshot(job(Some("c"), Some(500))));
     started.notified().await;
-    show(
-        "job c again, while it runs",
-        custom.clone().oneshot(job(Some("c"), None)).await?,
-    )
-    .await?;
-    show(
-        "a job without x-job-id",
-        custom.clone().oneshot(job(None, None)).await?,
-    )
-    .await?;
-    show("the running job c, finished", running.await??).await?;
+    call("job c again, while it runs", &custom, job(Some("c"), None)).await?;
+    call("a job without x-job-id", &custom, job(None, None)).await?;
+    show_response("the running job c, finished", running.await??).await?;
 
     println!("\n== 3. a timeout outside the lock drops a slow job ==");
     // The timeout is the outer layer: when it fires it drops the lock layer's response future,
@@ -179,28 +152,11 @@ async fn run<B: LockBackend>(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!("(locks held after the timeout: {})", held());
-    show(
+    call(
         "job d again, right after the timeout",
-        timed.clone().oneshot(job(Some("d"), None)).await?,
+        &timed,
+        job(Some("d"), None),
     )
     .await?;
-    Ok(())
-}
-
-/// Prints status, `Retry-After` (when present) and body.
-async fn show<Body>(label: &str, response: Response<LockBody<Body>>) -> Result<(), BoxError>
-where
-    Body: http_body::Body<Data = Bytes>,
-    Body::Error: Into<BoxError>,
-{
-    let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(header::RETRY_AFTER)
-        .map(|value| format!(", Retry-After: {}", value.to_str().unwrap_or("?")))
-        .unwrap_or_default();
-    let body = response.into_body().collect().await?;
-    let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
-    println!("{label}:\n    {status}{retry_after}\n    {body}");
     Ok(())
 }

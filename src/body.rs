@@ -70,9 +70,9 @@ pin_project! {
     /// body streams ends the body with an error, never with a clean (truncated) end.
     ///
     /// Its `Data` is the inner body's, which must be constructible from [`Bytes`] — true for
-    /// axum's `Body`, hyper's `Full<Bytes>`, `String`-free `http-body-util` bodies and most
-    /// others. Its `Error` is a `Box<dyn Error + Send + Sync>` (the inner body's error, boxed, or
-    /// the lost lease), which axum and hyper accept.
+    /// axum's `Body`, `String`, hyper's `Full<Bytes>`, the `http-body-util` bodies over `Bytes`
+    /// and most others. Its `Error` is a `Box<dyn Error + Send + Sync>` (the inner body's error,
+    /// boxed, or the lost lease), which axum and hyper accept.
     pub struct LockBody<B> {
         #[pin]
         kind: Kind<B>,

@@ -9,7 +9,7 @@ mod common;
 use std::convert::Infallible;
 use std::time::{Duration, Instant as StdInstant};
 
-use common::{Fixture, Memory, NS, Redis};
+use common::{Fixture, NS};
 use http::{Request, Response, StatusCode};
 use tower::ServiceBuilder;
 use tower_lock::backend::{

@@ -13,11 +13,13 @@ use http::{Request, Response, StatusCode, header};
 use tokio::sync::Notify;
 use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_lock::backend::{Acquire, AcquireOptions, LockToken};
 use tower_lock::key::{Header, LockKey};
 use tower_lock::{LockBackend, LockBody, LockLayer};
 
-use common::{Fixture, Memory, NS, Redis, body_json, eventually, layer, request, send, until_held};
+use common::{
+    Fixture, NS, Redis, answers, body_json, eventually, layer, request, retry_after, send,
+    start_holding, take_over, until_held,
+};
 
 type Svc = BoxCloneService<Request<String>, Response<LockBody<String>>, std::io::Error>;
 
@@ -60,15 +62,24 @@ fn service<B: LockBackend>(layer: LockLayer<Header, B>, probe: Arc<Probe>) -> Sv
     BoxCloneService::new(ServiceBuilder::new().layer(layer).service(handler))
 }
 
+/// Waits until `n` handlers run at once.
+async fn until_running(probe: &Probe, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(5), async || probe
+            .running
+            .load(Ordering::SeqCst)
+            == n)
+        .await,
+        "expected {n} handlers running, found {}",
+        probe.running.load(Ordering::SeqCst)
+    );
+}
+
 async fn contention_returns_409_with_retry_after<F: Fixture>() {
     let fixture = F::start().await;
     let probe = Arc::new(Probe::default());
     let service = service(layer(&fixture).ttl(Duration::from_secs(5)), probe.clone());
-    let holder = tokio::spawn({
-        let service = service.clone();
-        async move { send(&service, request("k").header("x-gate", "1")).await }
-    });
-    until_held(&fixture, 1).await;
+    let holder = start_holding(&fixture, &service, request("k").header("x-gate", "1")).await;
     // The lock is in the store before the holder's future has read the reply and called its
     // handler: wait for that call, so the count below is the 409's alone.
     assert!(
@@ -81,11 +92,7 @@ async fn contention_returns_409_with_retry_after<F: Fixture>() {
 
     let response = send(&service, request("k")).await;
     assert_eq!(response.status(), StatusCode::CONFLICT);
-    let retry_after: u64 = response.headers()[header::RETRY_AFTER]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&response);
     assert!((1..=5).contains(&retry_after), "Retry-After {retry_after}");
     assert_eq!(
         response.headers()[header::CONTENT_TYPE],
@@ -109,22 +116,10 @@ async fn distinct_keys_run_in_parallel<F: Fixture>() {
     let fixture = F::start().await;
     let probe = Arc::new(Probe::default());
     let service = service(layer(&fixture), probe.clone());
-    let a = tokio::spawn({
-        let service = service.clone();
-        async move { send(&service, request("a").header("x-gate", "1")).await }
-    });
-    let b = tokio::spawn({
-        let service = service.clone();
-        async move { send(&service, request("b").header("x-gate", "1")).await }
-    });
+    let a = tokio::spawn(send(&service, request("a").header("x-gate", "1")));
+    let b = tokio::spawn(send(&service, request("b").header("x-gate", "1")));
     // Both handlers are inside at once: neither key blocks the other.
-    assert!(
-        eventually(Duration::from_secs(5), async || probe
-            .running
-            .load(Ordering::SeqCst)
-            == 2)
-        .await
-    );
+    until_running(&probe, 2).await;
     assert_eq!(fixture.held().await, 2);
     probe.gate.notify_waiters();
     assert_eq!(a.await.unwrap().status(), StatusCode::OK);
@@ -161,10 +156,7 @@ async fn lock_released_after_inner_error<F: Fixture>() {
 async fn lock_released_after_panic<F: Fixture>() {
     let fixture = F::start().await;
     let service = service(layer(&fixture), Arc::default());
-    let task = tokio::spawn({
-        let service = service.clone();
-        async move { send(&service, request("k").header("x-panic", "1")).await }
-    });
+    let task = tokio::spawn(send(&service, request("k").header("x-panic", "1")));
     assert!(task.await.unwrap_err().is_panic());
     until_held(&fixture, 0).await;
     assert_eq!(send(&service, request("k")).await.status(), StatusCode::OK);
@@ -209,23 +201,10 @@ async fn release_never_deletes_a_foreign_lock<F: Fixture>() {
     let probe = Arc::new(Probe::default());
     let service = service(layer, probe.clone());
     // A holds past its TTL.
-    let a = tokio::spawn({
-        let service = service.clone();
-        async move { send(&service, request("k").header("x-gate", "1")).await }
-    });
-    until_held(&fixture, 1).await;
+    let a = start_holding(&fixture, &service, request("k").header("x-gate", "1")).await;
     until_held(&fixture, 0).await; // A's lease lapsed
     // Someone else takes the lock while A still runs.
-    let other = fixture
-        .backend()
-        .acquire(
-            &name,
-            LockToken::random(),
-            AcquireOptions::new(Duration::from_secs(30)),
-        )
-        .await
-        .unwrap();
-    assert!(matches!(other, Acquire::Acquired { .. }));
+    take_over(&fixture, &name).await;
     probe.gate.notify_one();
     assert_eq!(a.await.unwrap().status(), StatusCode::OK);
     // A's release left the other holder's lock alone.
@@ -257,21 +236,9 @@ async fn none_key_passes_through<F: Fixture>() {
     let probe = Arc::new(Probe::default());
     let layer = LockLayer::new(fixture.backend(), Header::new("x-key").optional()).namespace(NS);
     let service = service(layer, probe.clone());
-    let a = tokio::spawn({
-        let service = service.clone();
-        async move { send(&service, Request::post("/work").header("x-gate", "1")).await }
-    });
-    let b = tokio::spawn({
-        let service = service.clone();
-        async move { send(&service, Request::post("/work").header("x-gate", "1")).await }
-    });
-    assert!(
-        eventually(Duration::from_secs(5), async || probe
-            .running
-            .load(Ordering::SeqCst)
-            == 2)
-        .await
-    );
+    let a = tokio::spawn(send(&service, Request::post("/work").header("x-gate", "1")));
+    let b = tokio::spawn(send(&service, Request::post("/work").header("x-gate", "1")));
+    until_running(&probe, 2).await;
     assert_eq!(fixture.held().await, 0);
     probe.gate.notify_waiters();
     assert_eq!(a.await.unwrap().status(), StatusCode::OK);
@@ -380,11 +347,7 @@ async fn inner_concurrency_limit_loses_no_request<F: Fixture>() {
                 } else {
                     format!("k{i}")
                 };
-                service
-                    .oneshot(request(&key).body(String::new()).unwrap())
-                    .await
-                    .unwrap()
-                    .status()
+                send(&service, request(&key)).await.status()
             })
         })
         .collect();
@@ -419,13 +382,10 @@ async fn inner_concurrency_limit_loses_no_request<F: Fixture>() {
 
 async fn poll_ready_is_delegated_to_the_inner_service<F: Fixture>() {
     let fixture = F::start().await;
-    let inner = tower::service_fn(|_req: Request<String>| async {
-        Ok::<_, Infallible>(Response::new(String::new()))
-    });
     let mut service = ServiceBuilder::new()
         .layer(layer(&fixture))
         .concurrency_limit(1)
-        .service(inner);
+        .service(answers(""));
     let mut other = service.clone();
     // `service` takes the only permit; `other` is not ready until that request is done.
     std::future::poll_fn(|cx| service.poll_ready(cx))
@@ -585,10 +545,7 @@ mod redis_only {
         let fixture = Redis::start().await;
         let service = service(layer(&fixture), Arc::default());
         let tasks: Vec<_> = (0..50)
-            .map(|i| {
-                let service = service.clone();
-                tokio::spawn(async move { send(&service, request(&format!("k{i}"))).await })
-            })
+            .map(|i| tokio::spawn(send(&service, request(&format!("k{i}")))))
             .collect();
         for task in tasks {
             task.await.unwrap();

@@ -4,64 +4,20 @@
 mod common;
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use tokio::sync::Notify;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder};
 use tower_lock::extract::FencingToken;
 use tower_lock::key::Header;
-use tower_lock::{LockLease, LockPolicy, LockRoutes, MemoryBackend, RedisBackend, RouteError};
+use tower_lock::{LockLease, LockPolicy, LockRoutes, MemoryBackend, RouteError};
 
-use common::RedisServer;
-
-async fn body_json<B>(response: Response<B>) -> serde_json::Value
-where
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes).unwrap()
-}
-
-/// A handler that reports the lock key it ran under (or "unlocked"), after waiting for `gate` if
-/// the request has `x-gate`.
-fn echo_service(
-    gate: Arc<Notify>,
-) -> impl tower::Service<
-    Request<String>,
-    Response = Response<String>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-+ Send {
-    tower::service_fn(move |req: Request<String>| {
-        let gate = gate.clone();
-        async move {
-            if req.headers().contains_key("x-gate") {
-                gate.notified().await;
-            }
-            let key = req
-                .extensions()
-                .get::<LockLease>()
-                .map_or_else(|| "unlocked".to_owned(), |l| l.name().lock_key().to_owned());
-            Ok(Response::new(key))
-        }
-    })
-}
-
-async fn text<B>(response: Response<B>) -> String
-where
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8(bytes.to_vec()).unwrap()
-}
+use common::{
+    Fixture, Gate, Memory, Redis, answer, body_json, body_text, call, echo, retry_after, send,
+    while_held,
+};
 
 #[tokio::test]
 async fn route_table_first_match_wins_and_unmatched_requests_pass_through() {
@@ -81,32 +37,22 @@ async fn route_table_first_match_wins_and_unmatched_requests_pass_through() {
         .unwrap()
         .route("/reports/{*rest}", LockPolicy::template("reports").unwrap())
         .unwrap();
-    let service = ServiceBuilder::new()
-        .layer(routes)
-        .service(echo_service(Arc::default()));
-    let call = |method: Method, uri: &str| {
-        let request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(String::new())
-            .unwrap();
-        let service = service.clone();
-        async move { text(service.oneshot(request).await.unwrap()).await }
-    };
+    let service = routes.layer(echo(Gate::new()));
+    let key = async |method: Method, uri: &str| answer(&service, call(method, uri)).await.1;
     assert_eq!(
-        call(Method::POST, "/accounts/42/deposit").await,
+        key(Method::POST, "/accounts/42/deposit").await,
         "tower-lock:{deposit:42}"
     );
     assert_eq!(
-        call(Method::PUT, "/accounts/42/deposit").await,
+        key(Method::PUT, "/accounts/42/deposit").await,
         "tower-lock:{account:42:PUT}"
     );
     assert_eq!(
-        call(Method::GET, "/reports/2026/11").await,
+        key(Method::GET, "/reports/2026/11").await,
         "tower-lock:{reports}"
     );
-    assert_eq!(call(Method::GET, "/accounts/42").await, "unlocked");
-    assert_eq!(call(Method::GET, "/elsewhere").await, "unlocked");
+    assert_eq!(key(Method::GET, "/accounts/42").await, "unlocked");
+    assert_eq!(key(Method::GET, "/elsewhere").await, "unlocked");
 }
 
 #[test]
@@ -131,8 +77,9 @@ fn route_table_rejects_bad_patterns_and_templates_at_build_time() {
 
 #[tokio::test]
 async fn route_policy_settings_apply_per_route() {
-    let gate = Arc::new(Notify::new());
-    let routes = LockRoutes::new(MemoryBackend::new())
+    let fixture = Memory::start().await;
+    let gate = Gate::new();
+    let routes = LockRoutes::new(fixture.backend())
         .defaults(|layer| layer.namespace("app:"))
         .route(
             "/slow/{id}",
@@ -141,33 +88,14 @@ async fn route_policy_settings_apply_per_route() {
                 .ttl(Duration::from_secs(30)),
         )
         .unwrap();
-    let service = ServiceBuilder::new()
-        .layer(routes)
-        .service(echo_service(gate.clone()));
-    let holder = tokio::spawn(
-        service.clone().oneshot(
-            Request::post("/slow/1")
-                .header("x-gate", "1")
-                .body(String::new())
-                .unwrap(),
-        ),
-    );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let conflict = service
-        .clone()
-        .oneshot(Request::post("/slow/1").body(String::new()).unwrap())
-        .await
-        .unwrap();
+    let service = routes.layer(echo(gate.clone()));
+    let slow = || Request::post("/slow/1");
+    let (holder, conflict) = while_held(&fixture, &service, &gate, slow(), slow()).await;
     assert_eq!(conflict.status(), StatusCode::CONFLICT);
     // The route's 30 s lease, not the default 10 s.
-    let retry_after: u64 = conflict.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&conflict);
     assert!(retry_after > 10, "Retry-After {retry_after}");
-    gate.notify_one();
-    assert_eq!(text(holder.await.unwrap().unwrap()).await, "app:{slow:1}");
+    assert_eq!(body_text(holder).await, "app:{slow:1}");
 }
 
 #[tokio::test]
@@ -178,51 +106,30 @@ async fn template_missing_part_is_a_400_naming_it() {
             LockPolicy::template("{header.x-tenant-id}:{query.doc}").unwrap(),
         )
         .unwrap();
-    let service = ServiceBuilder::new()
-        .layer(routes)
-        .service(echo_service(Arc::default()));
-    let missing_header = service
-        .clone()
-        .oneshot(Request::get("/docs?doc=1").body(String::new()).unwrap())
-        .await
-        .unwrap();
+    let service = routes.layer(echo(Gate::new()));
+    let missing_header = send(&service, Request::get("/docs?doc=1")).await;
     assert_eq!(missing_header.status(), StatusCode::BAD_REQUEST);
     let problem = body_json(missing_header).await;
     assert!(
         problem["detail"].as_str().unwrap().contains("x-tenant-id"),
         "{problem}"
     );
-    let missing_query = service
-        .clone()
-        .oneshot(
-            Request::get("/docs")
-                .header("x-tenant-id", "acme")
-                .body(String::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let acme = |uri| Request::get(uri).header("x-tenant-id", "acme");
+    let missing_query = send(&service, acme("/docs")).await;
     assert_eq!(missing_query.status(), StatusCode::BAD_REQUEST);
+    let problem = body_json(missing_query).await;
     assert!(
-        body_json(missing_query).await["detail"]
-            .as_str()
-            .unwrap()
-            .contains("doc")
+        problem["detail"].as_str().unwrap().contains("doc"),
+        "{problem}"
     );
-    let ok = service
-        .oneshot(
-            Request::get("/docs?doc=a%3Ab")
-                .header("x-tenant-id", "acme")
-                .body(String::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(text(ok).await, "tower-lock:{acme:a%3Ab}");
+    assert_eq!(
+        answer(&service, acme("/docs?doc=a%3Ab")).await,
+        (StatusCode::OK, "tower-lock:{acme:a%3Ab}".to_owned())
+    );
 }
 
 /// The axum app of these tests: two routes protected declaratively with `route_layer`.
-fn axum_app(backend: MemoryBackend, gate: Arc<Notify>) -> Router {
+fn axum_app(backend: MemoryBackend, gate: Gate) -> Router {
     async fn deposit(lease: LockLease, FencingToken(token): FencingToken) -> String {
         format!("{} {token}", lease.name().lock_key())
     }
@@ -244,7 +151,7 @@ fn axum_app(backend: MemoryBackend, gate: Arc<Notify>) -> Router {
             post(move || {
                 let gate = gate.clone();
                 async move {
-                    gate.notified().await;
+                    gate.wait().await;
                     "done"
                 }
             })
@@ -255,71 +162,32 @@ fn axum_app(backend: MemoryBackend, gate: Arc<Notify>) -> Router {
 
 #[tokio::test]
 async fn axum_route_layer_with_infallible_router() {
-    let gate = Arc::new(Notify::new());
-    let app = axum_app(MemoryBackend::new(), gate.clone());
+    let fixture = Memory::start().await;
+    let gate = Gate::new();
+    let app = axum_app(fixture.backend(), gate.clone());
     // The layered router is still an `Infallible` service: no HandleErrorLayer needed.
     fn infallible<S: tower::Service<Request<axum::body::Body>, Error = Infallible>>(_: &S) {}
     infallible(&app);
-    let response = app
-        .clone()
-        .oneshot(
-            Request::post("/accounts/7/deposit")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
     // `{path.id}` read axum's matched route; the handler extracted the lease and its token.
-    assert_eq!(text(response).await, "tower-lock:{account:7} 1");
+    assert_eq!(
+        answer(&app, Request::post("/accounts/7/deposit")).await,
+        (StatusCode::OK, "tower-lock:{account:7} 1".to_owned())
+    );
 
     // route_layer: an unmatched path is a 404, never a lock rejection.
-    let not_found = app
-        .clone()
-        .oneshot(
-            Request::post("/nowhere")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let not_found = send(&app, Request::post("/nowhere")).await;
     assert_eq!(not_found.status(), StatusCode::NOT_FOUND);
 
     // The unlocked route sees no lease.
-    let open = app
-        .clone()
-        .oneshot(
-            Request::get("/open")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(text(open).await, "false");
+    assert_eq!(answer(&app, Request::get("/open")).await.1, "false");
 
     // The second route's policy: 400 without the header, 409 while held.
-    let no_user = app
-        .clone()
-        .oneshot(
-            Request::post("/slow/1")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let no_user = send(&app, Request::post("/slow/1")).await;
     assert_eq!(no_user.status(), StatusCode::BAD_REQUEST);
-    let slow = || {
-        Request::post("/slow/1")
-            .header("x-user", "ann")
-            .body(axum::body::Body::empty())
-            .unwrap()
-    };
-    let holder = tokio::spawn(app.clone().oneshot(slow()));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let conflict = app.clone().oneshot(slow()).await.unwrap();
+    let slow = || Request::post("/slow/1").header("x-user", "ann");
+    let (holder, conflict) = while_held(&fixture, &app, &gate, slow(), slow()).await;
     assert_eq!(conflict.status(), StatusCode::CONFLICT);
-    gate.notify_one();
-    assert_eq!(holder.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(holder.status(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -328,10 +196,7 @@ async fn lease_extractor_without_a_lock_is_a_500() {
         "unreachable"
     }
     let app: Router = Router::new().route("/", get(needs_lease));
-    let response = app
-        .oneshot(Request::get("/").body(axum::body::Body::empty()).unwrap())
-        .await
-        .unwrap();
+    let response = send(&app, Request::get("/")).await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }
 
@@ -340,27 +205,22 @@ mod idempotency_preset {
     use tower_lock::idempotency;
 
     async fn preset_over_http(backend: impl tower_lock::LockBackend) {
-        let gate = Arc::new(Notify::new());
+        let gate = Gate::new();
         let service = ServiceBuilder::new()
             .layer(idempotency::layer_with(
                 backend,
                 idempotency::IdempotencyKey::new().scoped_by(Header::new("x-user")),
             ))
-            .service(echo_service(gate.clone()));
+            .service(echo(gate.clone()));
         let order = |user: &str, key: Option<&str>, gated: bool| {
             let mut builder = Request::post("/orders").header("x-user", user);
             if let Some(key) = key {
                 builder = builder.header("idempotency-key", key);
             }
-            if gated {
-                builder = builder.header("x-gate", "1");
-            }
-            service
-                .clone()
-                .oneshot(builder.body(String::new()).unwrap())
+            send(&service, common::gate_if(builder, gated))
         };
 
-        let missing = order("ann", None, false).await.unwrap();
+        let missing = order("ann", None, false).await;
         assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
         assert_eq!(
             missing.headers()["content-type"],
@@ -373,7 +233,7 @@ mod idempotency_preset {
 
         let first = tokio::spawn(order("ann", Some("\"k1\""), true));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let retry = order("ann", Some("\"k1\""), false).await.unwrap();
+        let retry = order("ann", Some("\"k1\""), false).await;
         assert_eq!(retry.status(), StatusCode::CONFLICT);
         assert!(retry.headers().contains_key("retry-after"));
         assert_eq!(
@@ -381,22 +241,20 @@ mod idempotency_preset {
             "A request is outstanding for this Idempotency-Key"
         );
         // Another caller's identical key is another lock.
-        let other_user = order("bob", Some("\"k1\""), false).await.unwrap();
+        let other_user = order("bob", Some("\"k1\""), false).await;
         assert_eq!(other_user.status(), StatusCode::OK);
 
-        gate.notify_one();
-        assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+        gate.open();
+        assert_eq!(first.await.unwrap().status(), StatusCode::OK);
         // Done: the same key may be sent again (replay is the handler's business).
-        let again = order("ann", Some("\"k1\""), false).await.unwrap();
+        let again = order("ann", Some("\"k1\""), false).await;
         assert_eq!(again.status(), StatusCode::OK);
 
         // GET is not a protected method.
-        let get = service
-            .clone()
-            .oneshot(Request::get("/orders").body(String::new()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(text(get).await, "unlocked");
+        assert_eq!(
+            answer(&service, Request::get("/orders")).await.1,
+            "unlocked"
+        );
     }
 
     #[tokio::test]
@@ -406,9 +264,9 @@ mod idempotency_preset {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idempotency_preset_on_redis_leaves_no_keys() {
-        let server = RedisServer::start();
-        preset_over_http(RedisBackend::connect(&server.url()).await.unwrap()).await;
-        let mut connection = server.connection().await;
+        let fixture = Redis::start().await;
+        preset_over_http(fixture.backend()).await;
+        let mut connection = fixture.server.connection().await;
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg("*")
             .query_async(&mut connection)
@@ -427,11 +285,10 @@ mod hyper_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hyper_server_with_a_route_table_end_to_end() {
-        let server = RedisServer::start();
-        let backend = RedisBackend::connect(&server.url()).await.unwrap();
-        let gate = Arc::new(Notify::new());
+        let fixture = Redis::start().await;
+        let gate = Gate::new();
         let opener = gate.clone();
-        let routes = LockRoutes::new(backend)
+        let routes = LockRoutes::new(fixture.backend())
             .route(
                 "/jobs/{id}",
                 LockPolicy::template("job:{path.id}")
@@ -442,9 +299,7 @@ mod hyper_only {
         let handler = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
             let gate = gate.clone();
             async move {
-                if req.headers().contains_key("x-gate") {
-                    gate.notified().await;
-                }
+                gate.pass(req.headers()).await;
                 let token = req
                     .extensions()
                     .get::<LockLease>()
@@ -480,7 +335,7 @@ mod hyper_only {
         // GET is not locked by the PUT policy.
         let get = client.get(&url).send().await.unwrap();
         assert_eq!(get.text().await.unwrap(), "0");
-        opener.notify_one();
+        opener.open();
         let held = holder.await.unwrap().unwrap();
         assert_eq!(held.status(), StatusCode::OK);
         assert_eq!(held.text().await.unwrap(), "2");

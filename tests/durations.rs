@@ -11,7 +11,7 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Fixture, Memory, NS, Redis, eventually, request, send};
+use common::{Fixture, NS, eventually, request, send};
 use http::{Request, Response, StatusCode};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};

@@ -5,24 +5,19 @@
 #[macro_use]
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::routing::post;
 use http::{HeaderMap, Method, Request, StatusCode};
 use proptest::prelude::*;
-use tokio::sync::watch;
-use tower::ServiceExt;
-use tower_lock::backend::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
-    LockName, LockToken, Release,
-};
+use tower::Layer;
+use tower_lock::backend::{BackendErrorKind, Inspect, Release};
 use tower_lock::key::{Header, KeyExtractor, KeyTemplate, LockKey};
-use tower_lock::{LockBackend, LockPolicy, LockRoutes, Locks, TryLockError};
+use tower_lock::{LockPolicy, LockRoutes, Locks, TryLockError};
 
-use common::{Fixture, Memory, NS, Redis, eventually, until_held};
+use common::backends::{Acquires, Wrapped};
+use common::{Fixture, Gate, NS, answers, eventually, gate_if, send, until_held};
 
 fn engine<F: Fixture>(fixture: &F) -> Locks<F::Backend> {
     Locks::new(fixture.backend()).namespace(NS)
@@ -32,82 +27,9 @@ fn account(id: &str) -> LockKey {
     LockKey::literal("account:").part(id).build().unwrap()
 }
 
-/// Holds gated requests until opened; stays open after that.
-#[derive(Clone)]
-struct Gate(Arc<watch::Sender<bool>>);
-
-impl Gate {
-    fn new() -> Self {
-        Self(Arc::new(watch::Sender::new(false)))
-    }
-
-    fn open(&self) {
-        self.0.send_replace(true);
-    }
-
-    async fn wait(&self) {
-        let mut open = self.0.subscribe();
-        let _ = open.wait_for(|open| *open).await;
-    }
-}
-
-/// What a wrapped backend does to acquires; everything else goes to the real backend.
-#[derive(Clone, Copy)]
-enum Acquires {
-    /// Sent to the real backend at once, answered this much later.
-    AnsweredAfter(Duration),
-    /// Never sent: an error.
-    Fail,
-}
-
-/// A real backend behind slow or failing acquires. It implements only what the trait requires
-/// (and the clean-up, which Redis needs), so `inspect` and `force_release` are the trait's
-/// defaults: a foreign backend's.
-#[derive(Clone)]
-struct Wrapped<B> {
-    inner: B,
-    acquires: Acquires,
-}
-
-impl<B: LockBackend> LockBackend for Wrapped<B> {
-    fn acquire(
-        &self,
-        name: &LockName,
-        token: LockToken,
-        options: AcquireOptions,
-    ) -> BackendFuture<Acquire> {
-        match self.acquires {
-            Acquires::AnsweredAfter(delay) => {
-                let landed = tokio::spawn(self.inner.acquire(name, token, options));
-                Box::pin(async move {
-                    let outcome = landed.await.expect("acquire task");
-                    tokio::time::sleep(delay).await;
-                    outcome
-                })
-            }
-            Acquires::Fail => Box::pin(std::future::ready(Err(BackendError::new(
-                BackendErrorKind::Unavailable,
-                "connection refused",
-            )))),
-        }
-    }
-
-    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
-        self.inner.release(name, token)
-    }
-
-    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
-        self.inner.extend(name, token, ttl)
-    }
-
-    fn release_abandoned(
-        &self,
-        name: &LockName,
-        token: LockToken,
-        ttl: Duration,
-    ) -> BackendFuture<Release> {
-        self.inner.release_abandoned(name, token, ttl)
-    }
+/// An engine on the fixture's backend whose acquires all do as `acquires` says.
+fn wrapped<F: Fixture>(fixture: &F, acquires: Acquires) -> Locks<Wrapped<F::Backend>> {
+    Locks::new(Wrapped::new(fixture.backend()).acquires(move |_| acquires.clone())).namespace(NS)
 }
 
 suite!(
@@ -137,9 +59,7 @@ async fn route_and_background_job_exclude_each_other<F: Fixture>() {
             post(move |headers: HeaderMap| {
                 let gate = handler_gate.clone();
                 async move {
-                    if headers.contains_key("x-gate") {
-                        gate.wait().await;
-                    }
+                    gate.pass(&headers).await;
                     "deposited"
                 }
             }),
@@ -151,20 +71,18 @@ async fn route_and_background_job_exclude_each_other<F: Fixture>() {
                 .layer_with(&locks),
         );
     let deposit = |id: &str, gated: bool| {
-        let mut request = Request::post(format!("/accounts/{id}/deposit"));
-        if gated {
-            request = request.header("x-gate", "1");
-        }
-        app.clone().oneshot(request.body(Body::empty()).unwrap())
+        send(
+            &app,
+            gate_if(Request::post(format!("/accounts/{id}/deposit")), gated),
+        )
     };
 
     // The job holds the account: the route is refused, another account is not.
     let job = locks.try_lock(&account("42")).await.expect("the job locks");
-    let response = deposit("42", false).await.unwrap();
-    assert_eq!(response.status(), StatusCode::CONFLICT);
-    assert_eq!(deposit("43", false).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(deposit("42", false).await.status(), StatusCode::CONFLICT);
+    assert_eq!(deposit("43", false).await.status(), StatusCode::OK);
     assert_eq!(job.release().await.unwrap(), Release::Released);
-    assert_eq!(deposit("42", false).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(deposit("42", false).await.status(), StatusCode::OK);
 
     // A request holds the account: the job is refused, and gets it once the request is done.
     let request = tokio::spawn(deposit("42", true));
@@ -183,7 +101,7 @@ async fn route_and_background_job_exclude_each_other<F: Fixture>() {
         .await
         .expect("another account");
     gate.open();
-    assert_eq!(request.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(request.await.unwrap().status(), StatusCode::OK);
     let job = locks
         .try_lock(&account("42"))
         .await
@@ -204,11 +122,7 @@ async fn try_lock_tells_held_from_a_backend_failure<F: Fixture>() {
         Err(TryLockError::Held { remaining: Some(_) })
     ));
 
-    let failing = Locks::new(Wrapped {
-        inner: fixture.backend(),
-        acquires: Acquires::Fail,
-    })
-    .namespace(NS);
+    let failing = wrapped(&fixture, Acquires::Fail);
     match failing.try_lock(&account("2")).await {
         Err(TryLockError::Backend(error)) => {
             assert_eq!(error.kind(), BackendErrorKind::Unavailable)
@@ -216,12 +130,8 @@ async fn try_lock_tells_held_from_a_backend_failure<F: Fixture>() {
         other => panic!("expected a backend error, got {other:?}"),
     }
 
-    let stalling = Locks::new(Wrapped {
-        inner: fixture.backend(),
-        acquires: Acquires::AnsweredAfter(Duration::from_secs(5)),
-    })
-    .namespace(NS)
-    .acquire_timeout(Duration::from_millis(50));
+    let stalling = wrapped(&fixture, Acquires::AnsweredAfter(Duration::from_secs(5)))
+        .acquire_timeout(Duration::from_millis(50));
     // Even on a held lock, an acquire that does not answer in time is a failure, not `Held`.
     match stalling.try_lock(&account("1")).await {
         Err(TryLockError::Backend(error)) => assert_eq!(error.kind(), BackendErrorKind::Timeout),
@@ -234,13 +144,9 @@ async fn try_lock_tells_held_from_a_backend_failure<F: Fixture>() {
 /// behind: it is cleaned up, as a layer's is, instead of blocking the key for a whole TTL.
 async fn a_timed_out_acquire_is_cleaned_up<F: Fixture>() {
     let fixture = F::start().await;
-    let stalling = Locks::new(Wrapped {
-        inner: fixture.backend(),
-        acquires: Acquires::AnsweredAfter(Duration::from_secs(2)),
-    })
-    .namespace(NS)
-    .ttl(Duration::from_secs(60))
-    .acquire_timeout(Duration::from_millis(100));
+    let stalling = wrapped(&fixture, Acquires::AnsweredAfter(Duration::from_secs(2)))
+        .ttl(Duration::from_secs(60))
+        .acquire_timeout(Duration::from_millis(100));
     assert!(matches!(
         stalling.try_lock(&account("7")).await,
         Err(TryLockError::Backend(_))
@@ -255,11 +161,10 @@ async fn a_timed_out_acquire_is_cleaned_up<F: Fixture>() {
 /// `try_lock` answers `InsufficientValidity`.
 async fn a_lock_with_too_little_validity_is_released_and_refused<F: Fixture>() {
     let fixture = F::start().await;
-    let slow = Locks::new(Wrapped {
-        inner: fixture.backend(),
-        acquires: Acquires::AnsweredAfter(Duration::from_millis(300)),
-    })
-    .namespace(NS)
+    let slow = wrapped(
+        &fixture,
+        Acquires::AnsweredAfter(Duration::from_millis(300)),
+    )
     .ttl(Duration::from_secs(1))
     .acquire_timeout(Duration::from_secs(5))
     .min_validity(Duration::from_millis(800));
@@ -369,11 +274,7 @@ async fn inspect_and_is_locked_report_the_holder<F: Fixture>() {
 /// `Unsupported`, never a made-up "free".
 async fn inspect_and_force_unlock_are_unsupported_by_default<F: Fixture>() {
     let fixture = F::start().await;
-    let foreign = Locks::new(Wrapped {
-        inner: fixture.backend(),
-        acquires: Acquires::AnsweredAfter(Duration::ZERO),
-    })
-    .namespace(NS);
+    let foreign = wrapped(&fixture, Acquires::Pass);
     let lock = foreign.try_lock(&account("1")).await.unwrap();
     let error = foreign.is_locked(&account("1")).await.unwrap_err();
     assert_eq!(error.kind(), BackendErrorKind::Unsupported);
@@ -452,25 +353,14 @@ async fn layers_built_from_the_engine_share_its_names_and_renewal_task<F: Fixtur
             LockPolicy::template("account:{path.id}").unwrap(),
         )
         .unwrap();
-    let service =
-        tower::ServiceBuilder::new()
-            .layer(routes)
-            .service_fn(|_request: Request<String>| async {
-                Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
-            });
-    let call = |id: &str| {
-        service.clone().oneshot(
-            Request::post(format!("/accounts/{id}/deposit"))
-                .body(String::new())
-                .unwrap(),
-        )
-    };
-    assert_eq!(call("1").await.unwrap().status(), StatusCode::CONFLICT);
-    assert_eq!(call("2").await.unwrap().status(), StatusCode::OK);
+    let service = routes.layer(answers(""));
+    let call = |id: &str| send(&service, Request::post(format!("/accounts/{id}/deposit")));
+    assert_eq!(call("1").await.status(), StatusCode::CONFLICT);
+    assert_eq!(call("2").await.status(), StatusCode::OK);
 
     lock.release().await.unwrap();
     assert_eq!(layer.renewal_entries().0, 0);
-    assert_eq!(call("1").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(call("1").await.status(), StatusCode::OK);
 }
 
 #[test]

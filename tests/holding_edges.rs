@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use tower::Layer;
-use tower_lock::key::Header;
-use tower_lock::{LockLayer, LockLease, MemoryBackend};
+use tower_lock::{LockLease, MemoryBackend};
 
-use common::{Fixture, Memory, NS, Redis, layer, request, send};
+use common::{
+    Fixture, Redis, answers, current_thread, in_a_row, layer, layer_on, multi_thread, request,
+    send, serve,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Item 8 (hold-through-body): "the compare-and-delete completes *before* the body reports its
@@ -34,25 +36,15 @@ fn empty_body_app<F: Fixture>(fixture: &F) -> axum::Router {
 
 async fn hold_through_body_releases_before_an_empty_or_head_response_ends<F: Fixture>() {
     let fixture = F::start().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let server = tokio::spawn(axum::serve(listener, empty_body_app(&fixture)).into_future());
-    let client = reqwest::Client::new();
+    let (base, server) = serve(empty_body_app(&fixture)).await;
     let mut met_own_lock = Vec::new();
     for (method, path) in [
-        (http::Method::POST, "empty"),
-        (http::Method::POST, "no-content"),
-        (http::Method::HEAD, "get"),
+        (Method::POST, "empty"),
+        (Method::POST, "no-content"),
+        (Method::HEAD, "get"),
     ] {
-        for i in 0..50 {
-            let response = client
-                .request(method.clone(), format!("http://{address}/{path}"))
-                .header("x-key", "same-client")
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            let _ = response.bytes().await.unwrap();
+        let answers = in_a_row(&base, method.clone(), path, 50).await;
+        for (i, (status, _)) in answers.into_iter().enumerate() {
             if status == StatusCode::CONFLICT {
                 met_own_lock.push(format!("{method} /{path} request {i}"));
             }
@@ -73,13 +65,9 @@ async fn hold_through_body_releases_before_an_empty_or_head_response_ends<F: Fix
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_ttl_does_not_panic_on_the_request_path() {
-    let backend = MemoryBackend::new();
-    let service = LockLayer::new(backend, Header::new("x-key"))
-        .namespace(NS)
+    let service = layer_on(MemoryBackend::new())
         .ttl(Duration::MAX)
-        .layer(tower::service_fn(|_: Request<String>| async {
-            Ok::<_, Infallible>(Response::new(String::from("ok")))
-        }));
+        .layer(answers("ok"));
     let call = send(&service, request("huge-ttl"));
     let outcome = tokio::spawn(call).await;
     assert!(
@@ -98,11 +86,7 @@ async fn a_huge_ttl_does_not_panic_on_the_request_path() {
 // are neither renewed nor reported lost, and a second request takes the lock beside the first.
 
 fn idle_runtime_case<F: Fixture>() {
-    let worker = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let worker = multi_thread(2);
     let fixture = worker.block_on(F::start());
     let ttl = Duration::from_millis(300);
     let held_for = Duration::from_millis(1200);
@@ -129,10 +113,7 @@ fn idle_runtime_case<F: Fixture>() {
 
     // One quick request on a current-thread runtime that is then kept, idle: the layer's renewal
     // task now lives there.
-    let idle = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let idle = current_thread();
     let first = idle.block_on(send(&service, request("warm-up")));
     assert_eq!(first.status(), StatusCode::OK);
 
@@ -154,19 +135,7 @@ fn idle_runtime_case<F: Fixture>() {
     );
 }
 
-mod idle_renewal_runtime {
-    use super::*;
-
-    #[test]
-    fn redis_backend() {
-        idle_runtime_case::<Redis>();
-    }
-
-    #[test]
-    fn memory_backend() {
-        idle_runtime_case::<Memory>();
-    }
-}
+blocking_suite!(idle_renewal_runtime => idle_runtime_case);
 
 // ---------------------------------------------------------------------------------------------
 // Item 8 again, with bodies that are not empty: hyper stops polling a body once it has written
@@ -211,21 +180,11 @@ fn streamed_body_app<F: Fixture>(fixture: &F) -> axum::Router {
 
 async fn hold_through_body_releases_before_a_sized_stream_or_trailers_end<F: Fixture>() {
     let fixture = F::start().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let server = tokio::spawn(axum::serve(listener, streamed_body_app(&fixture)).into_future());
-    let client = reqwest::Client::new();
+    let (base, server) = serve(streamed_body_app(&fixture)).await;
     let mut met_own_lock = Vec::new();
     for path in ["stream-with-length", "trailers"] {
-        for i in 0..50 {
-            let response = client
-                .post(format!("http://{address}/{path}"))
-                .header("x-key", "same-client")
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            let body = response.bytes().await.unwrap();
+        let answers = in_a_row(&base, Method::POST, path, 50).await;
+        for (i, (status, body)) in answers.into_iter().enumerate() {
             if status == StatusCode::CONFLICT {
                 met_own_lock.push(format!("/{path} request {i}"));
             } else {
@@ -254,11 +213,7 @@ suite!(
 
 fn other_runtime_shutdown_case<F: Fixture>() {
     use tower_lock::LeaseLostPolicy;
-    let worker = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let worker = multi_thread(2);
     let fixture = worker.block_on(F::start());
     let service = layer(&fixture)
         .ttl(Duration::from_millis(600))
@@ -275,11 +230,7 @@ fn other_runtime_shutdown_case<F: Fixture>() {
     let side = {
         let service = service.clone();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
+            current_thread().block_on(async {
                 let response = send(&service, request("side")).await;
                 assert_eq!(response.status(), StatusCode::OK);
                 tokio::time::sleep(Duration::from_millis(400)).await;
@@ -300,19 +251,7 @@ fn other_runtime_shutdown_case<F: Fixture>() {
     );
 }
 
-mod other_runtime_shutdown {
-    use super::*;
-
-    #[test]
-    fn redis_backend() {
-        other_runtime_shutdown_case::<Redis>();
-    }
-
-    #[test]
-    fn memory_backend() {
-        other_runtime_shutdown_case::<Memory>();
-    }
-}
+blocking_suite!(other_runtime_shutdown => other_runtime_shutdown_case);
 
 // ---------------------------------------------------------------------------------------------
 // `Renewer::watch` spawns the renewal task on the runtime captured when the response future was
@@ -322,16 +261,8 @@ mod other_runtime_shutdown {
 
 #[test]
 fn a_request_made_on_a_runtime_that_shut_down_does_not_hang() {
-    let backend = MemoryBackend::new();
-    let mut service = LockLayer::new(backend, Header::new("x-key"))
-        .namespace(NS)
-        .layer(tower::service_fn(|_: Request<String>| async {
-            Ok::<_, Infallible>(Response::new(String::from("ok")))
-        }));
-    let gone = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut service = layer_on(MemoryBackend::new()).layer(answers("ok"));
+    let gone = current_thread();
     let future = {
         let _entered = gone.enter();
         tower::Service::call(&mut service, request("k").body(String::new()).unwrap())
@@ -339,11 +270,7 @@ fn a_request_made_on_a_runtime_that_shut_down_does_not_hang() {
     drop(gone);
     let (done, outcome) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let status = runtime.block_on(future).map(|r| r.status());
+        let status = current_thread().block_on(future).map(|r| r.status());
         let _ = done.send(status);
     });
     let outcome = outcome.recv_timeout(Duration::from_secs(5));
@@ -365,8 +292,7 @@ async fn a_ttl_over_a_year_on_the_memory_backend_is_signalled_when_the_lock_expi
     let lost_seen = Arc::new(AtomicBool::new(false));
     let service = {
         let lost_seen = lost_seen.clone();
-        LockLayer::new(MemoryBackend::new(), Header::new("x-key"))
-            .namespace(NS)
+        layer_on(MemoryBackend::new())
             .ttl(DAY * 730)
             .no_renewal()
             .layer(tower::service_fn(move |req: Request<String>| {
@@ -478,8 +404,7 @@ fn is_lost_is_true_once_validity_has_run_out_even_before_the_renewal_task_runs()
     let backend = MemoryBackend::new();
     let ttl = Duration::from_millis(300);
     let (seen, lost_after_pause) = std::sync::mpsc::channel();
-    let holder = LockLayer::new(backend.clone(), Header::new("x-key"))
-        .namespace(NS)
+    let holder = layer_on(backend.clone())
         .ttl(ttl)
         .no_renewal()
         .layer(tower::service_fn(move |req: Request<String>| {
@@ -493,25 +418,14 @@ fn is_lost_is_true_once_validity_has_run_out_even_before_the_renewal_task_runs()
             }
         }));
     // Another instance of the service (its own layer and runtime), same store.
-    let other = LockLayer::new(backend, Header::new("x-key"))
-        .namespace(NS)
-        .ttl(ttl)
-        .layer(tower::service_fn(|_: Request<String>| async {
-            Ok::<_, Infallible>(Response::new(String::from("ok")))
-        }));
+    let other = layer_on(backend).ttl(ttl).layer(answers("ok"));
     let paused = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        current_thread()
             .block_on(send(&holder, request("k")))
             .status()
     });
     std::thread::sleep(Duration::from_millis(450));
-    let second = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    let second = current_thread()
         .block_on(send(&other, request("k")))
         .status();
     let lost = lost_after_pause.recv().unwrap();

@@ -7,76 +7,34 @@
 mod common;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Query as AxumQuery;
 use axum::routing::{MethodRouter, get, post};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use tokio::sync::Notify;
+use http::{HeaderMap, Method, Request, StatusCode};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_lock::{LockLease, LockPolicy};
 
-use common::{Fixture, Memory, NS, Redis, until_held};
+use common::{
+    Fixture, Gate, Memory, NS, answer, call, key_or_unlocked, status_and_text, until_held,
+    while_held,
+};
 
 /// Answers with the lock it runs under (or `unlocked`) and, after `|`, the `doc` query
 /// parameter as axum's `Query` reads it; with an `x-gate` header it first waits for `gate`.
-fn handler(gate: Arc<Notify>) -> MethodRouter {
+fn handler(gate: Gate) -> MethodRouter {
     post(
         move |lease: Option<LockLease>,
               headers: HeaderMap,
               AxumQuery(query): AxumQuery<HashMap<String, String>>| async move {
-            if headers.contains_key("x-gate") {
-                gate.notified().await;
-            }
-            let lock = lease.map_or_else(
-                || "unlocked".to_owned(),
-                |lease| lease.name().lock_key().to_owned(),
-            );
+            gate.pass(&headers).await;
+            let lock = key_or_unlocked(lease.as_ref());
             let doc = query.get("doc").cloned().unwrap_or_default();
             format!("{lock}|{doc}")
         },
     )
-}
-
-async fn call(app: &Router, method: Method, uri: &str, gated: bool) -> (StatusCode, String) {
-    let mut request = Request::builder().method(method).uri(uri);
-    if gated {
-        request = request.header("x-gate", "1");
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
-
-/// Starts `first` (held open by the gate), then sends `second` while `first` holds its lock;
-/// returns what `second` got, then lets `first` finish.
-async fn while_held<F: Fixture>(
-    fixture: &F,
-    app: &Router,
-    gate: &Notify,
-    first: (Method, &str),
-    second: (Method, &str),
-) -> ((StatusCode, String), (StatusCode, String)) {
-    let holder = tokio::spawn({
-        let app = app.clone();
-        let (method, uri) = (first.0.clone(), first.1.to_owned());
-        async move { call(&app, method, &uri, true).await }
-    });
-    until_held(fixture, 1).await;
-    let during = call(app, second.0, second.1, false).await;
-    gate.notify_one();
-    let first = holder.await.unwrap();
-    until_held(fixture, 0).await;
-    (first, during)
 }
 
 /// Item 4: "A policy that covers GET covers HEAD" — axum runs the GET handler for a HEAD, so a
@@ -84,16 +42,14 @@ async fn while_held<F: Fixture>(
 /// `GET:doc:7`, the HEAD takes `HEAD:doc:7`, and the GET handler runs twice at once on doc 7.
 async fn head_meets_the_lock_of_get_under_a_method_key<F: Fixture>() {
     let fixture = F::start().await;
-    let gate = Arc::new(Notify::new());
+    let gate = Gate::new();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let get_handler = {
         let gate = gate.clone();
         let calls = calls.clone();
         get(move |headers: HeaderMap| async move {
             calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            if headers.contains_key("x-gate") {
-                gate.notified().await;
-            }
+            gate.pass(&headers).await;
             "body"
         })
     };
@@ -107,17 +63,13 @@ async fn head_meets_the_lock_of_get_under_a_method_key<F: Fixture>() {
                 .namespace(NS),
         ),
     );
-    let (first, during) = while_held(
-        &fixture,
-        &app,
-        &gate,
-        (Method::GET, "/docs/7"),
-        (Method::HEAD, "/docs/7"),
-    )
-    .await;
-    assert_eq!(first.0, StatusCode::OK);
+    let doc = |method| call(method, "/docs/7");
+    let (first, during) =
+        while_held(&fixture, &app, &gate, doc(Method::GET), doc(Method::HEAD)).await;
+    until_held(&fixture, 0).await;
+    assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(
-        during.0,
+        during.status(),
         StatusCode::CONFLICT,
         "a HEAD ran the GET handler beside a GET holding the lock on doc 7 ({} handler runs)",
         calls.load(std::sync::atomic::Ordering::SeqCst)
@@ -130,10 +82,9 @@ async fn head_meets_the_lock_of_get_under_a_method_key<F: Fixture>() {
 /// real U+FFFD (`%EF%BF%BD`) is a document like any other.
 async fn query_value_a_handler_cannot_read_as_text_is_a_400<F: Fixture>() {
     let fixture = F::start().await;
-    let gate = Arc::new(Notify::new());
     let app = Router::new().route(
         "/docs",
-        handler(gate.clone()).route_layer(
+        handler(Gate::new()).route_layer(
             LockPolicy::template("doc:{query.doc}")
                 .unwrap()
                 .layer(fixture.backend())
@@ -141,11 +92,11 @@ async fn query_value_a_handler_cannot_read_as_text_is_a_400<F: Fixture>() {
         ),
     );
     for bad in ["/docs?doc=%FF", "/docs?doc=%FE", "/docs?doc=a%C3"] {
-        let (status, body) = call(&app, Method::POST, bad, false).await;
+        let (status, body) = answer(&app, Request::post(bad)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
         assert!(body.contains("UTF-8"), "{bad}: {body}");
     }
-    let (status, body) = call(&app, Method::POST, "/docs?doc=%EF%BF%BD", false).await;
+    let (status, body) = answer(&app, Request::post("/docs?doc=%EF%BF%BD")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(fixture.held().await, 0);
 }
@@ -162,7 +113,7 @@ suite!(
 #[tokio::test]
 async fn held_up_more_nest_mountings_lock_the_account() {
     let fixture = Memory::start().await;
-    let gate = Arc::new(Notify::new());
+    let gate = Gate::new();
     let policy = || {
         LockPolicy::template("account:{path.id}")
             .unwrap()
@@ -202,7 +153,7 @@ async fn held_up_more_nest_mountings_lock_the_account() {
     for (prefix, app) in mounts {
         let uri = format!("{prefix}accounts/42/deposit");
         assert_eq!(
-            call(&app, Method::POST, &uri, false).await,
+            answer(&app, Request::post(&uri)).await,
             (StatusCode::OK, format!("{NS}{{account:42}}|")),
             "{uri}"
         );
@@ -215,46 +166,21 @@ mod differential {
     use tower_lock::key::{Global, PathParam};
     use tower_lock::{LockRoutes, MemoryBackend};
 
+    /// `/` and fewer than `most` of `pieces`, in any order.
+    fn joined(pieces: &'static [&'static str], most: usize) -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(pieces), 0..most)
+            .prop_map(|parts| format!("/{}", parts.concat()))
+    }
+
     fn pattern_strategy() -> impl Strategy<Value = String> {
-        proptest::collection::vec(
-            prop_oneof![
-                Just("/"),
-                Just("a"),
-                Just("b"),
-                Just("{"),
-                Just("}"),
-                Just("{x}"),
-                Just("{y}"),
-                Just("{*r}"),
-                Just("*"),
-                Just(":"),
-                Just("."),
-                Just("%2F"),
-                Just("{{"),
-                Just("}}"),
-            ],
-            0..7,
-        )
-        .prop_map(|parts| format!("/{}", parts.concat()))
+        let pieces = &[
+            "/", "a", "b", "{", "}", "{x}", "{y}", "{*r}", "*", ":", ".", "%2F", "{{", "}}",
+        ];
+        joined(pieces, 7)
     }
 
     fn path_strategy() -> impl Strategy<Value = String> {
-        proptest::collection::vec(
-            prop_oneof![
-                Just("/"),
-                Just("a"),
-                Just("b"),
-                Just("x"),
-                Just("*"),
-                Just(":"),
-                Just("."),
-                Just("%2F"),
-                Just("%FF"),
-                Just("%"),
-            ],
-            0..8,
-        )
-        .prop_map(|parts| format!("/{}", parts.concat()))
+        joined(&["/", "a", "b", "x", "*", ":", ".", "%2F", "%FF", "%"], 8)
     }
 
     fn params(pattern: &str) -> Vec<String> {
@@ -278,29 +204,9 @@ mod differential {
         names
     }
 
-    fn key_service() -> impl tower::Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = Infallible,
-        Future = impl Send,
-    > + Clone
-    + Send
-    + 'static {
-        tower::service_fn(|request: Request<Body>| async move {
-            let key = request
-                .extensions()
-                .get::<LockLease>()
-                .map_or_else(|| "unlocked".to_owned(), |l| l.name().lock_key().to_owned());
-            Ok::<_, Infallible>(Response::new(Body::from(key)))
-        })
-    }
-
     async fn outcome(app: Router, path: &str) -> Option<(StatusCode, String)> {
         let request = Request::post(path).body(Body::empty()).ok()?;
-        let response = app.oneshot(request).await.unwrap();
-        let status = response.status();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        Some((status, String::from_utf8_lossy(&bytes).into_owned()))
+        Some(status_and_text(app.oneshot(request).await.unwrap()).await)
     }
 
     proptest! {
@@ -326,7 +232,7 @@ mod differential {
                     None => LockPolicy::key(Global::new("g")).layer(backend.clone()),
                 };
                 Router::new().route(&pattern, post(|lease: Option<LockLease>| async move {
-                    lease.map_or_else(|| "unlocked".to_owned(), |l| l.name().lock_key().to_owned())
+                    key_or_unlocked(lease.as_ref())
                 }).route_layer(layer))
             });
             match (&table, &axum) {
@@ -337,7 +243,7 @@ mod differential {
             }
             let table = table.unwrap();
             let axum_app = axum.unwrap();
-            let table_app = Router::new().fallback_service(ServiceBuilder::new().layer(table).service(key_service()));
+            let table_app = Router::new().fallback_service(ServiceBuilder::new().layer(table).service(common::echo::<Body>(Gate::new())));
             for path in paths {
                 let a = runtime.block_on(outcome(axum_app.clone(), &path));
                 let t = runtime.block_on(outcome(table_app.clone(), &path));
@@ -370,30 +276,24 @@ fn held_up_repeated_query_parameter_spellings_are_refused() {
                 .map(|k| k.map(|k| k.as_str().to_owned())),
         )
     };
-    for uri in [
-        "/?doc=a&doc=b",
-        "/?doc=a&d%6Fc=b",
-        "/?doc=a&doc",
-        "/?doc&doc",
-        "/?doc=a&doc=",
-        "/?%64%6F%63=a&doc=a",
-    ] {
+    // (query string, whether both refuse it)
+    let cases = [
+        ("/?doc=a&doc=b", true),
+        ("/?doc=a&d%6Fc=b", true),
+        ("/?doc=a&doc", true),
+        ("/?doc&doc", true),
+        ("/?doc=a&doc=", true),
+        ("/?%64%6F%63=a&doc=a", true),
+        ("/?doc=%", false),
+        ("/?doc=%Z", false),
+        ("/?doc=%%%", false),
+        ("/?doc=+%2B+", false),
+        ("/?=&&=&doc=x", false),
+    ];
+    for (uri, refused) in cases {
         let (query, template) = extract(uri);
         assert!(
-            query.is_err() && template.is_err(),
-            "{uri}: {query:?} {template:?}"
-        );
-    }
-    for uri in [
-        "/?doc=%",
-        "/?doc=%Z",
-        "/?doc=%%%",
-        "/?doc=+%2B+",
-        "/?=&&=&doc=x",
-    ] {
-        let (query, template) = extract(uri);
-        assert!(
-            query.is_ok() && template.is_ok(),
+            query.is_err() == refused && template.is_err() == refused,
             "{uri}: {query:?} {template:?}"
         );
     }

@@ -6,51 +6,34 @@
 mod common;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
 use axum::routing::{MethodRouter, post};
-use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http::{HeaderMap, Request, StatusCode};
 use proptest::prelude::*;
-use tokio::sync::Notify;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::Layer;
 use tower_lock::key::{Header, KeyExtractor, KeyTemplate, LockKey, PathParam, Query};
-use tower_lock::{LockLayer, LockLease, LockPolicy, LockRoutes, MemoryBackend};
+use tower_lock::{LockLayer, LockLease, LockPolicy, MemoryBackend};
 
-use common::{Fixture, Memory, NS, Redis, until_held};
+use common::{
+    Fixture, Gate, NS, answer, echo, key_or_unlocked, status_and_text, table, until_held,
+    while_held,
+};
 
 /// An axum handler answering with the name of the lock it runs under (or `unlocked`); with an
 /// `x-gate` header it first waits for `gate`.
-fn handler(gate: Arc<Notify>) -> MethodRouter {
+fn handler(gate: Gate) -> MethodRouter {
     post(
         move |lease: Option<LockLease>, headers: HeaderMap| async move {
-            if headers.contains_key("x-gate") {
-                gate.notified().await;
-            }
-            lease.map_or_else(
-                || "unlocked".to_owned(),
-                |lease| lease.name().lock_key().to_owned(),
-            )
+            gate.pass(&headers).await;
+            key_or_unlocked(lease.as_ref())
         },
     )
 }
 
-async fn call(app: &Router, uri: &str, gated: bool) -> (StatusCode, String) {
-    let mut request = Request::post(uri);
-    if gated {
-        request = request.header("x-gate", "1");
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+async fn call(app: &Router, uri: &str) -> (StatusCode, String) {
+    answer(app, Request::post(uri)).await
 }
 
 /// While one request holds the lock of `first`, `second` is refused (409); then both run under
@@ -58,32 +41,33 @@ async fn call(app: &Router, uri: &str, gated: bool) -> (StatusCode, String) {
 async fn contend<F: Fixture>(
     fixture: &F,
     app: &Router,
-    gate: &Notify,
+    gate: &Gate,
     first: &str,
     second: &str,
     expected: &str,
 ) {
-    let holder = tokio::spawn({
-        let app = app.clone();
-        let first = first.to_owned();
-        async move { call(&app, &first, true).await }
-    });
-    until_held(fixture, 1).await;
-    let (status, body) = call(app, second, false).await;
+    let (holder, during) = while_held(
+        fixture,
+        app,
+        gate,
+        Request::post(first),
+        Request::post(second),
+    )
+    .await;
+    let (status, body) = status_and_text(during).await;
     assert_eq!(
         status,
         StatusCode::CONFLICT,
         "{second} ran beside {first}: {body}"
     );
-    gate.notify_one();
     assert_eq!(
-        holder.await.unwrap(),
+        status_and_text(holder).await,
         (StatusCode::OK, expected.to_owned()),
         "{first}"
     );
     until_held(fixture, 0).await;
     assert_eq!(
-        call(app, second, false).await,
+        call(app, second).await,
         (StatusCode::OK, expected.to_owned()),
         "{second}"
     );
@@ -96,7 +80,7 @@ enum Source {
 }
 
 /// `POST /accounts/{id}/{op}`, locked on the account by `source`.
-fn accounts<F: Fixture>(fixture: &F, source: Source, gate: Arc<Notify>) -> Router {
+fn accounts<F: Fixture>(fixture: &F, source: Source, gate: Gate) -> Router {
     let route = match source {
         Source::Template => handler(gate).route_layer(
             LockPolicy::template("account:{path.id}")
@@ -112,27 +96,27 @@ fn accounts<F: Fixture>(fixture: &F, source: Source, gate: Arc<Notify>) -> Route
 
 async fn nested_router_locks_on_the_account_not_the_operation<F: Fixture>() {
     let fixture = F::start().await;
+    // Where the API is mounted, and how.
+    type Mount = fn(Router) -> Router;
+    let mounts: [(&str, Mount); 5] = [
+        ("/", |api| Router::new().merge(api)),
+        ("/v1/", |api| Router::new().nest("/v1", api)),
+        ("/v1/tenants/acme/", |api| {
+            Router::new().nest("/v1", Router::new().nest("/tenants/{tenant}", api))
+        }),
+        ("/v1/", |api| Router::new().nest_service("/v1", api)),
+        ("/v1/v2/", |api| {
+            Router::new().nest_service("/v1", Router::new().nest("/v2", api))
+        }),
+    ];
     for source in [Source::Template, Source::PathParam] {
         let expected = match source {
             Source::Template => format!("{NS}{{account:42}}"),
             Source::PathParam => format!("{NS}{{42}}"),
         };
-        let gate = Arc::new(Notify::new());
-        let api = || accounts(&fixture, source, gate.clone());
-        let mounts = [
-            ("/", Router::new().merge(api())),
-            ("/v1/", Router::new().nest("/v1", api())),
-            (
-                "/v1/tenants/acme/",
-                Router::new().nest("/v1", Router::new().nest("/tenants/{tenant}", api())),
-            ),
-            ("/v1/", Router::new().nest_service("/v1", api())),
-            (
-                "/v1/v2/",
-                Router::new().nest_service("/v1", Router::new().nest("/v2", api())),
-            ),
-        ];
-        for (prefix, app) in mounts {
+        for (prefix, mount) in mounts {
+            let gate = Gate::new();
+            let app = mount(accounts(&fixture, source, gate.clone()));
             let deposit = format!("{prefix}accounts/42/deposit");
             let withdraw = format!("{prefix}accounts/42/withdraw");
             println!("{source:?} {deposit}");
@@ -144,9 +128,8 @@ async fn nested_router_locks_on_the_account_not_the_operation<F: Fixture>() {
 /// `LockRoutes` mounted in axum under a catch-all: the table's own route decides the key.
 async fn route_table_pattern_wins_over_axum_matched_path<F: Fixture>() {
     let fixture = F::start().await;
-    let gate = Arc::new(Notify::new());
-    let routes = LockRoutes::new(fixture.backend())
-        .defaults(|layer| layer.namespace(NS))
+    let gate = Gate::new();
+    let routes = table(&fixture)
         .route(
             "/api/accounts/{id}/{op}",
             LockPolicy::template("account:{path.id}").unwrap(),
@@ -157,24 +140,7 @@ async fn route_table_pattern_wins_over_axum_matched_path<F: Fixture>() {
             LockPolicy::template("{matched_path}:{path.doc}").unwrap(),
         )
         .unwrap();
-    let service = ServiceBuilder::new()
-        .layer(routes)
-        .service(tower::service_fn({
-            let gate = gate.clone();
-            move |request: Request<Body>| {
-                let gate = gate.clone();
-                async move {
-                    if request.headers().contains_key("x-gate") {
-                        gate.notified().await;
-                    }
-                    let key = request
-                        .extensions()
-                        .get::<LockLease>()
-                        .map_or_else(|| "unlocked".to_owned(), |l| l.name().lock_key().to_owned());
-                    Ok::<_, Infallible>(Response::new(Body::from(key)))
-                }
-            }
-        }));
+    let service = routes.layer(echo::<Body>(gate.clone()));
     let app = Router::new().route_service("/api/{*rest}", service);
 
     contend(
@@ -187,7 +153,7 @@ async fn route_table_pattern_wins_over_axum_matched_path<F: Fixture>() {
     )
     .await;
     assert_eq!(
-        call(&app, "/api/docs/readme", false).await,
+        call(&app, "/api/docs/readme").await,
         (
             StatusCode::OK,
             format!("{NS}{{/api/docs/%7Bdoc%7D:readme}}")
@@ -198,40 +164,25 @@ async fn route_table_pattern_wins_over_axum_matched_path<F: Fixture>() {
 /// `/files/v{version}`: axum, a route table and a plain layer with the pattern all read `2`.
 async fn parameter_after_static_text_is_read<F: Fixture>() {
     let fixture = F::start().await;
-    let gate = Arc::new(Notify::new());
     let expected = format!("{NS}{{file:2}}");
     let policy = LockPolicy::template("file:{path.version}").unwrap();
 
     let axum_app = Router::new().route(
         "/files/v{version}",
-        handler(gate.clone()).route_layer(policy.layer(fixture.backend()).namespace(NS)),
+        handler(Gate::new()).route_layer(policy.layer(fixture.backend()).namespace(NS)),
     );
     assert_eq!(
-        call(&axum_app, "/files/v2", false).await,
+        call(&axum_app, "/files/v2").await,
         (StatusCode::OK, expected.clone())
     );
 
-    let routes = LockRoutes::new(fixture.backend())
-        .defaults(|layer| layer.namespace(NS))
+    let routes = table(&fixture)
         .route("/files/v{version}", policy.clone())
         .expect("a parameter after static text is a parameter");
-    let table_app = Router::new().route_service(
-        "/{*rest}",
-        ServiceBuilder::new()
-            .layer(routes)
-            .service(tower::service_fn(|request: Request<Body>| async move {
-                let key = request
-                    .extensions()
-                    .get::<LockLease>()
-                    .unwrap()
-                    .name()
-                    .lock_key()
-                    .to_owned();
-                Ok::<_, Infallible>(Response::new(Body::from(key)))
-            })),
-    );
+    let table_app =
+        Router::new().route_service("/{*rest}", routes.layer(echo::<Body>(Gate::new())));
     assert_eq!(
-        call(&table_app, "/files/v2", false).await,
+        call(&table_app, "/files/v2").await,
         (StatusCode::OK, expected)
     );
 
@@ -251,7 +202,7 @@ async fn parameter_after_static_text_is_read<F: Fixture>() {
 /// `?doc=a&doc=b`: which one would the handler use? Refuse rather than guess.
 async fn repeated_query_parameter_is_a_400<F: Fixture>() {
     let fixture = F::start().await;
-    let gate = Arc::new(Notify::new());
+    let gate = Gate::new();
     let app = Router::new()
         .route(
             "/template",
@@ -268,12 +219,12 @@ async fn repeated_query_parameter_is_a_400<F: Fixture>() {
                 .route_layer(LockLayer::new(fixture.backend(), Query::new("doc")).namespace(NS)),
         );
     for path in ["/template", "/query"] {
-        let (status, body) = call(&app, &format!("{path}?doc=a&doc=b"), false).await;
+        let (status, body) = call(&app, &format!("{path}?doc=a&doc=b")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
         assert!(body.contains("more than once"), "{body}");
-        let (status, body) = call(&app, &format!("{path}?doc=a&doc=a"), false).await;
+        let (status, body) = call(&app, &format!("{path}?doc=a&doc=a")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
-        let (status, body) = call(&app, &format!("{path}?doc=a&other=b"), false).await;
+        let (status, body) = call(&app, &format!("{path}?doc=a&other=b")).await;
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
         assert!(body.ends_with("a}"), "{body}");
     }
@@ -283,25 +234,18 @@ async fn repeated_query_parameter_is_a_400<F: Fixture>() {
 /// its hash tag non-empty.
 async fn empty_key_is_one_lock_under_a_non_empty_hash_tag<F: Fixture>() {
     let fixture = F::start().await;
-    let gate = Arc::new(Notify::new());
+    let gate = Gate::new();
     let app = Router::new().route(
         "/work",
         handler(gate.clone()).route_layer(common::layer(&fixture)),
     );
-    let request = |gated: bool| {
-        let mut request = Request::post("/work").header("x-key", "");
-        if gated {
-            request = request.header("x-gate", "1");
-        }
-        app.clone().oneshot(request.body(Body::empty()).unwrap())
-    };
-    let holder = tokio::spawn(request(true));
-    until_held(&fixture, 1).await;
-    assert_eq!(request(false).await.unwrap().status(), StatusCode::CONFLICT);
-    gate.notify_one();
-    let response = holder.await.unwrap().unwrap();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(&bytes[..], format!("{NS}{{#empty}}").as_bytes());
+    let empty = || Request::post("/work").header("x-key", "");
+    let (holder, during) = while_held(&fixture, &app, &gate, empty(), empty()).await;
+    assert_eq!(during.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        status_and_text(holder).await,
+        (StatusCode::OK, format!("{NS}{{#empty}}"))
+    );
 }
 
 suite!(

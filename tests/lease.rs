@@ -5,143 +5,55 @@
 mod common;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
-use tower::{ServiceBuilder, ServiceExt};
-use tower_lock::backend::{
-    Acquire, AcquireOptions, BackendFuture, Extend, LockName, LockToken, Release,
-};
-use tower_lock::key::{Header, LockKey};
-use tower_lock::{LeaseLostPolicy, LockBackend, LockBody, LockLayer, LockLease};
+use tower_lock::backend::{Acquire, AcquireOptions, LockToken};
+use tower_lock::{LeaseLostPolicy, LockBackend, LockLease};
 
+use common::backends::Wrapped;
 use common::{
-    Fixture, Memory, NS, Redis, RedisServer, body_json, eventually, layer, request, send,
-    until_held,
+    Fixture, NS, Redis, RedisServer, assert_held_throughout, body_json, body_text, eventually,
+    holder_behind, holding, layer, layer_on, lock_name, multi_thread, request, send, start_holding,
+    streaming, take_over, until_held,
 };
-
-type Svc = BoxCloneSyncService<Request<String>, Response<LockBody<String>>, Infallible>;
-
-/// Counts extend calls, to see renewal traffic on any backend.
-#[derive(Clone)]
-struct Counting<B> {
-    inner: B,
-    extends: Arc<AtomicUsize>,
-}
-
-impl<B: LockBackend> LockBackend for Counting<B> {
-    fn acquire(
-        &self,
-        name: &LockName,
-        token: LockToken,
-        options: AcquireOptions,
-    ) -> BackendFuture<Acquire> {
-        self.inner.acquire(name, token, options)
-    }
-    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
-        self.inner.release(name, token)
-    }
-    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
-        self.extends.fetch_add(1, Ordering::SeqCst);
-        self.inner.extend(name, token, ttl)
-    }
-}
-
-/// A handler that holds for `x-hold-ms` (returning early when its lease is lost, if `x-watch-lost`
-/// is set) and answers `{"fencing_token": n, "lost": bool}`.
-fn service<B: LockBackend>(layer: LockLayer<Header, B>) -> Svc {
-    let handler = tower::service_fn(|req: Request<String>| async move {
-        let lease = req.extensions().get::<LockLease>().cloned();
-        let hold = req
-            .headers()
-            .get("x-hold-ms")
-            .map_or(0, |v| v.to_str().unwrap().parse().unwrap());
-        let sleep = tokio::time::sleep(Duration::from_millis(hold));
-        match (&lease, req.headers().contains_key("x-watch-lost")) {
-            (Some(lease), true) => {
-                tokio::select! {
-                    _ = sleep => {}
-                    _ = lease.lost() => {}
-                }
-            }
-            _ => sleep.await,
-        }
-        let body = serde_json::json!({
-            "fencing_token": lease.as_ref().map(LockLease::fencing_token),
-            "lost": lease.as_ref().is_some_and(LockLease::is_lost),
-        });
-        Ok::<_, Infallible>(Response::new(body.to_string()))
-    });
-    BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service(handler))
-}
-
-fn name(layer_ns: &str, key: &str) -> LockName {
-    LockLayer::new(tower_lock::MemoryBackend::new(), Header::new("x"))
-        .namespace(layer_ns)
-        .lock_name(&LockKey::new(key))
-}
 
 async fn lease_is_renewed_past_its_ttl<F: Fixture>() {
     let fixture = F::start().await;
-    let service = service(layer(&fixture).ttl(Duration::from_millis(300)));
-    let holder = tokio::spawn(send(&service, request("k").header("x-hold-ms", "1500")));
-    until_held(&fixture, 1).await;
+    let service = holder_behind(layer(&fixture).ttl(Duration::from_millis(300)));
+    let holder = start_holding(&fixture, &service, request("k").header("x-hold-ms", "1500")).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // Three TTLs later the lock is still held: renewal kept it.
-    assert_eq!(
-        send(&service, request("k")).await.status(),
-        StatusCode::CONFLICT
-    );
-    let response = holder.await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(body_json(response).await["lost"], false);
+    assert_held_throughout(&service, "k", holder).await;
     assert_eq!(fixture.held().await, 0);
 }
 
 async fn renewal_stops_when_request_ends<F: Fixture>() {
     let fixture = F::start().await;
-    let extends = Arc::new(AtomicUsize::new(0));
-    let backend = Counting {
-        inner: fixture.backend(),
-        extends: extends.clone(),
-    };
-    let layer = LockLayer::new(backend, Header::new("x-key"))
-        .namespace(NS)
-        .ttl(Duration::from_millis(150));
-    let service = service(layer);
+    let backend = Wrapped::new(fixture.backend());
+    let service = holder_behind(layer_on(backend.clone()).ttl(Duration::from_millis(150)));
     let response = send(&service, request("k").header("x-hold-ms", "400")).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let during = extends.load(Ordering::SeqCst);
+    let during = backend.extends();
     assert!(
         during >= 3,
         "only {during} renewals in 400 ms at a 50 ms interval"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        extends.load(Ordering::SeqCst),
-        during,
-        "renewed after the end"
-    );
+    assert_eq!(backend.extends(), during, "renewed after the end");
     assert_eq!(fixture.held().await, 0);
 }
 
 async fn lease_lost_when_key_deleted<F: Fixture>() {
     let fixture = F::start().await;
     // Signal: the handler is told and stops early.
-    let service = service(layer(&fixture).ttl(Duration::from_millis(300)));
-    let watched = tokio::spawn(send(
-        &service,
-        request("k")
-            .header("x-hold-ms", "5000")
-            .header("x-watch-lost", "1"),
-    ));
-    until_held(&fixture, 1).await;
-    fixture.delete(&name(NS, "k")).await;
+    let service = holder_behind(layer(&fixture).ttl(Duration::from_millis(300)));
+    let watched = start_holding(&fixture, &service, holding("k", 5000)).await;
+    fixture.delete(&lock_name("k")).await;
     let response = tokio::time::timeout(Duration::from_secs(2), watched)
         .await
         .expect("the handler was not told its lease was lost")
@@ -152,26 +64,16 @@ async fn lease_lost_when_key_deleted<F: Fixture>() {
 
 async fn lease_lost_aborts_with_503_and_leaves_the_new_holder_alone<F: Fixture>() {
     let fixture = F::start().await;
-    let service = service(
+    let service = holder_behind(
         layer(&fixture)
             .ttl(Duration::from_millis(300))
             .on_lease_lost(LeaseLostPolicy::Abort),
     );
-    let aborted = tokio::spawn(send(&service, request("k").header("x-hold-ms", "5000")));
-    until_held(&fixture, 1).await;
+    let aborted = start_holding(&fixture, &service, request("k").header("x-hold-ms", "5000")).await;
     // The lock vanishes and someone else takes it before the next renewal.
-    let name = name(NS, "k");
+    let name = lock_name("k");
     fixture.delete(&name).await;
-    let other = fixture
-        .backend()
-        .acquire(
-            &name,
-            LockToken::random(),
-            AcquireOptions::new(Duration::from_secs(30)),
-        )
-        .await
-        .unwrap();
-    assert!(matches!(other, Acquire::Acquired { .. }));
+    take_over(&fixture, &name).await;
     let response = tokio::time::timeout(Duration::from_secs(2), aborted)
         .await
         .expect("the request was not aborted")
@@ -197,7 +99,7 @@ async fn fencing_tokens_strictly_increase<F: Fixture>() {
                 }
             });
             // Each client has its own backend connection and layer.
-            let layer = LockLayer::new(fixture.new_client(), Header::new("x-key")).namespace(NS);
+            let layer = layer_on(fixture.new_client());
             BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service(handler))
         })
         .collect();
@@ -229,37 +131,15 @@ async fn fencing_tokens_strictly_increase<F: Fixture>() {
 
 async fn body_streaming_holds_the_lock<F: Fixture>() {
     let fixture = F::start().await;
-    let streaming = |hold_through_body: bool| {
-        let handler = tower::service_fn(|_req: Request<String>| async {
-            let chunks = futures_util::stream::unfold(0, |i| async move {
-                if i == 5 {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let frame = http_body::Frame::data(Bytes::from(format!("chunk {i}\n")));
-                Some((Ok::<_, Infallible>(frame), i + 1))
-            });
-            Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(chunks)))
-        });
-        ServiceBuilder::new()
-            .layer(layer(&fixture).hold_through_body(hold_through_body))
-            .service(handler)
-    };
     for (hold, expected) in [(true, StatusCode::CONFLICT), (false, StatusCode::OK)] {
-        let service = streaming(hold);
-        let response = service
-            .clone()
-            .oneshot(request("s").body(String::new()).unwrap())
-            .await
-            .unwrap();
+        let service = ServiceBuilder::new()
+            .layer(layer(&fixture).hold_through_body(hold))
+            .service(streaming(5, Duration::from_millis(200)));
+        let response = send(&service, request("s")).await;
         assert_eq!(response.status(), StatusCode::OK);
         let body = tokio::spawn(response.into_body().collect());
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let during = service
-            .clone()
-            .oneshot(request("s").body(String::new()).unwrap())
-            .await
-            .unwrap();
+        let during = send(&service, request("s")).await;
         assert_eq!(during.status(), expected, "hold_through_body = {hold}");
         let during_body = during.into_body().collect();
         let (streamed, _) = tokio::join!(body, during_body);
@@ -271,18 +151,12 @@ async fn body_streaming_holds_the_lock<F: Fixture>() {
 
 async fn max_hold_bounds_renewal<F: Fixture>() {
     let fixture = F::start().await;
-    let service = service(
+    let service = holder_behind(
         layer(&fixture)
             .ttl(Duration::from_millis(300))
             .max_hold(Duration::from_millis(600)),
     );
-    let holder = tokio::spawn(send(
-        &service,
-        request("k")
-            .header("x-hold-ms", "5000")
-            .header("x-watch-lost", "1"),
-    ));
-    until_held(&fixture, 1).await;
+    let holder = start_holding(&fixture, &service, holding("k", 5000)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Still renewed within max_hold.
     assert_eq!(
@@ -300,7 +174,7 @@ async fn max_hold_bounds_renewal<F: Fixture>() {
 
 async fn insufficient_validity_is_refused_with_503<F: Fixture>() {
     let fixture = F::start().await;
-    let service = service(
+    let service = holder_behind(
         layer(&fixture)
             .ttl(Duration::from_millis(200))
             .min_validity(Duration::from_millis(400)),
@@ -325,12 +199,8 @@ async fn lease_is_visible_to_the_handler<F: Fixture>() {
     let service = ServiceBuilder::new()
         .layer(layer(&fixture))
         .service(handler);
-    let response = service
-        .oneshot(request("acct:1").body(String::new()).unwrap())
-        .await
-        .unwrap();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(body, "test-lock:{acct%3A1} 1 false");
+    let response = send(&service, request("acct:1")).await;
+    assert_eq!(body_text(response).await, "test-lock:{acct%3A1} 1 false");
 }
 
 suite!(
@@ -352,7 +222,7 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn renewal_stops_when_request_ends_on_the_server() {
         let fixture = Redis::start().await;
-        let service = service(layer(&fixture).ttl(Duration::from_millis(150)));
+        let service = holder_behind(layer(&fixture).ttl(Duration::from_millis(150)));
         let before = fixture.server.command_calls("evalsha").await;
         let response = send(&service, request("k").header("x-hold-ms", "400")).await;
         assert_eq!(response.status(), StatusCode::OK);
@@ -371,18 +241,12 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lease_lost_when_redis_paused_past_validity() {
         let fixture = Redis::start().await;
-        let service = service(
+        let service = holder_behind(
             layer(&fixture)
                 .ttl(Duration::from_millis(400))
                 .acquire_timeout(Duration::from_millis(100)),
         );
-        let watched = tokio::spawn(send(
-            &service,
-            request("k")
-                .header("x-hold-ms", "5000")
-                .header("x-watch-lost", "1"),
-        ));
-        until_held(&fixture, 1).await;
+        let watched = start_holding(&fixture, &service, holding("k", 5000)).await;
         fixture.server.pause();
         let outcome = tokio::time::timeout(Duration::from_secs(3), watched).await;
         fixture.server.resume();
@@ -395,7 +259,7 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fencing_tokens_strictly_increase_across_a_restart_with_aof() {
         let mut server = RedisServer::start_with_aof();
-        let name = name(NS, "fenced");
+        let name = lock_name("fenced");
         let mut last = 0;
         for round in 0..3 {
             let backend = RedisBackend::connect(&server.url()).await.unwrap();
@@ -429,9 +293,7 @@ mod renewal_task {
     async fn renewal_task_ends_when_the_layer_is_dropped() {
         let metrics = tokio::runtime::Handle::current().metrics();
         let backend = MemoryBackend::new();
-        let service = service(
-            LockLayer::new(backend.clone(), Header::new("x-key")).ttl(Duration::from_millis(300)),
-        );
+        let service = holder_behind(layer_on(backend).ttl(Duration::from_millis(300)));
         let response = send(&service, request("k").header("x-hold-ms", "50")).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(metrics.num_alive_tasks(), 1, "one renewal task per layer");
@@ -446,33 +308,18 @@ mod renewal_task {
 
     #[test]
     fn a_layer_outliving_its_first_runtime_still_renews() {
-        let service = service(
-            LockLayer::new(MemoryBackend::new(), Header::new("x-key"))
-                .ttl(Duration::from_millis(300)),
-        );
-        let runtime = || {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap()
-        };
-        let first = runtime();
+        let service = holder_behind(layer_on(MemoryBackend::new()).ttl(Duration::from_millis(300)));
+        let first = multi_thread(2);
         first.block_on(async {
             let response = send(&service, request("k")).await;
             assert_eq!(response.status(), StatusCode::OK);
         });
         // The renewal task died with its runtime; the next lock starts another.
         drop(first);
-        runtime().block_on(async {
+        multi_thread(2).block_on(async {
             let holder = tokio::spawn(send(&service, request("k").header("x-hold-ms", "1000")));
             tokio::time::sleep(Duration::from_millis(700)).await;
-            assert_eq!(
-                send(&service, request("k")).await.status(),
-                StatusCode::CONFLICT
-            );
-            let response = holder.await.unwrap();
-            assert_eq!(body_json(response).await["lost"], false);
+            assert_held_throughout(&service, "k", holder).await;
         });
     }
 }

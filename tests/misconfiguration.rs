@@ -23,7 +23,7 @@ use tower_lock::key::{Header, KeyTemplate, PathParam};
 use tower_lock::{LockLayer, LockPolicy, LockRoutes, Locks, RouteError};
 use tracing::instrument::WithSubscriber;
 
-use common::{Fixture, Memory, NS, Redis};
+use common::{Fixture, NS};
 
 /// What the error-level log of a misconfigured key says.
 const LOGGED: &str = "can never be extracted";

@@ -1,63 +1,29 @@
 //! Tracing events and metrics, captured. One process-wide subscriber and recorder, so one test.
 
-use std::convert::Infallible;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use tokio::sync::Notify;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 use tower_lock::key::Header;
 use tower_lock::{LockLayer, MemoryBackend};
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
+use common::logs::Captured;
+use common::{Gate, echo, gate_if, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracing_and_metrics_report_acquire_contention_release_and_loss() {
     let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    tracing::subscriber::set_global_default(captured.subscriber()).unwrap();
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     recorder.install().unwrap();
 
     let backend = MemoryBackend::new();
-    let gate = Arc::new(Notify::new());
-    let handler = {
-        let gate = gate.clone();
-        tower::service_fn(move |req: Request<String>| {
-            let gate = gate.clone();
-            async move {
-                if req.headers().contains_key("x-gate") {
-                    gate.notified().await;
-                }
-                Ok::<_, Infallible>(Response::new(String::new()))
-            }
-        })
-    };
+    let gate = Gate::new();
+    let handler = echo(gate.clone());
     let service = |log_keys: bool| {
         ServiceBuilder::new()
             .layer(
@@ -67,37 +33,22 @@ async fn tracing_and_metrics_report_acquire_contention_release_and_loss() {
             )
             .service(handler.clone())
     };
-    let request = |key: &str, gated: bool| {
-        let mut builder = Request::post("/").header("x-key", key);
-        if gated {
-            builder = builder.header("x-gate", "1");
-        }
-        builder.body(String::new()).unwrap()
-    };
+    let request = |key: &str, gated: bool| gate_if(Request::post("/").header("x-key", key), gated);
 
     // Acquire + release, contention, and a lease lost to a DEL, with keys redacted.
-    let holder = tokio::spawn(service(false).oneshot(request("secret-account", true)));
+    let holder = tokio::spawn(send(&service(false), request("secret-account", true)));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let conflict = service(false)
-        .oneshot(request("secret-account", false))
-        .await
-        .unwrap();
+    let conflict = send(&service(false), request("secret-account", false)).await;
     assert_eq!(conflict.status(), StatusCode::CONFLICT);
     let name = LockLayer::new(backend.clone(), Header::new("x"))
         .lock_name(&tower_lock::key::LockKey::new("secret-account"));
     assert!(backend.remove(&name));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    gate.notify_one();
-    holder.await.unwrap().unwrap();
+    gate.open();
+    holder.await.unwrap();
     // Opted in: the key is logged.
-    service(true)
-        .oneshot(request("visible-account", false))
-        .await
-        .unwrap();
-    let missing = service(false)
-        .oneshot(Request::post("/").body(String::new()).unwrap())
-        .await
-        .unwrap();
+    send(&service(true), request("visible-account", false)).await;
+    let missing = send(&service(false), Request::post("/")).await;
     assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
     tokio::time::sleep(Duration::from_millis(50)).await;
 

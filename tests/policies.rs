@@ -5,78 +5,21 @@
 #[macro_use]
 mod common;
 
-use std::convert::Infallible;
-use std::sync::Arc;
-
 use axum::Router;
 use axum::routing::get;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use tokio::sync::watch;
-use tower::{ServiceBuilder, ServiceExt};
+use http::{Method, StatusCode};
+use tower::Layer;
 use tower_lock::idempotency::{self, IdempotencyKey};
 use tower_lock::key::Header;
-use tower_lock::{LockLease, LockPolicy, LockRoutes, RouteError};
+use tower_lock::{LockPolicy, LockRoutes, RouteError};
 
-use common::{Fixture, Memory, NS, Redis, until_held};
+use common::{
+    Fixture, Gate, NS, answer, body_text, call, echo, gate_if, send, table, until_held, while_held,
+};
 
-/// Holds gated requests until opened; stays open after that.
-#[derive(Clone)]
-struct Gate(Arc<watch::Sender<bool>>);
-
-impl Gate {
-    fn new() -> Self {
-        Self(Arc::new(watch::Sender::new(false)))
-    }
-
-    fn open(&self) {
-        self.0.send_replace(true);
-    }
-
-    async fn wait(&self) {
-        let mut open = self.0.subscribe();
-        let _ = open.wait_for(|open| *open).await;
-    }
-}
-
-/// A handler that answers with the lock it ran under ("unlocked" without one), after waiting for
-/// `gate` when the request has `x-gate`.
-fn echo(
-    gate: Gate,
-) -> impl tower::Service<
-    Request<String>,
-    Response = Response<String>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-+ Send
-+ 'static {
-    tower::service_fn(move |req: Request<String>| {
-        let gate = gate.clone();
-        async move {
-            if req.headers().contains_key("x-gate") {
-                gate.wait().await;
-            }
-            let key = req.extensions().get::<LockLease>().map_or_else(
-                || "unlocked".to_owned(),
-                |lease| lease.name().lock_key().to_owned(),
-            );
-            Ok(Response::new(key))
-        }
-    })
-}
-
-async fn text<B>(response: Response<B>) -> String
-where
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8(bytes.to_vec()).unwrap()
-}
-
-fn call(method: Method, uri: &str) -> http::request::Builder {
-    Request::builder().method(method).uri(uri)
+/// A policy locking `template` for `method` requests only.
+fn only(method: Method, template: &str) -> LockPolicy {
+    LockPolicy::template(template).unwrap().methods([method])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -93,41 +36,25 @@ async fn head_request_is_locked_by_a_get_policy<F: Fixture>() {
         get(move |headers: http::HeaderMap| {
             let gate = handler_gate.clone();
             async move {
-                if headers.contains_key("x-gate") {
-                    gate.wait().await;
-                }
+                gate.pass(&headers).await;
                 "the document"
             }
         })
         .route_layer(policy.layer(fixture.backend()).namespace(NS)),
     );
-    let request = |method: Method, gated: bool| {
-        let mut builder = call(method, "/docs").header("x-doc", "7");
-        if gated {
-            builder = builder.header("x-gate", "1");
-        }
-        builder.body(axum::body::Body::empty()).unwrap()
-    };
+    let doc = |method| call(method, "/docs").header("x-doc", "7");
 
-    let holder = tokio::spawn(app.clone().oneshot(request(Method::GET, true)));
-    until_held(&fixture, 1).await;
-    let head = app
-        .clone()
-        .oneshot(request(Method::HEAD, false))
-        .await
-        .unwrap();
+    let (holder, head) =
+        while_held(&fixture, &app, &gate, doc(Method::GET), doc(Method::HEAD)).await;
     assert_eq!(
         head.status(),
         StatusCode::CONFLICT,
         "a HEAD ran the GET handler beside the GET holding the lock"
     );
-
-    gate.open();
-    assert_eq!(holder.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(holder.status(), StatusCode::OK);
     until_held(&fixture, 0).await;
     // Once the GET is done, the HEAD is served (locked, then released).
-    let head = app.oneshot(request(Method::HEAD, false)).await.unwrap();
-    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(send(&app, doc(Method::HEAD)).await.status(), StatusCode::OK);
     until_held(&fixture, 0).await;
 }
 
@@ -135,85 +62,49 @@ async fn head_request_is_locked_by_a_get_policy<F: Fixture>() {
 async fn head_request_is_locked_by_a_get_route_in_the_table<F: Fixture>() {
     let fixture = F::start().await;
     let gate = Gate::new();
-    let routes = LockRoutes::new(fixture.backend())
-        .defaults(|layer| layer.namespace(NS))
-        .route(
-            "/docs/{id}",
-            LockPolicy::template("doc:{path.id}")
-                .unwrap()
-                .methods([Method::GET]),
-        )
+    let routes = table(&fixture)
+        .route("/docs/{id}", only(Method::GET, "doc:{path.id}"))
         .unwrap();
-    let service = ServiceBuilder::new()
-        .layer(routes)
-        .service(echo(gate.clone()));
+    let service = routes.layer(echo(gate.clone()));
+    let doc = |method| call(method, "/docs/7");
 
-    let holder = tokio::spawn(
-        service.clone().oneshot(
-            call(Method::GET, "/docs/7")
-                .header("x-gate", "1")
-                .body(String::new())
-                .unwrap(),
-        ),
-    );
-    until_held(&fixture, 1).await;
-    let head = service
-        .clone()
-        .oneshot(call(Method::HEAD, "/docs/7").body(String::new()).unwrap())
-        .await
-        .unwrap();
+    let (get, head) = (doc(Method::GET), doc(Method::HEAD));
+    let (holder, head) = while_held(&fixture, &service, &gate, get, head).await;
     assert_eq!(head.status(), StatusCode::CONFLICT);
-
-    gate.open();
+    let key = format!("{NS}{{doc:7}}");
+    assert_eq!(body_text(holder).await, key);
     assert_eq!(
-        text(holder.await.unwrap().unwrap()).await,
-        format!("{NS}{{doc:7}}")
+        answer(&service, doc(Method::HEAD)).await,
+        (StatusCode::OK, key)
     );
-    let head = service
-        .clone()
-        .oneshot(call(Method::HEAD, "/docs/7").body(String::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(text(head).await, format!("{NS}{{doc:7}}"));
     // Methods other than GET and HEAD stay unlocked.
-    let post = service
-        .oneshot(call(Method::POST, "/docs/7").body(String::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(text(post).await, "unlocked");
+    assert_eq!(answer(&service, doc(Method::POST)).await.1, "unlocked");
 }
 
 /// The other way round does not hold: a HEAD-only policy does not lock GET.
 #[tokio::test]
 async fn a_head_only_policy_does_not_lock_get() {
     let routes = LockRoutes::new(tower_lock::MemoryBackend::new())
-        .route(
-            "/docs",
-            LockPolicy::template("doc").unwrap().methods([Method::HEAD]),
-        )
+        .route("/docs", only(Method::HEAD, "doc"))
         .unwrap();
-    let service = ServiceBuilder::new()
-        .layer(routes)
-        .service(echo(Gate::new()));
-    let get = service
-        .clone()
-        .oneshot(call(Method::GET, "/docs").body(String::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(text(get).await, "unlocked");
-    let head = service
-        .oneshot(call(Method::HEAD, "/docs").body(String::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(text(head).await, "tower-lock:{doc}");
+    let service = routes.layer(echo(Gate::new()));
+    assert_eq!(
+        answer(&service, call(Method::GET, "/docs")).await.1,
+        "unlocked"
+    );
+    assert_eq!(
+        answer(&service, call(Method::HEAD, "/docs")).await.1,
+        "tower-lock:{doc}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
 // Route patterns: a pattern that can never match would leave its route unlocked.
 
-fn pattern_error(pattern: &str) -> String {
+/// Checks that a route table refuses `pattern` with a pattern error whose message says `hint`.
+fn assert_refused(pattern: &str, hint: &str) {
     let policy = LockPolicy::template("x").unwrap();
-    match LockRoutes::new(tower_lock::MemoryBackend::new()).route(pattern, policy) {
+    let message = match LockRoutes::new(tower_lock::MemoryBackend::new()).route(pattern, policy) {
         Err(RouteError::Pattern {
             pattern: p,
             message,
@@ -223,6 +114,19 @@ fn pattern_error(pattern: &str) -> String {
         }
         Err(other) => panic!("`{pattern}`: not a pattern error: {other}"),
         Ok(_) => panic!("`{pattern}` was accepted, and its route would run unlocked"),
+    };
+    assert!(
+        message.contains(hint),
+        "`{pattern}`: the message {message:?} does not say {hint:?}"
+    );
+}
+
+/// Checks that axum and a route table both accept `pattern`.
+fn assert_accepted(pattern: &str) {
+    assert!(axum_accepts(pattern), "axum 0.8 rejects `{pattern}`");
+    let policy = LockPolicy::template("x").unwrap();
+    if let Err(error) = LockRoutes::new(tower_lock::MemoryBackend::new()).route(pattern, policy) {
+        panic!("`{pattern}` refused although axum takes it: {error}");
     }
 }
 
@@ -259,11 +163,7 @@ fn route_table_refuses_patterns_axum_would_reject() {
             !axum_accepts(pattern),
             "axum 0.8 accepts `{pattern}`: the case belongs in the other list"
         );
-        let message = pattern_error(pattern);
-        assert!(
-            message.contains(hint),
-            "`{pattern}`: the message {message:?} does not say {hint:?}"
-        );
+        assert_refused(pattern, hint);
     }
 }
 
@@ -279,17 +179,12 @@ fn route_table_refuses_patterns_no_request_path_can_match() {
         ("/a\tb", "percent-encoded"),
     ];
     for (pattern, hint) in never_match {
-        let message = pattern_error(pattern);
-        assert!(
-            message.contains(hint),
-            "`{pattern}`: the message {message:?} does not say {hint:?}"
-        );
+        assert_refused(pattern, hint);
     }
 }
 
 #[test]
 fn route_table_accepts_the_patterns_axum_accepts() {
-    let policy = LockPolicy::template("x").unwrap();
     for pattern in [
         "/",
         "/files/v{version}",
@@ -305,26 +200,15 @@ fn route_table_accepts_the_patterns_axum_accepts() {
         // Not an ASCII control character: a request path may carry its UTF-8 bytes as they are.
         "/a\u{85}",
     ] {
-        assert!(axum_accepts(pattern), "axum 0.8 rejects `{pattern}`");
-        if let Err(error) =
-            LockRoutes::new(tower_lock::MemoryBackend::new()).route(pattern, policy.clone())
-        {
-            panic!("`{pattern}` refused: {error}");
-        }
+        assert_accepted(pattern);
     }
 }
 
 /// A parameter name is not path text: the character checks apply to literal text only.
 #[test]
 fn route_table_checks_only_the_literal_text_of_a_pattern() {
-    let policy = LockPolicy::template("x").unwrap();
     for pattern in ["/a/{the id}", "/a/{id?}", "/a/{i#d}", "/a/{*the rest}"] {
-        assert!(axum_accepts(pattern), "axum 0.8 rejects `{pattern}`");
-        if let Err(error) =
-            LockRoutes::new(tower_lock::MemoryBackend::new()).route(pattern, policy.clone())
-        {
-            panic!("`{pattern}` refused although axum takes it: {error}");
-        }
+        assert_accepted(pattern);
     }
 }
 
@@ -335,69 +219,32 @@ fn route_table_checks_only_the_literal_text_of_a_pattern() {
 async fn idempotency_policy_leaves_other_methods_to_later_routes<F: Fixture>() {
     let fixture = F::start().await;
     let gate = Gate::new();
-    let routes = LockRoutes::new(fixture.backend())
-        .defaults(|layer| layer.namespace(NS))
+    let routes = table(&fixture)
         .route("/orders", idempotency::policy(IdempotencyKey::new()))
         .unwrap()
-        .route(
-            "/orders",
-            LockPolicy::template("orders:purge")
-                .unwrap()
-                .methods([Method::DELETE]),
-        )
+        .route("/orders", only(Method::DELETE, "orders:purge"))
         .unwrap();
-    let service = ServiceBuilder::new()
-        .layer(routes)
-        .service(echo(gate.clone()));
+    let service = routes.layer(echo(gate.clone()));
+    let orders = |method| call(method, "/orders");
 
-    let holder = tokio::spawn(
-        service.clone().oneshot(
-            call(Method::DELETE, "/orders")
-                .header("x-gate", "1")
-                .body(String::new())
-                .unwrap(),
-        ),
-    );
-    until_held(&fixture, 1).await;
-    let second = service
-        .clone()
-        .oneshot(call(Method::DELETE, "/orders").body(String::new()).unwrap())
-        .await
-        .unwrap();
+    let delete = || orders(Method::DELETE);
+    let (holder, second) = while_held(&fixture, &service, &gate, delete(), delete()).await;
     assert_eq!(
         second.status(),
         StatusCode::CONFLICT,
         "the DELETE route's lock did not hold"
     );
-    gate.open();
-    assert_eq!(
-        text(holder.await.unwrap().unwrap()).await,
-        format!("{NS}{{orders:purge}}")
-    );
+    assert_eq!(body_text(holder).await, format!("{NS}{{orders:purge}}"));
 
     // The preset still owns POST (and answers its own 400), and GET is nobody's.
-    let post = service
-        .clone()
-        .oneshot(call(Method::POST, "/orders").body(String::new()).unwrap())
-        .await
-        .unwrap();
+    let post = send(&service, orders(Method::POST)).await;
     assert_eq!(post.status(), StatusCode::BAD_REQUEST);
-    let post = service
-        .clone()
-        .oneshot(
-            call(Method::POST, "/orders")
-                .header("idempotency-key", "k1")
-                .body(String::new())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(text(post).await, format!("{NS}{{idempotency:k1}}"));
-    let get = service
-        .oneshot(call(Method::GET, "/orders").body(String::new()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(text(get).await, "unlocked");
+    let post = orders(Method::POST).header("idempotency-key", "k1");
+    assert_eq!(
+        answer(&service, post).await.1,
+        format!("{NS}{{idempotency:k1}}")
+    );
+    assert_eq!(answer(&service, orders(Method::GET)).await.1, "unlocked");
 }
 
 /// In one namespace, `Idempotency-Key: 42` is not the lock of account 42, whether the account's
@@ -405,8 +252,7 @@ async fn idempotency_policy_leaves_other_methods_to_later_routes<F: Fixture>() {
 async fn idempotency_keys_never_contend_with_account_locks<F: Fixture>() {
     let fixture = F::start().await;
     let gate = Gate::new();
-    let routes = LockRoutes::new(fixture.backend())
-        .defaults(|layer| layer.namespace(NS))
+    let routes = table(&fixture)
         .route("/orders", idempotency::policy(IdempotencyKey::new()))
         .unwrap()
         .route(
@@ -429,20 +275,13 @@ async fn idempotency_keys_never_contend_with_account_locks<F: Fixture>() {
             LockPolicy::template("{path.user}:{path.id}").unwrap(),
         )
         .unwrap();
-    let service = ServiceBuilder::new()
-        .layer(routes)
-        .service(echo(gate.clone()));
+    let service = routes.layer(echo(gate.clone()));
     let post = |uri: &str, headers: &[(&str, &str)], gated: bool| {
         let mut builder = call(Method::POST, uri);
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        if gated {
-            builder = builder.header("x-gate", "1");
-        }
-        service
-            .clone()
-            .oneshot(builder.body(String::new()).unwrap())
+        send(&service, gate_if(builder, gated))
     };
 
     // Hold the idempotency keys `42` (unscoped) and alice's `42`.
@@ -460,22 +299,19 @@ async fn idempotency_keys_never_contend_with_account_locks<F: Fixture>() {
         "/bare/42/deposit",
         "/scoped/alice/42",
     ] {
-        let response = post(uri, &[], false).await.unwrap();
         assert_eq!(
-            response.status(),
+            post(uri, &[], false).await.status(),
             StatusCode::OK,
             "{uri} met the lock of an Idempotency-Key"
         );
     }
     // The keys themselves are still held.
-    let retry = post("/orders", &[("idempotency-key", "42")], false)
-        .await
-        .unwrap();
+    let retry = post("/orders", &[("idempotency-key", "42")], false).await;
     assert_eq!(retry.status(), StatusCode::CONFLICT);
 
     gate.open();
-    let unscoped = text(unscoped.await.unwrap().unwrap()).await;
-    let scoped = text(scoped.await.unwrap().unwrap()).await;
+    let unscoped = body_text(unscoped.await.unwrap()).await;
+    let scoped = body_text(scoped.await.unwrap()).await;
     assert_eq!(unscoped, format!("{NS}{{idempotency:42}}"));
     assert_eq!(scoped, format!("{NS}{{idempotency:alice:42}}"));
     until_held(&fixture, 0).await;

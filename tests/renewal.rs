@@ -5,196 +5,27 @@
 #[macro_use]
 mod common;
 
-use std::collections::HashSet;
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use http::{Request, Response, StatusCode};
+use http::StatusCode;
 use tokio::time::Instant;
+use tower::Layer;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, ServiceBuilder};
-use tower_lock::backend::{
-    Acquire, AcquireOptions, BackendFuture, Extend, LockName, LockToken, Release,
+use tower_lock::{LockPolicy, LockRoutes};
+
+use common::backends::{Acquires, Fault, Wrapped};
+use common::{
+    Fixture, NS, assert_held_throughout, body_json, eventually, holder, holder_behind, holding,
+    layer_on, multi_thread, request, send, start_holding, until_held,
 };
-use tower_lock::key::Header;
-use tower_lock::{LockBackend, LockBody, LockLayer, LockLease, LockPolicy, LockRoutes};
-
-use common::{Fixture, Memory, NS, Redis, body_json, eventually, request, send, until_held};
-
-type Svc = BoxCloneSyncService<Request<String>, Response<LockBody<String>>, Infallible>;
-
-/// What an extend call of the wrapped backend does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fault {
-    /// Passes the call on.
-    None,
-    /// Panics while making the call.
-    PanicNow,
-    /// Returns a future that panics when polled.
-    PanicLater,
-    /// Returns a future that never completes.
-    Hang,
-    /// Passes the call on, in a future that panics when it is dropped: past the renewal task's
-    /// `catch_unwind` of the call, so the task itself dies.
-    PanicOnDrop,
-}
-
-/// A future that panics when dropped.
-struct PanicOnDrop(BackendFuture<Extend>);
-
-impl std::future::Future for PanicOnDrop {
-    type Output = Result<Extend, tower_lock::backend::BackendError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-impl Drop for PanicOnDrop {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            panic!("extend future panicked when dropped (injected)");
-        }
-    }
-}
-
-type FaultFn = Arc<dyn Fn(&LockName, usize) -> Fault + Send + Sync>;
-
-/// A real backend with a recorder and fault injection around `extend`, and an optional delay
-/// before each acquire.
-#[derive(Clone)]
-struct Wrapped<B> {
-    inner: B,
-    extends: Arc<AtomicUsize>,
-    /// The tokio tasks extend calls were made from.
-    callers: Arc<Mutex<HashSet<tokio::task::Id>>>,
-    /// Added to each acquire of a lock whose name contains `slow`.
-    acquire_delay: Duration,
-    /// Given the lock and the number of extend calls before this one.
-    fault: FaultFn,
-}
-
-impl<B> Wrapped<B> {
-    fn new(inner: B) -> Self {
-        Self {
-            inner,
-            extends: Arc::default(),
-            callers: Arc::default(),
-            acquire_delay: Duration::ZERO,
-            fault: Arc::new(|_, _| Fault::None),
-        }
-    }
-
-    fn fault(mut self, fault: impl Fn(&LockName, usize) -> Fault + Send + Sync + 'static) -> Self {
-        self.fault = Arc::new(fault);
-        self
-    }
-
-    fn extends(&self) -> usize {
-        self.extends.load(Ordering::SeqCst)
-    }
-}
-
-impl<B: LockBackend> LockBackend for Wrapped<B> {
-    fn acquire(
-        &self,
-        name: &LockName,
-        token: LockToken,
-        options: AcquireOptions,
-    ) -> BackendFuture<Acquire> {
-        let call = self.inner.acquire(name, token, options);
-        let delay = if name.lock_key().contains("slow") {
-            self.acquire_delay
-        } else {
-            Duration::ZERO
-        };
-        Box::pin(async move {
-            let outcome = call.await;
-            tokio::time::sleep(delay).await;
-            outcome
-        })
-    }
-    fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
-        self.inner.release(name, token)
-    }
-    fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
-        let before = self.extends.fetch_add(1, Ordering::SeqCst);
-        if let Some(id) = tokio::task::try_id() {
-            self.callers.lock().unwrap().insert(id);
-        }
-        match (self.fault)(name, before) {
-            Fault::None => self.inner.extend(name, token, ttl),
-            Fault::PanicNow => panic!("extend panicked (injected)"),
-            Fault::PanicLater => Box::pin(async { panic!("extend future panicked (injected)") }),
-            Fault::Hang => Box::pin(std::future::pending()),
-            Fault::PanicOnDrop => Box::pin(PanicOnDrop(self.inner.extend(name, token, ttl))),
-        }
-    }
-}
-
-/// A handler that holds for `x-hold-ms` (returning early when its lease is lost, if
-/// `x-watch-lost` is set) and answers `{"lost": bool, "elapsed_ms": n}`.
-fn handler() -> impl tower::Service<
-    Request<String>,
-    Response = Response<String>,
-    Error = Infallible,
-    Future = impl Send + 'static,
-> + Clone
-+ Send
-+ Sync
-+ 'static {
-    tower::service_fn(|req: Request<String>| async move {
-        let started = Instant::now();
-        let lease = req.extensions().get::<LockLease>().cloned();
-        let hold = req
-            .headers()
-            .get("x-hold-ms")
-            .map_or(0, |v| v.to_str().unwrap().parse().unwrap());
-        let sleep = tokio::time::sleep(Duration::from_millis(hold));
-        match (&lease, req.headers().contains_key("x-watch-lost")) {
-            (Some(lease), true) => {
-                tokio::select! {
-                    _ = sleep => {}
-                    _ = lease.lost() => {}
-                }
-            }
-            _ => sleep.await,
-        }
-        let body = serde_json::json!({
-            "locked": lease.is_some(),
-            "lost": lease.as_ref().is_some_and(LockLease::is_lost),
-            "elapsed_ms": started.elapsed().as_millis() as u64,
-        });
-        Ok::<_, Infallible>(Response::new(body.to_string()))
-    })
-}
-
-fn service<B: LockBackend>(layer: LockLayer<Header, B>) -> Svc {
-    BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service(handler()))
-}
-
-fn layer<B: LockBackend>(backend: B) -> LockLayer<Header, B> {
-    LockLayer::new(backend, Header::new("x-key")).namespace(NS)
-}
-
-fn holding(key: &str, ms: u64) -> http::request::Builder {
-    request(key)
-        .header("x-hold-ms", ms.to_string())
-        .header("x-watch-lost", "1")
-}
 
 /// A lease of 300 ms is renewed every 100 ms: about ten extends in a second, not one per TTL
 /// and not a busy loop.
 async fn renewal_cadence_follows_the_interval<F: Fixture>() {
     let fixture = F::start().await;
     let backend = Wrapped::new(fixture.backend());
-    let auto = service(layer(backend.clone()).ttl(Duration::from_millis(300)));
+    let auto = holder_behind(layer_on(backend.clone()).ttl(Duration::from_millis(300)));
     let response = send(&auto, holding("k", 1000)).await;
     assert_eq!(body_json(response).await["lost"], false);
     let extends = backend.extends();
@@ -204,8 +35,8 @@ async fn renewal_cadence_follows_the_interval<F: Fixture>() {
     );
     // An explicit interval is followed too: ttl 1 s renewed every 100 ms.
     let backend = Wrapped::new(fixture.backend());
-    let every = service(
-        layer(backend.clone())
+    let every = holder_behind(
+        layer_on(backend.clone())
             .ttl(Duration::from_secs(1))
             .renew_every(Duration::from_millis(100)),
     );
@@ -221,7 +52,7 @@ async fn renewal_cadence_follows_the_interval<F: Fixture>() {
 async fn one_renewal_task_renews_every_lease_of_a_layer<F: Fixture>() {
     let fixture = F::start().await;
     let backend = Wrapped::new(fixture.backend());
-    let service = service(layer(backend.clone()).ttl(Duration::from_millis(600)));
+    let service = holder_behind(layer_on(backend.clone()).ttl(Duration::from_millis(600)));
     let holders: Vec<_> = (0..20)
         .map(|i| tokio::spawn(send(&service, holding(&format!("k{i}"), 800))))
         .collect();
@@ -229,7 +60,7 @@ async fn one_renewal_task_renews_every_lease_of_a_layer<F: Fixture>() {
         assert_eq!(body_json(holder.await.unwrap()).await["lost"], false);
     }
     assert!(backend.extends() >= 40, "{} extends", backend.extends());
-    let callers = backend.callers.lock().unwrap().len();
+    let callers = backend.extend_callers();
     assert_eq!(callers, 1, "extends came from {callers} tasks");
 }
 
@@ -239,15 +70,19 @@ async fn one_renewal_task_renews_every_lease_of_a_layer<F: Fixture>() {
 /// about 0.67 s later, after the slow lease's validity).
 async fn slow_acquire_is_renewed_before_it_expires<F: Fixture>() {
     let fixture = F::start().await;
-    let mut backend = Wrapped::new(fixture.backend());
-    backend.acquire_delay = Duration::from_millis(1600);
-    let service = service(
-        layer(backend.clone())
+    let backend = Wrapped::new(fixture.backend()).acquires(|name| {
+        if name.lock_key().contains("slow") {
+            Acquires::AnsweredAfter(Duration::from_millis(1600))
+        } else {
+            Acquires::Pass
+        }
+    });
+    let service = holder_behind(
+        layer_on(backend.clone())
             .ttl(Duration::from_secs(2))
             .acquire_timeout(Duration::from_secs(3)),
     );
-    let slow = tokio::spawn(send(&service, holding("slow", 2500)));
-    until_held(&fixture, 1).await;
+    let slow = start_holding(&fixture, &service, holding("slow", 2500)).await;
     tokio::time::sleep(Duration::from_millis(1450)).await;
     let other = tokio::spawn(send(&service, holding("other", 2500)));
     // Past the slow lease's first validity (its acquire started before `until_held` returned).
@@ -269,8 +104,8 @@ async fn slow_acquire_is_renewed_before_it_expires<F: Fixture>() {
 async fn lost_fires_by_validity_end_while_extend_hangs<F: Fixture>() {
     let fixture = F::start().await;
     let backend = Wrapped::new(fixture.backend()).fault(|_, _| Fault::Hang);
-    let service = service(
-        layer(backend.clone())
+    let service = holder_behind(
+        layer_on(backend.clone())
             .ttl(Duration::from_millis(400))
             .acquire_timeout(Duration::from_secs(5))
             .renew_timeout(Duration::from_secs(5)),
@@ -302,8 +137,8 @@ async fn renew_timeout_gives_up_a_hanging_extend_and_retries<F: Fixture>() {
             Fault::None
         }
     });
-    let service = service(
-        layer(backend.clone())
+    let service = holder_behind(
+        layer_on(backend.clone())
             .ttl(Duration::from_millis(600))
             .acquire_timeout(Duration::from_secs(5))
             .renew_timeout(Duration::from_millis(50)),
@@ -329,7 +164,7 @@ async fn panicking_extend_does_not_stop_other_renewals<F: Fixture>() {
             Fault::None
         }
     });
-    let service = service(layer(backend.clone()).ttl(Duration::from_millis(1000)));
+    let service = holder_behind(layer_on(backend.clone()).ttl(Duration::from_millis(1000)));
     let now = tokio::spawn(send(&service, holding("boom-now", 4000)));
     let later = tokio::spawn(send(&service, holding("boom-later", 4000)));
     let fine = tokio::spawn(send(&service, holding("k", 4000)));
@@ -343,12 +178,7 @@ async fn panicking_extend_does_not_stop_other_renewals<F: Fixture>() {
     }
     // Well past its first TTL, the healthy lease is still held.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(
-        send(&service, request("k")).await.status(),
-        StatusCode::CONFLICT
-    );
-    let response = fine.await.unwrap();
-    assert_eq!(body_json(response).await["lost"], false);
+    assert_held_throughout(&service, "k", fine).await;
 }
 
 /// A `renew_every` given in `LockRoutes::defaults` is rescaled when a policy sets a shorter TTL:
@@ -364,27 +194,20 @@ async fn renew_every_from_defaults_is_rescaled_to_a_shorter_policy_ttl<F: Fixtur
                 .ttl(Duration::from_millis(300)),
         )
         .unwrap();
-    let service = BoxCloneSyncService::new(routes.layer(handler()));
-    let holder = tokio::spawn(send(&service, holding("k", 1000)));
-    until_held(&fixture, 1).await;
+    let service = BoxCloneSyncService::new(routes.layer(holder()));
+    let holder = start_holding(&fixture, &service, holding("k", 1000)).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(
-        send(&service, request("k")).await.status(),
-        StatusCode::CONFLICT,
-        "the lease was not renewed within its 300 ms TTL"
-    );
-    let response = holder.await.unwrap();
-    let body = body_json(response).await;
-    assert_eq!(body["locked"], true);
-    assert_eq!(body["lost"], false);
+    // Renewed within its 300 ms TTL.
+    let report = assert_held_throughout(&service, "k", holder).await;
+    assert_eq!(report["locked"], true);
 }
 
 /// `no_renewal`: not one extend, and the handler is told when the TTL has run out.
 async fn without_renewal_the_lease_is_lost_at_its_ttl<F: Fixture>() {
     let fixture = F::start().await;
     let backend = Wrapped::new(fixture.backend());
-    let service = service(
-        layer(backend.clone())
+    let service = holder_behind(
+        layer_on(backend.clone())
             .ttl(Duration::from_millis(300))
             .no_renewal(),
     );
@@ -408,10 +231,10 @@ async fn ended_requests_leave_the_renewal_schedule<F: Fixture>() {
         100_000
     };
     let fixture = F::start().await;
-    let layer = layer(fixture.backend())
+    let layer = layer_on(fixture.backend())
         .ttl(Duration::from_secs(3600))
         .fencing(false);
-    let service = service(layer.clone());
+    let service = holder_behind(layer.clone());
     let mut requests = futures_util::stream::iter(0..requests)
         .map(|i| send(&service, request(&format!("k{i}"))))
         .buffer_unordered(IN_FLIGHT);
@@ -455,10 +278,10 @@ async fn ended_requests_leave_the_renewal_schedule<F: Fixture>() {
 /// A tight loop of short requests beside many renewed leases: every lease is renewed in time.
 async fn renewals_keep_up_under_a_tight_loop_of_short_requests<F: Fixture>() {
     let fixture = F::start().await;
-    let layer = layer(fixture.backend())
+    let layer = layer_on(fixture.backend())
         .ttl(Duration::from_millis(300))
         .fencing(false);
-    let service = service(layer);
+    let service = holder_behind(layer);
     let holders: Vec<_> = (0..300)
         .map(|i| tokio::spawn(send(&service, holding(&format!("h{i}"), 1500))))
         .collect();
@@ -506,21 +329,15 @@ suite!(
 #[test]
 fn lease_registered_on_a_shut_down_runtime_is_lost_at_once() {
     use tower::Service;
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    let mut service = service(layer(tower_lock::MemoryBackend::new()).ttl(Duration::from_secs(10)));
-    let dead = runtime();
+    let mut service =
+        holder_behind(layer_on(tower_lock::MemoryBackend::new()).ttl(Duration::from_secs(10)));
+    let dead = multi_thread(1);
     let future = {
         let _entered = dead.enter();
         service.call(holding("a", 2000).body(String::new()).unwrap())
     };
     drop(dead);
-    let live = runtime();
+    let live = multi_thread(1);
     let response = live
         .block_on(async { tokio::time::timeout(Duration::from_secs(5), future).await })
         .expect("the request hung registering its lease with a dead runtime")
@@ -530,26 +347,18 @@ fn lease_registered_on_a_shut_down_runtime_is_lost_at_once() {
     assert!(body["elapsed_ms"].as_u64().unwrap() < 1000, "{body}");
 }
 
-fn one_worker_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// Each runtime keeps its one renewal task while another runtime starts its own: a second
 /// request on the first runtime is renewed by the same task as the first (two runtimes, two
 /// tasks, never three).
 #[test]
 fn each_runtime_keeps_its_one_renewal_task() {
     let backend = Wrapped::new(tower_lock::MemoryBackend::new());
-    let service = service(
-        layer(backend.clone())
+    let service = holder_behind(
+        layer_on(backend.clone())
             .ttl(Duration::from_millis(300))
             .renew_every(Duration::from_millis(50)),
     );
-    let (a, b) = (one_worker_runtime(), one_worker_runtime());
+    let (a, b) = (multi_thread(1), multi_thread(1));
     let first = a.spawn(send(&service, holding("a1", 600)));
     a.block_on(async { tokio::time::sleep(Duration::from_millis(150)).await });
     b.block_on(send(&service, holding("b1", 300)));
@@ -557,7 +366,7 @@ fn each_runtime_keeps_its_one_renewal_task() {
     for response in a.block_on(async { [first.await.unwrap(), second.await.unwrap()] }) {
         assert_eq!(a.block_on(body_json(response))["lost"], false);
     }
-    let callers = backend.callers.lock().unwrap().len();
+    let callers = backend.extend_callers();
     assert_eq!(
         callers, 2,
         "extends came from {callers} tasks for two runtimes"
@@ -576,9 +385,9 @@ fn a_renewal_task_that_panics_loses_its_leases_and_is_replaced() {
             Fault::None
         }
     });
-    let runtime = one_worker_runtime();
-    let service = service(
-        layer(backend.clone())
+    let runtime = multi_thread(1);
+    let service = holder_behind(
+        layer_on(backend.clone())
             .ttl(Duration::from_millis(300))
             .renew_every(Duration::from_millis(50)),
     );

@@ -10,7 +10,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use common::{Fixture, Memory, Redis, RedisServer};
+use common::{Fixture, Memory, Redis};
 use demo::{DemoConfig, Running, spawn};
 
 /// A backend the demo can run on: its locks and balances in that Redis, or in process.
@@ -47,8 +47,49 @@ async fn start<F: DemoBackend>(fixture: &F, config: DemoConfig) -> Running {
     .expect("demo server")
 }
 
+/// Leases of `ms`, renewed or not.
+fn leases(ms: u64, renewed: bool) -> DemoConfig {
+    DemoConfig {
+        lock_ttl: Some(Duration::from_millis(ms)),
+        renew_lease: renewed,
+        ..DemoConfig::default()
+    }
+}
+
 async fn post(url: String) -> reqwest::Response {
     reqwest::Client::new().post(url).send().await.unwrap()
+}
+
+/// Asserts that `response` has `status`; its JSON body.
+async fn answered(response: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status, "{}", response.url());
+    response.json().await.unwrap()
+}
+
+/// Asserts that `response` is a problem+json with `status`; the problem.
+async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status, "{}", response.url());
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    response.json().await.unwrap()
+}
+
+/// `GET /accounts/{account}`: `{"account": id, "balance": b}`.
+async fn account(base: &str, account: &str) -> Value {
+    let response = reqwest::get(format!("{base}/accounts/{account}")).await;
+    response.unwrap().json().await.unwrap()
+}
+
+/// Starts `GET /stream/{account}?ms=800` and, once its headers are in, reads its body in the
+/// background; returns that read.
+async fn stream(base: &str, account: &str) -> tokio::task::JoinHandle<reqwest::Result<String>> {
+    let stream = reqwest::get(format!("{base}/stream/{account}?ms=800"))
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    tokio::spawn(stream.text())
 }
 
 async fn deposit_contract<F: DemoBackend>() {
@@ -57,8 +98,7 @@ async fn deposit_contract<F: DemoBackend>() {
     let base = server.url();
 
     let response = post(format!("{base}/accounts/a1/deposit?amount=5")).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
+    let body = answered(response, StatusCode::OK).await;
     assert_eq!(body["account"], "a1");
     assert_eq!(body["balance"], 5);
     assert!(body["fencing_token"].as_u64().unwrap() >= 1);
@@ -69,45 +109,29 @@ async fn deposit_contract<F: DemoBackend>() {
     )));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let conflict = post(format!("{base}/accounts/a1/deposit?amount=7")).await;
-    assert_eq!(conflict.status(), StatusCode::CONFLICT);
     assert!(conflict.headers().contains_key("retry-after"));
-    assert_eq!(
-        conflict.headers()["content-type"],
-        "application/problem+json"
-    );
-    let problem: Value = conflict.json().await.unwrap();
+    let problem = problem(conflict, StatusCode::CONFLICT).await;
     assert_eq!(problem["status"], 409);
     // The lock conflict is the layer's; the stale-token 409 is the handler's.
     assert_eq!(problem["type"], "urn:tower-lock:lock-held");
-    let slow = slow.await.unwrap();
-    assert_eq!(slow.status(), StatusCode::OK);
-    let slow: Value = slow.json().await.unwrap();
+    let slow = answered(slow.await.unwrap(), StatusCode::OK).await;
     assert_eq!(slow["balance"], 10);
 
-    let balance: Value = reqwest::get(format!("{base}/accounts/a1"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(balance, serde_json::json!({"account": "a1", "balance": 10}));
+    assert_eq!(
+        account(&base, "a1").await,
+        serde_json::json!({"account": "a1", "balance": 10})
+    );
+    assert_eq!(account(&base, "nobody").await["balance"], 0);
 
-    let unknown: Value = reqwest::get(format!("{base}/accounts/nobody"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(unknown["balance"], 0);
-
-    let unlocked = post(format!("{base}/unlocked/accounts/a1/deposit?amount=1")).await;
-    assert_eq!(unlocked.status(), StatusCode::OK);
-    let unlocked: Value = unlocked.json().await.unwrap();
+    let unlocked = answered(
+        post(format!("{base}/unlocked/accounts/a1/deposit?amount=1")).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(unlocked["balance"], 11);
 
     let bad = post(format!("{base}/accounts/a1/deposit?amount=abc")).await;
-    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
-    let problem: Value = bad.json().await.unwrap();
+    let problem = answered(bad, StatusCode::BAD_REQUEST).await;
     assert_eq!(problem["type"], demo::INVALID_QUERY_TYPE);
 }
 
@@ -137,50 +161,32 @@ async fn concurrent_burst_keeps_every_locked_deposit<F: DemoBackend>() {
     for task in tasks {
         task.await.unwrap();
     }
-    let balance: Value = client
-        .get(format!("{base}/accounts/burst"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(balance["balance"], 20, "a locked deposit was lost");
+    assert_eq!(
+        account(&base, "burst").await["balance"],
+        20,
+        "a locked deposit was lost"
+    );
 }
 
 async fn stale_token_write_is_refused<F: DemoBackend>() {
     let fixture = F::start().await;
     // Leases of 300 ms that are not renewed: a slow deposit outlives its lock.
-    let server = start(
-        &fixture,
-        DemoConfig {
-            lock_ttl: Some(Duration::from_millis(300)),
-            renew_lease: false,
-            ..DemoConfig::default()
-        },
-    )
-    .await;
+    let server = start(&fixture, leases(300, false)).await;
     let base = server.url();
     let slow = tokio::spawn(post(format!(
         "{base}/accounts/f1/deposit?amount=100&hold_ms=1000"
     )));
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The lease has lapsed: a second deposit gets the lock, a larger token, and writes first.
-    let fast = post(format!("{base}/accounts/f1/deposit?amount=1")).await;
-    assert_eq!(fast.status(), StatusCode::OK);
-    let fast: Value = fast.json().await.unwrap();
+    let fast = answered(
+        post(format!("{base}/accounts/f1/deposit?amount=1")).await,
+        StatusCode::OK,
+    )
+    .await;
     // The first deposit's write carries the older token and is refused.
-    let slow = slow.await.unwrap();
-    assert_eq!(slow.status(), StatusCode::CONFLICT);
-    assert_eq!(slow.headers()["content-type"], "application/problem+json");
-    let problem: Value = slow.json().await.unwrap();
+    let problem = problem(slow.await.unwrap(), StatusCode::CONFLICT).await;
     assert_eq!(problem["type"], demo::STALE_TOKEN_TYPE);
-    let balance: Value = reqwest::get(format!("{base}/accounts/f1"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let balance = account(&base, "f1").await;
     assert_eq!(balance["balance"], fast["balance"]);
     assert_eq!(balance["balance"], 1);
 }
@@ -193,15 +199,7 @@ async fn stale_token_write_is_refused<F: DemoBackend>() {
 /// A's token, so A's write is refused.
 async fn stale_holder_write_after_newer_read_is_refused<F: DemoBackend>() {
     let fixture = F::start().await;
-    let server = start(
-        &fixture,
-        DemoConfig {
-            lock_ttl: Some(Duration::from_millis(200)),
-            renew_lease: false,
-            ..DemoConfig::default()
-        },
-    )
-    .await;
+    let server = start(&fixture, leases(200, false)).await;
     let base = server.url();
     let initial = post(format!("{base}/accounts/l1/deposit?amount=10")).await;
     assert_eq!(initial.status(), StatusCode::OK);
@@ -237,16 +235,10 @@ async fn stale_holder_write_after_newer_read_is_refused<F: DemoBackend>() {
     let a = a.await.unwrap();
     let (a_status, a_type) = (a.status(), a.headers().get("content-type").cloned());
     let a: Value = a.json().await.unwrap();
-    assert_eq!(b.status(), StatusCode::OK);
-    let b: Value = b.json().await.unwrap();
+    let b = answered(b, StatusCode::OK).await;
     assert_eq!(b["balance"], 11, "B read the balance before A wrote");
 
-    let balance: Value = reqwest::get(format!("{base}/accounts/l1"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let balance = account(&base, "l1").await;
     // No deposit answered 200 is lost: the balance is the initial one plus every accepted amount.
     let accepted = 10 + if a_status == StatusCode::OK { 100 } else { 0 } + 1;
     assert_eq!(
@@ -268,47 +260,23 @@ async fn fenced_read_raises_the_fence<F: DemoBackend>() {
     let fixture = F::start().await;
     let server = start(&fixture, DemoConfig::default()).await;
     let store = &server.store;
-    assert_eq!(
-        store.read_fenced("r1", 5).await.unwrap(),
-        FencedRead::Current { balance: 0 }
-    );
-    assert_eq!(
-        store.read_fenced("r1", 4).await.unwrap(),
-        FencedRead::Stale { fence: 5 }
-    );
-    assert_eq!(
-        store.write_fenced("r1", 7, 4).await.unwrap(),
-        FencedWrite::Stale { fence: 5 }
-    );
-    assert_eq!(
-        store.read_fenced("r1", 5).await.unwrap(),
-        FencedRead::Current { balance: 0 }
-    );
-    assert_eq!(
-        store.write_fenced("r1", 7, 5).await.unwrap(),
-        FencedWrite::Accepted
-    );
-    assert_eq!(
-        store.read_fenced("r1", 6).await.unwrap(),
-        FencedRead::Current { balance: 7 }
-    );
-    assert_eq!(
-        store.write_fenced("r1", 8, 5).await.unwrap(),
-        FencedWrite::Stale { fence: 6 }
-    );
+    let read = async |account, token| store.read_fenced(account, token).await.unwrap();
+    let write =
+        async |account, balance, token| store.write_fenced(account, balance, token).await.unwrap();
+    assert_eq!(read("r1", 5).await, FencedRead::Current { balance: 0 });
+    assert_eq!(read("r1", 4).await, FencedRead::Stale { fence: 5 });
+    assert_eq!(write("r1", 7, 4).await, FencedWrite::Stale { fence: 5 });
+    assert_eq!(read("r1", 5).await, FencedRead::Current { balance: 0 });
+    assert_eq!(write("r1", 7, 5).await, FencedWrite::Accepted);
+    assert_eq!(read("r1", 6).await, FencedRead::Current { balance: 7 });
+    assert_eq!(write("r1", 8, 5).await, FencedWrite::Stale { fence: 6 });
     assert_eq!(store.balance("r1").await.unwrap(), 7);
 
     let big = u64::MAX - 1;
+    assert_eq!(read("r2", big).await, FencedRead::Current { balance: 0 });
+    assert_eq!(read("r2", big - 1).await, FencedRead::Stale { fence: big });
     assert_eq!(
-        store.read_fenced("r2", big).await.unwrap(),
-        FencedRead::Current { balance: 0 }
-    );
-    assert_eq!(
-        store.read_fenced("r2", big - 1).await.unwrap(),
-        FencedRead::Stale { fence: big }
-    );
-    assert_eq!(
-        store.read_fenced("r2", u64::MAX).await.unwrap(),
+        read("r2", u64::MAX).await,
         FencedRead::Current { balance: 0 }
     );
     assert_eq!(
@@ -367,9 +335,7 @@ async fn order_idempotency_key_does_not_block_the_account_with_that_id<F: DemoBa
         StatusCode::OK,
         "POST /accounts/42/deposit blocked POST /orders with Idempotency-Key 42"
     );
-    let deposit = in_flight.await.unwrap();
-    assert_eq!(deposit.status(), StatusCode::OK);
-    let deposit: Value = deposit.json().await.unwrap();
+    let deposit = answered(in_flight.await.unwrap(), StatusCode::OK).await;
     assert_eq!(deposit["balance"], 3);
 }
 
@@ -379,18 +345,13 @@ async fn stream_and_deposit_share_the_account_lock<F: DemoBackend>() {
     let fixture = F::start().await;
     let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
-    let stream = reqwest::get(format!("{base}/stream/7?ms=800"))
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), StatusCode::OK);
-    let body = tokio::spawn(stream.text());
+    let body = stream(&base, "7").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     if let Some(keys) = fixture.held_lock_keys().await {
         assert_eq!(keys, ["tower-lock:{account:7}"]);
     }
     let during = post(format!("{base}/accounts/7/deposit?amount=1")).await;
-    assert_eq!(during.status(), StatusCode::CONFLICT);
-    let problem: Value = during.json().await.unwrap();
+    let problem = answered(during, StatusCode::CONFLICT).await;
     assert_eq!(problem["type"], "urn:tower-lock:lock-held");
     body.await.unwrap().unwrap();
 }
@@ -399,11 +360,7 @@ async fn stream_holds_the_lock_until_the_body_is_sent<F: DemoBackend>() {
     let fixture = F::start().await;
     let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
-    let stream = reqwest::get(format!("{base}/stream/s1?ms=800"))
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), StatusCode::OK);
-    let body = tokio::spawn(stream.text());
+    let body = stream(&base, "s1").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let during = post(format!("{base}/accounts/s1/deposit?amount=1")).await;
     assert_eq!(during.status(), StatusCode::CONFLICT);
@@ -428,11 +385,7 @@ async fn orders_follow_the_idempotency_key_preset<F: DemoBackend>() {
     let client = reqwest::Client::new();
     let url = format!("{}/orders", server.url());
     let missing = client.post(&url).send().await.unwrap();
-    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(
-        missing.headers()["content-type"],
-        "application/problem+json"
-    );
+    problem(missing, StatusCode::BAD_REQUEST).await;
 
     let first = tokio::spawn(
         client
@@ -447,29 +400,20 @@ async fn orders_follow_the_idempotency_key_preset<F: DemoBackend>() {
         .send()
         .await
         .unwrap();
-    assert_eq!(retry.status(), StatusCode::CONFLICT);
-    let problem: Value = retry.json().await.unwrap();
+    let problem = problem(retry, StatusCode::CONFLICT).await;
     assert_eq!(
         problem["title"],
         "A request is outstanding for this Idempotency-Key"
     );
     let first = first.await.unwrap().unwrap();
-    assert_eq!(first.status(), StatusCode::OK);
-    let body: Value = first.json().await.unwrap();
+    let body = answered(first, StatusCode::OK).await;
     assert_eq!(body, serde_json::json!({"order": "order-1"}));
 }
 
 async fn long_hold_outlives_lock_ttl_safely<F: DemoBackend>() {
     let fixture = F::start().await;
     // LOCK_TTL_MS=300 with the default renewal: a 1.2 s deposit keeps its lock all along.
-    let server = start(
-        &fixture,
-        DemoConfig {
-            lock_ttl: Some(Duration::from_millis(300)),
-            ..DemoConfig::default()
-        },
-    )
-    .await;
+    let server = start(&fixture, leases(300, true)).await;
     let base = server.url();
     let slow = tokio::spawn(post(format!(
         "{base}/accounts/t1/deposit?amount=10&hold_ms=1200"
@@ -483,9 +427,7 @@ async fn long_hold_outlives_lock_ttl_safely<F: DemoBackend>() {
             "lock lapsed mid-request"
         );
     }
-    let slow = slow.await.unwrap();
-    assert_eq!(slow.status(), StatusCode::OK);
-    let slow: Value = slow.json().await.unwrap();
+    let slow = answered(slow.await.unwrap(), StatusCode::OK).await;
     assert_eq!(slow["balance"], 10);
 }
 
@@ -504,27 +446,17 @@ suite!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_answers_503_with_retry_after() {
-    let mut redis = RedisServer::start();
-    let server = spawn(DemoConfig {
-        redis_url: Some(redis.url()),
-        ..DemoConfig::default()
-    })
-    .await
-    .expect("demo server");
+    let mut fixture = Redis::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
     let base = server.url();
     assert_eq!(
         post(format!("{base}/accounts/x/deposit")).await.status(),
         StatusCode::OK
     );
-    redis.stop();
+    fixture.server.stop();
     let response = post(format!("{base}/accounts/x/deposit")).await;
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "1");
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let problem: Value = response.json().await.unwrap();
+    let problem = problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(problem["status"], 503);
     // The lock is taken before the balance store is touched: the layer answers.
     assert_eq!(problem["type"], "urn:tower-lock:backend-unavailable");

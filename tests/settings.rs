@@ -8,7 +8,7 @@ mod common;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use common::{Fixture, Memory, NS, Redis, request, send};
+use common::{Fixture, NS, request, send};
 use http::{Method, Request, Response, StatusCode};
 use tower::ServiceBuilder;
 use tower_lock::key::LockKey;

@@ -1,9 +1,20 @@
-//! Test harness: real `redis-server` processes on free loopback ports.
+//! Test harness: real `redis-server` processes on free loopback ports, the two backends every
+//! behaviour runs on ([`Fixture`], `suite!`), and what the suites share: requests, responses and
+//! handlers ([`requests`]), a test backend around a real one ([`backends`]), captured logs
+//! ([`logs`]).
 //!
 //! Each [`RedisServer`] runs its own `redis-server` (no persistence unless asked, its own temp
 //! dir), waits for `PING`, and can be stopped, restarted on the same port, paused (`SIGSTOP`) and
 //! resumed. It is killed when dropped. The machine's own Redis on 6379 is never used.
 #![allow(dead_code, unused_macros)]
+
+pub mod backends;
+pub mod logs;
+pub mod requests;
+
+// Not every suite (nor the benches, which include this file) uses them.
+#[allow(unused_imports)]
+pub use requests::*;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -11,38 +22,34 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use http_body_util::BodyExt;
-use tower::ServiceExt;
-use tower_lock::backend::LockName;
-use tower_lock::key::Header;
-use tower_lock::{LockBackend, LockBody, LockLayer, MemoryBackend, RedisBackend};
+use tower_lock::backend::{Acquire, AcquireOptions, LockName, LockToken};
+use tower_lock::key::{Header, LockKey};
+use tower_lock::{LockBackend, LockLayer, LockRoutes, MemoryBackend, RedisBackend};
 
 pub struct RedisServer {
     port: u16,
     dir: PathBuf,
-    extra: Vec<String>,
+    /// The options after `--port`, `--bind` and `--dir`, kept for `restart`.
+    args: Vec<String>,
     child: Option<Child>,
 }
+
+/// What every server is started with: no persistence (later arguments override it).
+const NO_PERSISTENCE: [&str; 4] = ["--save", "", "--appendonly", "no"];
 
 impl RedisServer {
     /// A fresh server without persistence.
     pub fn start() -> Self {
-        Self::start_with(&["--save", "", "--appendonly", "no"])
+        Self::start_with(&[])
     }
 
     /// A fresh server with AOF persistence (`appendfsync always`), for restart tests.
     pub fn start_with_aof() -> Self {
-        Self::start_with(&[
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ])
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
     }
 
+    /// A fresh server without persistence, configured further by `args`: `redis-server`
+    /// command-line options (`["--maxmemory-policy", "allkeys-lru"]`), which take precedence.
     pub fn start_with(args: &[&str]) -> Self {
         let mut last_error = String::new();
         for _ in 0..10 {
@@ -58,7 +65,11 @@ impl RedisServer {
             let mut server = Self {
                 port,
                 dir,
-                extra: args.iter().map(|s| s.to_string()).collect(),
+                args: NO_PERSISTENCE
+                    .iter()
+                    .chain(args)
+                    .map(|s| s.to_string())
+                    .collect(),
                 child: None,
             };
             match server.spawn() {
@@ -77,7 +88,7 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
-            .args(&self.extra)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -110,7 +121,8 @@ impl RedisServer {
         self.child.as_ref().expect("server is running").id()
     }
 
-    /// Kills the server (SIGKILL); the port stays reserved for `restart`.
+    /// Kills the server (SIGKILL, after a SIGCONT in case it is paused). Nothing holds its port
+    /// meanwhile: `restart` takes the same one again, retrying while it is not free yet.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
@@ -121,7 +133,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port and directory (AOF files survive).
+    /// Starts the server again on the same port and directory, with the same options (AOF files
+    /// survive); panics if it does not answer within 10 s.
     pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -169,7 +182,8 @@ impl RedisServer {
             .collect()
     }
 
-    /// How many times `command` (lower case, e.g. `evalsha`) has been called on the server.
+    /// How many times `command` (lower case, e.g. `evalsha`) has been called on the server since
+    /// it started (`INFO commandstats`); 0 if never.
     pub async fn command_calls(&self, command: &str) -> u64 {
         let mut connection = self.connection().await;
         let info: String = redis::cmd("INFO")
@@ -219,7 +233,24 @@ fn signal(pid: u32, which: &str) {
     assert!(status.success(), "kill {which} {pid} failed");
 }
 
-/// Polls `check` until it is true or `within` has passed.
+/// A runtime of `workers` threads, with I/O and time.
+pub fn multi_thread(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A runtime on the current thread (it runs only inside its `block_on`), with I/O and time.
+pub fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Polls `check` every 20 ms until it is true (`true`) or `within` has passed (`false`).
 pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + within;
     loop {
@@ -242,6 +273,7 @@ pub trait Fixture: Sized + Send + Sync + 'static {
     fn backend(&self) -> Self::Backend;
     /// Another client of the same store (on Redis: its own connection).
     fn new_client(&self) -> Self::Backend;
+    /// How many locks are held now (on Redis: lock keys in the test namespace [`NS`]).
     fn held(&self) -> impl std::future::Future<Output = usize> + Send;
     /// Deletes a lock behind its holder's back (Redis `DEL`).
     fn delete(&self, name: &LockName) -> impl std::future::Future<Output = ()> + Send;
@@ -301,38 +333,36 @@ impl Fixture for Memory {
 
 /// The layer the suites use: keyed by the `x-key` header, in the test namespace.
 pub fn layer<F: Fixture>(fixture: &F) -> LockLayer<Header, F::Backend> {
-    LockLayer::new(fixture.backend(), Header::new("x-key")).namespace(NS)
+    layer_on(fixture.backend())
 }
 
-/// A request locked on `key`.
-pub fn request(key: &str) -> http::request::Builder {
-    Request::post("/work").header("x-key", key)
+/// The same layer on another backend (a wrapper of the fixture's).
+pub fn layer_on<B: LockBackend>(backend: B) -> LockLayer<Header, B> {
+    LockLayer::new(backend, Header::new("x-key")).namespace(NS)
 }
 
-/// Sends `request` through a clone of `service`; the returned future owns everything it needs,
-/// so it can be spawned.
-pub fn send<S>(
-    service: &S,
-    request: http::request::Builder,
-) -> impl std::future::Future<Output = Response<LockBody<String>>> + Send + use<S>
-where
-    S: tower::Service<Request<String>, Response = Response<LockBody<String>>>
-        + Clone
-        + Send
-        + 'static,
-    S::Error: std::fmt::Debug,
-    S::Future: Send,
-{
-    let call = service
-        .clone()
-        .oneshot(request.body(String::new()).unwrap());
-    async move { call.await.expect("handler error") }
+/// A route table on the fixture's backend, in the test namespace.
+pub fn table<F: Fixture>(fixture: &F) -> LockRoutes<F::Backend> {
+    LockRoutes::new(fixture.backend()).defaults(|layer| layer.namespace(NS))
 }
 
-/// The JSON body of a response (problem+json, or a test handler's report).
-pub async fn body_json(response: Response<LockBody<String>>) -> serde_json::Value {
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes).expect("a JSON body")
+/// The name [`layer`] gives the lock of `key`.
+pub fn lock_name(key: &str) -> LockName {
+    layer_on(MemoryBackend::new()).lock_name(&LockKey::new(key))
+}
+
+/// Another holder takes `name` behind the layer's back (a 30 s lease); panics if it is held.
+pub async fn take_over<F: Fixture>(fixture: &F, name: &LockName) {
+    let acquired = fixture
+        .backend()
+        .acquire(
+            name,
+            LockToken::random(),
+            AcquireOptions::new(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(acquired, Acquire::Acquired { .. }), "{acquired:?}");
 }
 
 /// Waits until `n` locks are held.
@@ -344,16 +374,17 @@ pub async fn until_held<F: Fixture>(fixture: &F, n: usize) {
     );
 }
 
-/// Runs each behaviour once per backend: `suite!(test_a, test_b)` makes
-/// `redis_backend::test_a` and `memory_backend::test_a`, calling `test_a::<Redis>()` and
-/// `test_a::<Memory>()` from the including file.
+/// Runs each behaviour once per backend: `suite!(test_a, test_b)` makes the tests
+/// `redis_backend::test_a` and `memory_backend::test_a` (on a two-worker runtime), calling the
+/// including file's `async fn test_a<F: Fixture>()` as `test_a::<Redis>()` and
+/// `test_a::<Memory>()`.
 macro_rules! suite {
     ($($test:ident),* $(,)?) => {
         mod redis_backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test::<super::Redis>().await;
+                    super::$test::<crate::common::Redis>().await;
                 }
             )*
         }
@@ -361,9 +392,30 @@ macro_rules! suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test::<super::Memory>().await;
+                    super::$test::<crate::common::Memory>().await;
                 }
             )*
         }
+    };
+}
+
+/// The same for behaviours that run their own runtimes: `blocking_suite!(name => case)` makes
+/// the plain tests `name::redis_backend` and `name::memory_backend`, calling the including file's
+/// `fn case<F: Fixture>()` as `case::<Redis>()` and `case::<Memory>()`.
+macro_rules! blocking_suite {
+    ($($name:ident => $case:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn redis_backend() {
+                    super::$case::<crate::common::Redis>();
+                }
+
+                #[test]
+                fn memory_backend() {
+                    super::$case::<crate::common::Memory>();
+                }
+            }
+        )*
     };
 }
