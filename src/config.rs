@@ -90,13 +90,16 @@ impl<B> std::fmt::Debug for Shared<B> {
 }
 
 /// The builder methods of the HTTP settings, for a type with a method
-/// `fn http(self, change: impl Fn(&mut HttpConfig) + Send + Sync + 'static) -> Self`.
+/// `fn http(self, name: &'static str, value: String, change: impl Fn(&mut HttpConfig) + Send +
+/// Sync + 'static) -> Self` (see `engine_setters!`).
 macro_rules! http_setters {
     () => {
         /// When the backend fails, call the inner service without a lock (and trace a warning)
         /// instead of answering 503. Default: `false` (fail closed).
         pub fn fail_open(self, fail_open: bool) -> Self {
-            self.http(move |h| h.fail_open = fail_open)
+            self.http("fail_open", format!("{fail_open}"), move |h| {
+                h.fail_open = fail_open
+            })
         }
 
         /// Return the response without waiting for the release round trip; the release runs on
@@ -104,7 +107,9 @@ macro_rules! http_setters {
         /// which sends its next same-key request right after reading the response may meet its
         /// own lock (409). Default: `false`.
         pub fn release_in_background(self, background: bool) -> Self {
-            self.http(move |h| h.release_in_background = background)
+            self.http("release_in_background", format!("{background}"), move |h| {
+                h.release_in_background = background
+            })
         }
 
         /// Answers rejections (409, 400, 500, 503) with your own response instead of
@@ -132,19 +137,25 @@ macro_rules! http_setters {
         {
             let handler: $crate::config::RejectionHandler =
                 ::std::sync::Arc::new(move |r| handler(r).map(Into::into));
-            self.http(move |h| h.on_rejection = Some(handler.clone()))
+            self.http("on_rejection", "<fn>".to_owned(), move |h| {
+                h.on_rejection = Some(handler.clone())
+            })
         }
 
         /// What happens when the lease is lost while the handler runs (default
         /// [`LeaseLostPolicy::Signal`](crate::LeaseLostPolicy::Signal)).
         pub fn on_lease_lost(self, policy: $crate::LeaseLostPolicy) -> Self {
-            self.http(move |h| h.lease_lost = policy)
+            self.http("on_lease_lost", format!("{policy:?}"), move |h| {
+                h.lease_lost = policy
+            })
         }
 
         /// Keep the lock (and its renewal) until the response body has been sent or dropped,
         /// not just until the handler returns. For streaming responses. Default: `false`.
         pub fn hold_through_body(self, hold: bool) -> Self {
-            self.http(move |h| h.hold_through_body = hold)
+            self.http("hold_through_body", format!("{hold}"), move |h| {
+                h.hold_through_body = hold
+            })
         }
     };
 }

@@ -28,8 +28,9 @@ pin_project! {
     /// or drop. Its states:
     ///
     /// ```text
-    ///  new ──(no key for the request)─────────────────────────▶ PassThrough ──▶ Done
-    ///   │ ──(no key: 400; no runtime: 503)──────────────────────▶ Rejected ─────▶ Done
+    ///  new ──(no key for the request; no runtime under fail-open)──▶ PassThrough ──▶ Done
+    ///   │ ──(key rejected: 400, or 500 when misconfigured;
+    ///   │    no runtime: 503)────────────────────────────────────▶ Rejected ─────▶ Done
     ///   ▼ key
     ///  Acquiring ──(backend failed, fail-open)──────────────────▶ PassThrough
     ///   │ ──(held by another: 409; backend failed: 503)─────────▶ Rejected

@@ -77,6 +77,8 @@ impl<K, B: LockBackend> LockLayer<K, B> {
     /// Changes the engine settings of this layer alone (the renewal task stays shared).
     pub(crate) fn settings(
         mut self,
+        _name: &'static str,
+        _value: String,
         change: impl Fn(&mut Settings) + Send + Sync + 'static,
     ) -> Self {
         let shared = Arc::make_mut(&mut self.shared);
@@ -84,7 +86,12 @@ impl<K, B: LockBackend> LockLayer<K, B> {
         self
     }
 
-    pub(crate) fn http(mut self, change: impl Fn(&mut HttpConfig) + Send + Sync + 'static) -> Self {
+    pub(crate) fn http(
+        mut self,
+        _name: &'static str,
+        _value: String,
+        change: impl Fn(&mut HttpConfig) + Send + Sync + 'static,
+    ) -> Self {
         change(&mut Arc::make_mut(&mut self.shared).http);
         self
     }

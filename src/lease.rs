@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -42,6 +43,8 @@ struct Shared {
     fencing_token: u64,
     lost: CancellationToken,
     ended: AtomicBool,
+    /// Wakes [`LockLease::lost`] waiters when the lock is released.
+    ended_notify: Notify,
     log_keys: bool,
     /// When the lease was acquired (the start of the acquire call, as its validity counts).
     acquired: Instant,
@@ -81,6 +84,7 @@ impl LockLease {
             fencing_token,
             lost: CancellationToken::new(),
             ended: AtomicBool::new(false),
+            ended_notify: Notify::new(),
             log_keys,
             acquired,
             valid_for_ns: AtomicU64::new(nanos(ttl)),
@@ -130,17 +134,27 @@ impl LockLease {
 
     /// Whether the lease is known to be lost: a renewal found the lock gone or taken, or its
     /// validity has run out without a successful renewal (also when the renewal task has not
-    /// had a chance to run, e.g. after this process was paused).
+    /// had a chance to run, e.g. after this process was paused), or the lock has been released
+    /// (its request ended, or [`Lock::release`](crate::Lock::release) or drop) — so a clone
+    /// kept by work that outlives the lock tells it to stop.
     pub fn is_lost(&self) -> bool {
-        self.0.lost.is_cancelled() || Instant::now() >= self.valid_until()
+        self.0.lost.is_cancelled() || self.has_ended() || Instant::now() >= self.valid_until()
     }
 
     /// Completes when the lease is lost (immediately if it already is), at the latest when its
-    /// validity runs out without a successful renewal. Use it in `select!`.
+    /// validity runs out without a successful renewal, or when the lock is released. Use it in
+    /// `select!`.
     pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
         let lease = self.clone();
         async move {
             loop {
+                let released = lease.0.ended_notify.notified();
+                tokio::pin!(released);
+                // Registered before the check, so a release between the two is not missed.
+                released.as_mut().enable();
+                if lease.has_ended() {
+                    return;
+                }
                 let valid_until = lease.valid_until();
                 if Instant::now() >= valid_until {
                     lease.mark_lost("lease validity ran out without a renewal");
@@ -148,6 +162,7 @@ impl LockLease {
                 }
                 tokio::select! {
                     () = lease.0.lost.cancelled() => return,
+                    () = released => return,
                     () = tokio::time::sleep_until(valid_until) => {}
                 }
             }
@@ -166,6 +181,7 @@ impl LockLease {
     /// in flight finishes, and its outcome is ignored).
     pub(crate) fn end(&self) {
         self.0.ended.store(true, Ordering::SeqCst);
+        self.0.ended_notify.notify_waiters();
         // Pairs with the fence in `register`: either this sees the registration, or the
         // registration sees `ended` and never enters the schedule.
         fence(Ordering::SeqCst);

@@ -85,7 +85,12 @@ impl<B: LockBackend> Locks<B> {
         }
     }
 
-    fn settings(self, change: impl Fn(&mut Settings) + Send + Sync + 'static) -> Self {
+    fn settings(
+        self,
+        _name: &'static str,
+        _value: String,
+        change: impl Fn(&mut Settings) + Send + Sync + 'static,
+    ) -> Self {
         Self {
             core: Arc::new(self.core.with_settings(change)),
         }

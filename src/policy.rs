@@ -36,9 +36,16 @@ use crate::locks::Locks;
 use crate::settings::{Settings, engine_setters};
 
 /// One setting a policy changes, applied over the layer's (or engine's) settings in the order
-/// the policy's builder methods were called.
+/// the policy's builder methods were called; `Debug` shows it as `name: value`.
 #[derive(Clone)]
-enum Override {
+struct Override {
+    name: &'static str,
+    value: String,
+    change: Change,
+}
+
+#[derive(Clone)]
+enum Change {
     Settings(Arc<dyn Fn(&mut Settings) + Send + Sync>),
     Http(Arc<dyn Fn(&mut HttpConfig) + Send + Sync>),
 }
@@ -84,6 +91,16 @@ impl PolicyKey {
             .is_none_or(|methods| covers(methods, method))
     }
 
+    /// The key for a new layer: a template gets its own misconfiguration report (logged once per
+    /// layer, not once for every layer made from this policy).
+    pub(crate) fn for_layer(&self) -> Self {
+        let mut key = self.clone();
+        if let KeySource::Template(template) = &self.source {
+            key.source = KeySource::Template(template.for_another_layer());
+        }
+        key
+    }
+
     /// Gives a template key the route pattern it is attached to (checking its path parameters).
     pub(crate) fn for_pattern(mut self, pattern: &str) -> Result<Self, TemplateError> {
         if let KeySource::Template(template) = self.source {
@@ -115,19 +132,16 @@ impl std::fmt::Debug for PolicyKey {
 
 impl std::fmt::Debug for LockPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The settings the policy gives, over the defaults.
-        let mut settings = Settings::default();
-        let mut http = HttpConfig::default();
-        for change in self.overrides.iter() {
-            match change {
-                Override::Settings(change) => change(&mut settings),
-                Override::Http(change) => change(&mut http),
-            }
-        }
+        // What the policy sets, the last call of each setting winning; the rest comes from the
+        // layer, table or engine the policy is used with.
         let mut debug = f.debug_struct("LockPolicy");
         debug.field("key", &self.key);
-        settings.debug_fields(&mut debug);
-        http.debug_fields(&mut debug);
+        for (i, set) in self.overrides.iter().enumerate() {
+            let later = self.overrides[i + 1..].iter().any(|o| o.name == set.name);
+            if !later {
+                debug.field(set.name, &format_args!("{}", set.value));
+            }
+        }
         debug.finish()
     }
 }
@@ -168,13 +182,30 @@ impl LockPolicy {
         self
     }
 
-    fn settings(mut self, change: impl Fn(&mut Settings) + Send + Sync + 'static) -> Self {
-        Arc::make_mut(&mut self.overrides).push(Override::Settings(Arc::new(change)));
-        self
+    fn settings(
+        self,
+        name: &'static str,
+        value: String,
+        change: impl Fn(&mut Settings) + Send + Sync + 'static,
+    ) -> Self {
+        self.set(name, value, Change::Settings(Arc::new(change)))
     }
 
-    fn http(mut self, change: impl Fn(&mut HttpConfig) + Send + Sync + 'static) -> Self {
-        Arc::make_mut(&mut self.overrides).push(Override::Http(Arc::new(change)));
+    fn http(
+        self,
+        name: &'static str,
+        value: String,
+        change: impl Fn(&mut HttpConfig) + Send + Sync + 'static,
+    ) -> Self {
+        self.set(name, value, Change::Http(Arc::new(change)))
+    }
+
+    fn set(mut self, name: &'static str, value: String, change: Change) -> Self {
+        Arc::make_mut(&mut self.overrides).push(Override {
+            name,
+            value,
+            change,
+        });
         self
     }
 
@@ -186,7 +217,7 @@ impl LockPolicy {
     /// With the crate's `axum` feature, `{path.NAME}` reads axum's matched route. Without it, use
     /// [`LockPolicy::layer_for`] to give the route pattern.
     pub fn layer<B: LockBackend>(&self, backend: B) -> LockLayer<PolicyKey, B> {
-        self.apply(LockLayer::new(backend, self.key.clone()))
+        self.apply(LockLayer::new(backend, self.key.for_layer()))
     }
 
     /// The layer for this policy attached to the route `pattern` (e.g. `/accounts/{id}`), which
@@ -213,7 +244,7 @@ impl LockPolicy {
     /// # let _ = layer; Ok(()) }
     /// ```
     pub fn layer_with<B: LockBackend>(&self, locks: &Locks<B>) -> LockLayer<PolicyKey, B> {
-        self.apply(locks.layer(self.key.clone()))
+        self.apply(locks.layer(self.key.for_layer()))
     }
 
     /// [`LockPolicy::layer_with`] attached to the route `pattern`, which `{path.NAME}`
@@ -233,10 +264,11 @@ impl LockPolicy {
 
     /// Applies this policy's settings over `layer`'s.
     pub(crate) fn apply<K, B: LockBackend>(&self, mut layer: LockLayer<K, B>) -> LockLayer<K, B> {
-        for change in self.overrides.iter() {
-            layer = match change.clone() {
-                Override::Settings(change) => layer.settings(move |s| change(s)),
-                Override::Http(change) => layer.http(move |h| change(h)),
+        for set in self.overrides.iter() {
+            let (name, value) = (set.name, set.value.clone());
+            layer = match set.change.clone() {
+                Change::Settings(change) => layer.settings(name, value, move |s| change(s)),
+                Change::Http(change) => layer.http(name, value, move |h| change(h)),
             };
         }
         layer

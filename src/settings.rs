@@ -211,15 +211,18 @@ impl Settings {
 }
 
 /// The builder methods of the engine's settings, for a type with a method
-/// `fn settings(self, change: impl Fn(&mut Settings) + Send + Sync + 'static) -> Self`
-/// (applied at once by engines and layers, recorded as an override by policies).
+/// `fn settings(self, name: &'static str, value: String, change: impl Fn(&mut Settings) + Send +
+/// Sync + 'static) -> Self` (applied at once by engines and layers, recorded as an override,
+/// shown as `name: value` by `Debug`, by policies).
 macro_rules! engine_setters {
     () => {
         /// The prefix of every lock name (default `tower-lock:`). It is not escaped: a `{...}`
         /// in it would put every lock in one Redis Cluster hash slot.
         pub fn namespace(self, namespace: &str) -> Self {
             let namespace: ::std::sync::Arc<str> = namespace.into();
-            self.settings(move |s| s.set_namespace(namespace.clone()))
+            self.settings("namespace", format!("{namespace:?}"), move |s| {
+                s.set_namespace(namespace.clone())
+            })
         }
 
         /// The lease of each lock (default 10 s): how long it outlives a crashed holder. Renewal
@@ -230,7 +233,7 @@ macro_rules! engine_setters {
         /// [`MIN_TTL`]: crate::backend::MIN_TTL
         /// [`MAX_TTL`]: crate::backend::MAX_TTL
         pub fn ttl(self, ttl: ::std::time::Duration) -> Self {
-            self.settings(move |s| s.set_ttl(ttl))
+            self.settings("ttl", format!("{ttl:?}"), move |s| s.set_ttl(ttl))
         }
 
         /// How long an acquire may take (default 500 ms): a request is then answered 503,
@@ -239,19 +242,25 @@ macro_rules! engine_setters {
         ///
         /// [`Timeout`]: crate::backend::BackendErrorKind::Timeout
         pub fn acquire_timeout(self, timeout: ::std::time::Duration) -> Self {
-            self.settings(move |s| s.set_acquire_timeout(timeout))
+            self.settings("acquire_timeout", format!("{timeout:?}"), move |s| {
+                s.set_acquire_timeout(timeout)
+            })
         }
 
         /// How long a release may take (default 500 ms); after that the lock expires with its
         /// TTL. Also bounds [`Locks::force_unlock`](crate::Locks::force_unlock). At most 365 days.
         pub fn release_timeout(self, timeout: ::std::time::Duration) -> Self {
-            self.settings(move |s| s.set_release_timeout(timeout))
+            self.settings("release_timeout", format!("{timeout:?}"), move |s| {
+                s.set_release_timeout(timeout)
+            })
         }
 
         /// Keys longer than this many bytes (after escaping) are replaced by their SHA-256
         /// digest (default 256).
         pub fn max_key_len(self, max: usize) -> Self {
-            self.settings(move |s| s.set_max_key_len(max))
+            self.settings("max_key_len", format!("{max}"), move |s| {
+                s.set_max_key_len(max)
+            })
         }
 
         /// Renew each held lease this often (default: a third of the TTL).
@@ -262,13 +271,17 @@ macro_rules! engine_setters {
         /// sooner (after a slow acquire); a failed renewal is retried every third of the
         /// interval until the lease's validity runs out.
         pub fn renew_every(self, every: ::std::time::Duration) -> Self {
-            self.settings(move |s| s.set_renewal($crate::settings::Renewal::Every(every)))
+            self.settings("renew_every", format!("{every:?}"), move |s| {
+                s.set_renewal($crate::settings::Renewal::Every(every))
+            })
         }
 
         /// Never renew: a lock lasts one TTL at most, and its holder is told when it has run
         /// out.
         pub fn no_renewal(self) -> Self {
-            self.settings(|s| s.set_renewal($crate::settings::Renewal::Off))
+            self.settings("renew_every", "off".to_owned(), |s| {
+                s.set_renewal($crate::settings::Renewal::Off)
+            })
         }
 
         /// How long one renewal (extend) call may take before it counts as failed and is retried
@@ -276,14 +289,18 @@ macro_rules! engine_setters {
         /// call still running when the lease's validity ends is given up then, and the lease is
         /// reported lost at that moment.
         pub fn renew_timeout(self, timeout: ::std::time::Duration) -> Self {
-            self.settings(move |s| s.set_renew_timeout(timeout))
+            self.settings("renew_timeout", format!("{timeout:?}"), move |s| {
+                s.set_renew_timeout(timeout)
+            })
         }
 
         /// Stop renewing this long after acquiring (default: renew for as long as the lock is
         /// held; bound requests with an outer timeout). The lock then expires within one TTL,
         /// and its lease reports it lost.
         pub fn max_hold(self, max_hold: ::std::time::Duration) -> Self {
-            self.settings(move |s| s.set_max_hold(max_hold))
+            self.settings("max_hold", format!("{max_hold:?}"), move |s| {
+                s.set_max_hold(max_hold)
+            })
         }
 
         /// Refuse a lock that has less than this validity left once acquired, e.g. after a slow
@@ -291,7 +308,9 @@ macro_rules! engine_setters {
         /// [`Locks::try_lock`](crate::Locks::try_lock) returns
         /// [`TryLockError::InsufficientValidity`](crate::TryLockError::InsufficientValidity).
         pub fn min_validity(self, min: ::std::time::Duration) -> Self {
-            self.settings(move |s| s.set_min_validity(min))
+            self.settings("min_validity", format!("{min:?}"), move |s| {
+                s.set_min_validity(min)
+            })
         }
 
         /// Hand out fencing tokens (default `true`). On Redis each lock key then has a counter
@@ -299,13 +318,17 @@ macro_rules! engine_setters {
         /// spaces such as idempotency keys, where
         /// [`LockLease::fencing_token`](crate::LockLease::fencing_token) is 0.
         pub fn fencing(self, fencing: bool) -> Self {
-            self.settings(move |s| s.set_fencing(fencing))
+            self.settings("fencing", format!("{fencing}"), move |s| {
+                s.set_fencing(fencing)
+            })
         }
 
         /// Put the lock's key in traces instead of a short hash of it (default `false`: keys are
         /// request material, such as account ids or idempotency keys).
         pub fn log_keys(self, log_keys: bool) -> Self {
-            self.settings(move |s| s.set_log_keys(log_keys))
+            self.settings("log_keys", format!("{log_keys}"), move |s| {
+                s.set_log_keys(log_keys)
+            })
         }
     };
 }

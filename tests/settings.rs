@@ -113,11 +113,7 @@ fn a_policy_debug_shows_its_settings() {
         .renew_every(Duration::from_millis(700))
         .fail_open(true);
     let debug = format!("{policy:?}");
-    for field in [
-        "namespace: \"p:\"",
-        "renew_every: Some(700ms)",
-        "fail_open: true",
-    ] {
+    for field in ["namespace: \"p:\"", "renew_every: 700ms", "fail_open: true"] {
         assert!(debug.contains(field), "no `{field}` in {debug}");
     }
 }

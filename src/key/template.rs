@@ -159,6 +159,14 @@ enum Source {
 }
 
 impl KeyTemplate {
+    /// The same template with its own once-per-layer misconfiguration report: each layer made
+    /// from one policy logs its own misconfiguration.
+    pub(crate) fn for_another_layer(&self) -> Self {
+        let mut template = self.clone();
+        template.misconfigured = ReportOnce::default();
+        template
+    }
+
     /// Compiles `text`, or reports where and why it is malformed.
     ///
     /// ```

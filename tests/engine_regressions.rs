@@ -1,7 +1,6 @@
-//! Red-team tests for issue 8's engine/adapters split (840537e..0efb5a0): each test pins a
-//! promise the change makes (or keeps) and is named after it, and failed on 0efb5a0; each says
-//! why in its doc comment. The three "lease is lost by the time the store frees its lock" tests
-//! pass since the two-line fix in `src/acquire.rs` that follows them; the others still fail.
+//! Regressions found by a red-team review of issue 8's engine/adapters split: each test pins a
+//! promise the change makes (or keeps), failed before its fix, and says in its doc comment what
+//! was broken.
 
 #[macro_use]
 mod common;
@@ -92,7 +91,7 @@ async fn take_when_free<B: LockBackend>(
 /// `is_lost()` is true, and `lost()` has fired, no later than the moment the store can give the
 /// lock to someone else (README: "`lost()` fires no later than the moment validity runs out").
 ///
-/// Broken by the shared acquire path: `Core::attempt` (src/acquire.rs) calls
+/// Was broken by the shared acquire path: `Core::attempt` (src/acquire.rs) calls
 /// `backend.acquire(..)` first and only then reads `started: Instant::now()`. For a backend that
 /// takes the lock inside the call (MemoryBackend does), whatever time the call spends after
 /// taking the lock is added to the lease: the holder believes it holds the lock for that long
@@ -259,7 +258,7 @@ impl Logs {
 /// (`post(h).route_layer(policy.layer(backend))` per route); here both routes lack `{id}`, so
 /// both layers are misconfigured, and each should say so once.
 ///
-/// Broken: `LockPolicy::layer` clones the policy's `KeyTemplate`, and its `ReportOnce` flag
+/// Was broken: `LockPolicy::layer` clones the policy's `KeyTemplate`, and its `ReportOnce` flag
 /// (src/key/rejection.rs, shared by clones) with it, so every layer made from one policy shares
 /// one flag: the second layer's misconfiguration (with its own route pattern in the detail) is
 /// never logged. (`layer_for` and `LockRoutes::route` reset the flag through `with_pattern`;
@@ -306,7 +305,7 @@ async fn each_layer_of_a_reused_policy_logs_its_misconfiguration_once() {
 /// layer's, table's or engine's settings with only what it sets" (README). Two policies that
 /// lock differently over the same engine must not print the same.
 ///
-/// Broken: `impl Debug for LockPolicy` (src/policy.rs) applies the overrides to
+/// Was broken: `impl Debug for LockPolicy` (src/policy.rs) applies the overrides to
 /// `Settings::default()` and prints every resolved field, so a policy that sets no TTL prints
 /// `ttl: 10s`, exactly as one that sets `ttl(10 s)`; over an engine with a 30 s TTL the first
 /// locks for 30 s, the second for 10 s. Same for the namespace, fencing, renewal, …
@@ -335,7 +334,7 @@ fn policies_that_lock_differently_print_differently() {
 /// CHANGELOG.md: "until 1.0, a minor version may break the public API, and every such change is
 /// listed here"; issue 8: "Start `CHANGELOG.md` listing the public API changes".
 ///
-/// Broken: the change under attack (840537e..HEAD) does not touch CHANGELOG.md, yet it removes
+/// Was broken: the change under attack (840537e..HEAD) does not touch CHANGELOG.md, yet it removes
 /// public methods (`LockKey::push`, `push_literal`, `push_material`, `empty`), changes what
 /// `LockLease::key()` returns (the Redis name as `&str` → the `&LockKey`), adds
 /// `KeyRejectionKind`, `KeyRejection::{kind, misconfigured, missing_header, header}`,
@@ -366,7 +365,7 @@ fn the_changelog_lists_the_public_api_changes_of_issue_8() {
 /// `Lock::lease` (src/locks.rs): "Clones of it outlive the lock (and report it lost once it has
 /// been released)". A job that hands a lease clone to a worker relies on it to stop the worker.
 ///
-/// Broken (already before this change; the doc line is older): releasing ends the lease
+/// Was broken (already before this change; the doc line is older): releasing ends the lease
 /// (`LockLease::end`) but neither cancels it nor moves its validity, so a clone's `is_lost()`
 /// stays false, and `lost()` stays pending, until the TTL would have run out (10 s by default)
 /// while another holder already has the lock.
