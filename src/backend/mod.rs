@@ -2,6 +2,8 @@
 //!
 //! - [`RedisBackend`]: one Redis primary, one shared multiplexed connection, one round trip per
 //!   acquire and per release.
+//! - [`RedisClusterBackend`]: a Redis Cluster, one round trip per call to the primary of the
+//!   lock's hash slot.
 //! - [`MemoryBackend`]: in-process, same semantics; for single-instance apps, demos and tests.
 //!
 //! Every backend implements the same contract:
@@ -20,10 +22,12 @@
 //! The trait is designed to grow without breaking implementations: waiting for a release (pub/sub
 //! wake-ups), multi-key and counted (semaphore) locks will arrive as provided methods.
 
+mod cluster;
 mod contract;
 mod memory;
 mod redis;
 
+pub use self::cluster::RedisClusterBackend;
 pub use self::contract::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
     LockBackend, LockName, LockToken, MAX_TTL, MIN_TTL, Release,

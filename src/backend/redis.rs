@@ -16,7 +16,7 @@ use super::{
 /// milliseconds of the holder's wall clock. The deadline only tells another acquirer how long to
 /// wait (`Retry-After`): ownership is decided by the token alone, and a clock that is off skews
 /// that hint, never who holds the lock.
-fn lock_value(token: LockToken, ttl: Duration) -> String {
+pub(super) fn lock_value(token: LockToken, ttl: Duration) -> String {
     let deadline = SystemTime::now()
         .checked_add(ttl)
         .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
@@ -25,7 +25,7 @@ fn lock_value(token: LockToken, ttl: Duration) -> String {
 }
 
 /// How long the holder whose lock value is `value` has left, by its deadline and this clock.
-fn remaining_from_value(value: &[u8]) -> Option<Duration> {
+pub(super) fn remaining_from_value(value: &[u8]) -> Option<Duration> {
     let value = std::str::from_utf8(value).ok()?;
     let (_, deadline) = value.split_once(':')?;
     let deadline = UNIX_EPOCH.checked_add(Duration::from_millis(deadline.parse().ok()?))?;
@@ -56,7 +56,7 @@ return -3 - redis.call('PTTL', KEYS[1])
 
 /// Compare-and-delete by token (the value's first 32 characters): 1 released, 0 already gone,
 /// -1 held by another token.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local holder = redis.call('GET', KEYS[1])
@@ -72,7 +72,7 @@ return -1
 
 /// Compare-and-expire by token: the lease runs ARGV[2] ms from now, and the value carries the
 /// new deadline (ARGV[3]). 1 extended, 0 gone or held by another token.
-static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local holder = redis.call('GET', KEYS[1])
@@ -179,6 +179,11 @@ async fn warn_if_evicting(connection: &mut ConnectionManager) {
     else {
         return;
     };
+    warn_if_policy_evicts(&info);
+}
+
+/// Warns if `info` (the reply of `INFO memory`) names an evicting `maxmemory-policy`.
+pub(super) fn warn_if_policy_evicts(info: &str) {
     let policy = info
         .lines()
         .find_map(|line| line.strip_prefix("maxmemory_policy:"))
@@ -198,14 +203,14 @@ async fn warn_if_evicting(connection: &mut ConnectionManager) {
     }
 }
 
-fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, i64::MAX as u64 / 2)
 }
 
 /// What the acquire script answered (see [`ACQUIRE`]).
-fn scripted_outcome(outcome: i64) -> Acquire {
+pub(super) fn scripted_outcome(outcome: i64) -> Acquire {
     match u64::try_from(outcome) {
         Ok(fencing_token) => Acquire::Acquired { fencing_token },
         // `-3 - PTTL`: PTTL -1 is a key without expiry (set by someone else).
@@ -215,7 +220,7 @@ fn scripted_outcome(outcome: i64) -> Acquire {
     }
 }
 
-fn release_outcome(outcome: i64) -> Release {
+pub(super) fn release_outcome(outcome: i64) -> Release {
     match outcome {
         1 => Release::Released,
         0 => Release::Expired,
@@ -223,7 +228,7 @@ fn release_outcome(outcome: i64) -> Release {
     }
 }
 
-fn unavailable(error: RedisError) -> BackendError {
+pub(super) fn unavailable(error: RedisError) -> BackendError {
     let kind = if error.kind() == redis::ErrorKind::UnexpectedReturnType {
         BackendErrorKind::Protocol
     } else {
