@@ -9,6 +9,7 @@
 #![allow(dead_code, unused_macros)]
 
 pub mod backends;
+pub mod cluster;
 pub mod logs;
 pub mod requests;
 

@@ -1,0 +1,369 @@
+//! `RedisClusterBackend` on real Redis Clusters (3 primaries, from the harness's pool; 3
+//! primaries and 3 replicas for the failover): what issue 10 asks of a Cluster backend, and the
+//! core behaviours through `LockLayer` and `Locks`.
+
+#[macro_use]
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use http::StatusCode;
+use tower_lock::backend::{Acquire, AcquireOptions, Extend, LockToken, Release};
+use tower_lock::key::LockKey;
+use tower_lock::{LockBackend, Locks, TryLockError};
+
+use common::cluster::{Cluster, RedisCluster};
+use common::{
+    Fixture, NS, assert_held_throughout, body_json, eventually, holder_behind, holding, layer,
+    lock_name, request, send, start_holding, until_held,
+};
+
+fn engine(fixture: &Cluster) -> Locks<tower_lock::RedisClusterBackend> {
+    Locks::new(fixture.backend()).namespace(NS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where the keys go.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_of_one_lock_land_in_one_slot_on_one_primary() {
+    let fixture = Cluster::start().await;
+    let locks = engine(&fixture);
+    let long = "k".repeat(1000);
+    // Request material that tries to pick its own hash tag, and keys that become digests.
+    let keys = ["account:42", "{victim}", "a}{victim", "}{", "{", "", &long];
+    for key in keys {
+        let lock = locks.try_lock(&LockKey::new(key)).await.unwrap();
+        assert!(lock.fencing_token() >= 1);
+        let name = lock.name().clone();
+        let slot = fixture.cluster.slot(name.lock_key()).await;
+        assert_eq!(
+            fixture.cluster.slot(name.fence_key()).await,
+            slot,
+            "{key:?}"
+        );
+        let primary = fixture.cluster.primary_of_slot(slot).await;
+        let on_primary = &fixture.cluster.keys_by_primary(NS).await[&primary];
+        assert!(
+            on_primary.iter().any(|k| k == name.lock_key())
+                && on_primary.iter().any(|k| k == name.fence_key()),
+            "{key:?}: lock and counter not both on {primary}: {on_primary:?}"
+        );
+        lock.release().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_material_cannot_choose_the_hash_slot() {
+    let fixture = Cluster::start().await;
+    // Were `{victim}` a hash tag, all of these would share the slot of `victim`.
+    let mut slots = HashSet::new();
+    for i in 0..20 {
+        let name = lock_name(&format!("{{victim}}{i}"));
+        slots.insert(fixture.cluster.slot(name.lock_key()).await);
+    }
+    assert!(slots.len() > 10, "{slots:?}");
+    assert!(!slots.contains(&fixture.cluster.slot("victim").await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_on_many_keys_spread_over_every_primary() {
+    let fixture = Cluster::start().await;
+    let locks = engine(&fixture);
+    let mut held = Vec::new();
+    for i in 0..60 {
+        held.push(
+            locks
+                .try_lock(&LockKey::new(format!("spread:{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let by_primary = fixture.cluster.keys_by_primary(NS).await;
+    assert_eq!(by_primary.len(), 3);
+    for (port, keys) in &by_primary {
+        let locks = keys.iter().filter(|k| !k.ends_with(":fence")).count();
+        assert!(locks >= 5, "primary {port} holds only {locks} of 60 locks");
+    }
+    drop(held);
+    until_held(&fixture, 0).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scripts and resent commands.
+
+/// Makes every node forget its scripts (as a restarted or newly promoted node has), and answers
+/// how many `SCRIPT LOAD`s the nodes had served until then.
+async fn flush_scripts(cluster: &RedisCluster) -> u64 {
+    let mut loads = 0;
+    for node in &cluster.nodes {
+        loads += node.command_calls("script|load").await;
+        let mut connection = node.connection().await;
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    loads
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_flushed_from_every_node_are_loaded_again() {
+    let fixture = Cluster::start().await;
+    let cluster = &fixture.cluster;
+    let backend = fixture.backend();
+    let name = lock_name("noscript");
+    let token = LockToken::random();
+    let ttl = Duration::from_secs(5);
+    let mut loads = flush_scripts(cluster).await;
+    let acquired = backend
+        .acquire(&name, token, AcquireOptions::new(ttl))
+        .await
+        .unwrap();
+    assert_eq!(acquired, Acquire::Acquired { fencing_token: 1 });
+    let after_acquire = flush_scripts(cluster).await;
+    assert!(after_acquire > loads, "the acquire script was not reloaded");
+    loads = after_acquire;
+    assert_eq!(
+        backend.extend(&name, token, ttl).await.unwrap(),
+        Extend::Extended
+    );
+    let after_extend = flush_scripts(cluster).await;
+    assert!(after_extend > loads, "the extend script was not reloaded");
+    assert_eq!(
+        backend.release(&name, token).await.unwrap(),
+        Release::Released
+    );
+    assert!(flush_scripts(cluster).await > after_extend);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_acquire_finds_its_own_lock_not_a_holder() {
+    let fixture = Cluster::start().await;
+    let backend = fixture.backend();
+    let ttl = Duration::from_secs(5);
+    for fencing in [true, false] {
+        let name = lock_name(&format!("resent:{fencing}"));
+        let token = LockToken::random();
+        let options = AcquireOptions::new(ttl).fencing(fencing);
+        let first = backend.acquire(&name, token, options).await.unwrap();
+        let resent = backend.acquire(&name, token, options).await.unwrap();
+        assert_eq!(first, resent, "fencing {fencing}");
+        assert_eq!(
+            first,
+            Acquire::Acquired {
+                fencing_token: u64::from(fencing)
+            }
+        );
+        let other = backend
+            .acquire(&name, LockToken::random(), options)
+            .await
+            .unwrap();
+        assert!(
+            matches!(other, Acquire::Held { remaining: Some(r) } if r > Duration::from_secs(4)),
+            "{other:?}"
+        );
+        assert_eq!(
+            backend.release(&name, token).await.unwrap(),
+            Release::Released
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The core behaviours, through the layer and the engine.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_key_is_a_409_and_other_keys_pass() {
+    let fixture = Cluster::start().await;
+    let service = holder_behind(layer(&fixture));
+    let holder = start_holding(&fixture, &service, holding("busy", 400)).await;
+    let refused = send(&service, request("busy")).await;
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        send(&service, request("free")).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(holder.await.unwrap().status(), StatusCode::OK);
+    until_held(&fixture, 0).await;
+    assert_eq!(
+        send(&service, request("busy")).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_response_future_releases_the_lock() {
+    let fixture = Cluster::start().await;
+    let service = holder_behind(layer(&fixture));
+    let holder = start_holding(&fixture, &service, holding("dropped", 30_000)).await;
+    holder.abort();
+    until_held(&fixture, 0).await;
+    assert_eq!(
+        send(&service, request("dropped")).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_keeps_the_lock_past_its_ttl() {
+    let fixture = Cluster::start().await;
+    let service = holder_behind(layer(&fixture).ttl(Duration::from_millis(300)));
+    let holder = start_holding(&fixture, &service, holding("renewed", 1200)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let report = assert_held_throughout(&service, "renewed", holder).await;
+    assert!(report["elapsed_ms"].as_u64().unwrap() >= 1200, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_lost_when_the_lock_is_deleted() {
+    let fixture = Cluster::start().await;
+    let service = holder_behind(
+        layer(&fixture)
+            .ttl(Duration::from_millis(600))
+            .renew_every(Duration::from_millis(100)),
+    );
+    let holder = start_holding(&fixture, &service, holding("deleted", 10_000)).await;
+    fixture.delete(&lock_name("deleted")).await;
+    let response = holder.await.unwrap();
+    let report = body_json(response).await;
+    assert_eq!(report["lost"], true, "{report}");
+    assert!(report["elapsed_ms"].as_u64().unwrap() < 5_000, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_locks_refuses_and_releases_with_growing_fencing_tokens() {
+    let fixture = Cluster::start().await;
+    let locks = engine(&fixture);
+    let key = LockKey::new("engine");
+    let first = locks.try_lock(&key).await.unwrap();
+    assert!(matches!(
+        locks.try_lock(&key).await,
+        Err(TryLockError::Held { remaining: Some(_) })
+    ));
+    assert!(locks.is_locked(&key).await.unwrap());
+    let token = first.fencing_token();
+    drop(first);
+    assert!(
+        eventually(Duration::from_secs(5), async || !locks
+            .is_locked(&key)
+            .await
+            .unwrap())
+        .await
+    );
+    let second = locks.try_lock(&key).await.unwrap();
+    assert!(second.fencing_token() > token);
+    assert!(locks.force_unlock(&key).await.unwrap());
+    assert!(!locks.is_locked(&key).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_client_sees_the_first_clients_locks() {
+    let fixture = Cluster::start().await;
+    let other = Locks::new(fixture.new_client()).namespace(NS);
+    let key = LockKey::new("shared");
+    let lock = engine(&fixture).try_lock(&key).await.unwrap();
+    assert!(matches!(
+        other.try_lock(&key).await,
+        Err(TryLockError::Held { .. })
+    ));
+    lock.release().await.unwrap();
+    other.try_lock(&key).await.unwrap().release().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover.
+
+/// Kills the primary of a key's slot while its lock is held, and measures how long until the
+/// layer locks that slot again once its replica is promoted; then checks that the promoted
+/// primary admits one holder per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_primary_fails_over_the_layer_recovers_and_stays_exclusive() {
+    let mut cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 1000));
+    let backend = cluster.backend().await;
+    let service = holder_behind(
+        common::layer_on(backend.clone())
+            .ttl(Duration::from_secs(2))
+            .renew_every(Duration::from_millis(200)),
+    );
+    let probe = holder_behind(common::layer_on(backend));
+    let slot = cluster.slot(lock_name("failover").lock_key()).await;
+    let doomed = cluster.primary_of_slot(slot).await;
+    // Another key on the doomed primary, to probe it with.
+    let mut probe_key = String::new();
+    for i in 0.. {
+        probe_key = format!("probe:{i}");
+        let probe_slot = cluster.slot(lock_name(&probe_key).lock_key()).await;
+        if cluster.primary_of_slot(probe_slot).await == doomed {
+            break;
+        }
+    }
+    // A holder on the doomed primary; wait until its replica has the lock and its counter (the
+    // only keys in this cluster).
+    let holder = tokio::spawn(send(&service, holding("failover", 4_000)));
+    let replicated = eventually(Duration::from_secs(5), async || {
+        let mut keys = 0;
+        for node in cluster.nodes.iter().filter(|n| n.port() != doomed) {
+            let mut connection = node.connection().await;
+            keys += redis::cmd("DBSIZE")
+                .query_async::<i64>(&mut connection)
+                .await
+                .unwrap_or(0);
+        }
+        keys == 2
+    })
+    .await;
+    assert!(replicated, "the replica never received the lock");
+
+    let killed = tokio::time::Instant::now();
+    cluster.node_mut(doomed).stop();
+    // Locks on the failed primary's slots: 503 until its replica takes over, then a lock again.
+    let mut statuses = Vec::new();
+    let recovered = loop {
+        let status = send(&probe, request(&probe_key)).await.status();
+        if statuses.last() != Some(&status) {
+            statuses.push(status);
+        }
+        if status == StatusCode::OK {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "no recovery within 20 s: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("cluster failover: locks again {recovered:?} after the kill ({statuses:?})");
+    assert_ne!(cluster.primary_of_slot(slot).await, doomed);
+
+    // The first holder's lease: renewals fail while the slot has no primary, so it is reported
+    // lost if that outlasts its validity, though its lock survived on the replica.
+    let report = body_json(holder.await.unwrap()).await;
+    eprintln!("holder across the failover: {report}");
+
+    // On the promoted primary and the others, 10 concurrent requests per key: one holder each.
+    let mut requests = Vec::new();
+    for key in [probe_key.as_str(), "after:1", "after:2"] {
+        for _ in 0..10 {
+            requests.push((key, tokio::spawn(send(&service, holding(key, 1_000)))));
+        }
+    }
+    let mut admitted = std::collections::HashMap::<&str, usize>::new();
+    for (key, response) in requests {
+        let status = response.await.unwrap().status();
+        assert!(
+            status == StatusCode::OK || status == StatusCode::CONFLICT,
+            "{key}: {status}"
+        );
+        if status == StatusCode::OK {
+            *admitted.entry(key).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        admitted,
+        [(probe_key.as_str(), 1), ("after:1", 1), ("after:2", 1)].into()
+    );
+    tokio::task::block_in_place(|| drop(cluster));
+}
