@@ -273,6 +273,40 @@ async fn a_second_client_sees_the_first_clients_locks() {
     other.try_lock(&key).await.unwrap().release().await.unwrap();
 }
 
+/// `connect` reads every primary's eviction policy, as `RedisBackend::connect` reads its one.
+#[tokio::test]
+async fn an_evicting_primary_is_warned_of_on_connect() {
+    let fixture = Cluster::start().await;
+    let cluster = &fixture.cluster;
+    let evicting = cluster.primaries().await[1];
+    let set_policy = async |policy: &str| {
+        let mut connection = cluster.node(evicting).connection().await;
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    };
+    let warnings = async || {
+        let logs = common::logs::Captured::default();
+        let _guard = tracing::subscriber::set_default(logs.subscriber());
+        tower_lock::RedisClusterBackend::connect(cluster.urls())
+            .await
+            .unwrap();
+        logs.text()
+    };
+    let quiet = warnings().await;
+    assert!(!quiet.contains("maxmemory_policy"), "{quiet}");
+    set_policy("allkeys-lru").await;
+    let logs = warnings().await;
+    set_policy("noeviction").await;
+    assert!(logs.contains("WARN"), "{logs}");
+    assert!(logs.contains("allkeys-lru"), "{logs}");
+    assert!(logs.contains("fencing counters"), "{logs}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Failover.
 
@@ -317,14 +351,29 @@ async fn after_a_primary_fails_over_the_layer_recovers_and_stays_exclusive() {
     .await;
     assert!(replicated, "the replica never received the lock");
 
+    // A key on another primary, to see what the failover costs the slots it does not move.
+    let mut bystander = String::new();
+    for i in 0.. {
+        bystander = format!("bystander:{i}");
+        let bystander_slot = cluster.slot(lock_name(&bystander).lock_key()).await;
+        if cluster.primary_of_slot(bystander_slot).await != doomed {
+            break;
+        }
+    }
+
     let killed = tokio::time::Instant::now();
     cluster.node_mut(doomed).stop();
     // Locks on the failed primary's slots: 503 until its replica takes over, then a lock again.
     let mut statuses = Vec::new();
+    let mut bystander_statuses = Vec::new();
     let recovered = loop {
         let status = send(&probe, request(&probe_key)).await.status();
         if statuses.last() != Some(&status) {
             statuses.push(status);
+        }
+        let elsewhere = send(&probe, request(&bystander)).await.status();
+        if bystander_statuses.last().map(|(s, _)| s) != Some(&elsewhere) {
+            bystander_statuses.push((elsewhere, killed.elapsed()));
         }
         if status == StatusCode::OK {
             break killed.elapsed();
@@ -335,7 +384,10 @@ async fn after_a_primary_fails_over_the_layer_recovers_and_stays_exclusive() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    eprintln!("cluster failover: locks again {recovered:?} after the kill ({statuses:?})");
+    eprintln!(
+        "cluster failover: locks again {recovered:?} after the kill ({statuses:?}); \
+         another primary's key meanwhile: {bystander_statuses:?}"
+    );
     assert_ne!(cluster.primary_of_slot(slot).await, doomed);
 
     // The first holder's lease: renewals fail while the slot has no primary, so it is reported
@@ -366,4 +418,65 @@ async fn after_a_primary_fails_over_the_layer_recovers_and_stays_exclusive() {
         [(probe_key.as_str(), 1), ("after:1", 1), ("after:2", 1)].into()
     );
     tokio::task::block_in_place(|| drop(cluster));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figures.
+
+/// Acquire latency (p50, p99) and acquire+release throughput on the cluster and on one Redis, in
+/// the same run: `cargo test --release --all-features --test cluster -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn acquire_latency_against_a_single_node() {
+    let cluster = Cluster::start().await;
+    let single = common::Redis::start().await;
+    for fencing in [true, false] {
+        let (p50, p99, rate) = measure(cluster.backend(), fencing).await;
+        eprintln!(
+            "cluster (3 primaries), fencing {fencing}: acquire p50 {p50:?} p99 {p99:?}, {rate:.0} acquire+release/s with 16 tasks"
+        );
+        let (p50, p99, rate) = measure(single.backend(), fencing).await;
+        eprintln!(
+            "single Redis,          fencing {fencing}: acquire p50 {p50:?} p99 {p99:?}, {rate:.0} acquire+release/s with 16 tasks"
+        );
+    }
+}
+
+/// 2000 sequential acquires (each released), then 16 tasks acquiring and releasing for 2 s.
+async fn measure<B: LockBackend>(backend: B, fencing: bool) -> (Duration, Duration, f64) {
+    let options = AcquireOptions::new(Duration::from_secs(10)).fencing(fencing);
+    let mut latencies = Vec::with_capacity(2000);
+    for i in 0..2000 {
+        let name = lock_name(&format!("latency:{i}"));
+        let token = LockToken::random();
+        let started = std::time::Instant::now();
+        let acquired = backend.acquire(&name, token, options).await.unwrap();
+        latencies.push(started.elapsed());
+        assert!(matches!(acquired, Acquire::Acquired { .. }));
+        backend.release(&name, token).await.unwrap();
+    }
+    latencies.sort_unstable();
+    let (p50, p99) = (latencies[1000], latencies[1980]);
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    let tasks: Vec<_> = (0..16)
+        .map(|task| {
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                while tokio::time::Instant::now() < until {
+                    let name = lock_name(&format!("rate:{task}:{done}"));
+                    let token = LockToken::random();
+                    backend.acquire(&name, token, options).await.unwrap();
+                    backend.release(&name, token).await.unwrap();
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    (p50, p99, total as f64 / 2.0)
 }
