@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 /// The engine floor: these files know nothing of HTTP.
 const ENGINE: &[&str] = &[
     "backend/mod.rs",
+    "backend/cluster.rs",
     "backend/contract.rs",
     "backend/memory.rs",
     "backend/redis.rs",

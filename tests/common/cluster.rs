@@ -189,16 +189,22 @@ impl RedisCluster {
             .expect("CLUSTER KEYSLOT")
     }
 
-    /// The port of the (live) primary serving `slot`.
+    /// The port of the (live) primary serving `slot`, as the first running node sees it; waits
+    /// up to 5 s for one (during a failover, or while gossip catches up, there may be none).
     pub async fn primary_of_slot(&self, slot: u16) -> u16 {
-        self.topology()
-            .await
-            .into_iter()
-            .find(|n| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let primary = self.topology().await.into_iter().find(|n| {
                 n.primary && !n.failed && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
-            })
-            .map(|n| n.port)
-            .expect("a primary serves every slot")
+            });
+            match primary {
+                Some(node) => return node.port,
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => panic!("no live primary serves slot {slot}"),
+            }
+        }
     }
 
     /// Keys under `prefix` on each live primary, by port (fencing counters included).
@@ -298,8 +304,9 @@ fn parse_node_line(line: &str) -> Option<NodeInfo> {
         .collect();
     Some(NodeInfo {
         port,
-        primary: flags.contains("master"),
-        failed: flags.contains("fail"),
+        primary: flags.split(',').any(|f| f == "master"),
+        // `fail?` is one node's suspicion; `fail` the cluster's verdict.
+        failed: flags.split(',').any(|f| f == "fail"),
         slots,
     })
 }
