@@ -77,7 +77,7 @@ mod service;
 mod settings;
 mod telemetry;
 
-pub use crate::backend::{LockBackend, MemoryBackend, RedisBackend};
+pub use crate::backend::{LockBackend, MemoryBackend, RedisBackend, RedlockBackend};
 pub use crate::body::LockBody;
 pub use crate::config::LeaseLostPolicy;
 pub use crate::future::ResponseFuture;

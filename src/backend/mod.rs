@@ -2,6 +2,7 @@
 //!
 //! - [`RedisBackend`]: one Redis primary, one shared multiplexed connection, one round trip per
 //!   acquire and per release.
+//! - [`RedlockBackend`]: N independent Redis primaries, a lock held while a majority holds it.
 //! - [`MemoryBackend`]: in-process, same semantics; for single-instance apps, demos and tests.
 //!
 //! Every backend implements the same contract:
@@ -23,6 +24,7 @@
 mod contract;
 mod memory;
 mod redis;
+mod redlock;
 
 pub use self::contract::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
@@ -30,3 +32,4 @@ pub use self::contract::{
 };
 pub use self::memory::MemoryBackend;
 pub use self::redis::RedisBackend;
+pub use self::redlock::RedlockBackend;

@@ -165,6 +165,11 @@ impl RedisBackend {
             .set_max_delay(Duration::from_millis(500))
             .set_number_of_retries(3)
     }
+
+    /// The shared connection, for backends built on this one (Redlock's fencing write-back).
+    pub(super) fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
+    }
 }
 
 /// Warns if Redis may evict our keys: fencing counters have no expiry, so an `allkeys-*` policy
@@ -198,7 +203,7 @@ async fn warn_if_evicting(connection: &mut ConnectionManager) {
     }
 }
 
-fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, i64::MAX as u64 / 2)
@@ -223,7 +228,7 @@ fn release_outcome(outcome: i64) -> Release {
     }
 }
 
-fn unavailable(error: RedisError) -> BackendError {
+pub(super) fn unavailable(error: RedisError) -> BackendError {
     let kind = if error.kind() == redis::ErrorKind::UnexpectedReturnType {
         BackendErrorKind::Protocol
     } else {
