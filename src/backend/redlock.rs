@@ -50,8 +50,12 @@ return 0
 ///   [`Extend::Lost`] when the nodes that no longer hold our token leave no majority, so the
 ///   lease-lost signal fires; when unreachable nodes are why there is no majority, it is an error
 ///   (renewal retries while the lease's validity lasts, as on one Redis).
-/// - **Held**: another holder's remaining lease is when enough of its nodes will have expired for
-///   a majority to be free.
+/// - **Held or failed**: a round refused by a majority of the nodes that answer is
+///   [`Acquire::Held`] (a 409: contention, also when racers split the votes), with the holders'
+///   remaining lease: when enough of their nodes will have expired for a majority of the
+///   reachable nodes to be free (from the answers in when the round was decided, nodes that
+///   have not answered counted as free; read without the margin below). When fewer than a
+///   majority answer, it is an error (a 503).
 ///
 /// The nodes store each lock for `ttl·100/99 + 3 ms` (rounded up), so that the Redlock validity
 /// of a lock taken in `elapsed` is at least `ttl − elapsed`: the validity the engine counts
@@ -168,6 +172,14 @@ fn stored_ttl(ttl: Duration) -> Duration {
     Duration::from_millis((ms + 2).saturating_mul(100).div_ceil(99) + 1)
 }
 
+/// How long a holder's lease has left, as its engine counts it, when a node keeps its lock for
+/// `on_node` more: without the margin [`stored_ttl`] added (within a millisecond).
+fn lease_left(on_node: Duration) -> Duration {
+    let ms = u64::try_from(on_node.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis((ms / 100).saturating_mul(99) + ms % 100 * 99 / 100)
+        .saturating_sub(Duration::from_millis(3))
+}
+
 /// The clock drift Redlock allows for a lock stored for `ttl`: `0.01·ttl + 2 ms`.
 fn drift(ttl: Duration) -> Duration {
     ttl / 100 + Duration::from_millis(2)
@@ -274,8 +286,13 @@ impl RedlockBackend {
             timeout,
             |node| node.acquire(&name, token, on_nodes),
             |answers, pending| {
+                // Ours; or not ours, and known to be refused by a majority of the nodes that
+                // answer (held) or to lack a majority that answers (unavailable).
                 let ours = count(answers, is_ours);
-                ours >= quorum || ours + pending < quorum
+                let answered = answered(answers);
+                ours >= quorum
+                    || (ours + pending < quorum
+                        && (answered >= quorum || answered + pending < quorum))
             },
         )
         .await;
@@ -316,7 +333,7 @@ impl RedlockBackend {
         }
         // A failed round: undo it wherever the lock may be ours (taken, or outcome unknown).
         let held = holders(&answers, |outcome| match outcome {
-            Acquire::Held { remaining } => Some(*remaining),
+            Acquire::Held { remaining } => Some(remaining.map(lease_left)),
             Acquire::Acquired { .. } => None,
         });
         let maybe_ours: Vec<usize> = (0..answers.len())
@@ -324,17 +341,17 @@ impl RedlockBackend {
             .collect();
         self.clean_up(&name, token, options.ttl, maybe_ours, &ours)
             .await;
-        if held.len() > self.spare() {
+        // Refused by a majority of the nodes that answered: contention (409), not an outage. A
+        // node that has not answered yet counts as one that will be free.
+        let answered = answered(&answers);
+        if answered >= quorum {
+            let failed = answers.iter().filter(|a| matches!(a, Some(Err(_)))).count();
+            let reachable = self.nodes.len() - failed;
             Ok(Acquire::Held {
-                remaining: majority_free_in(held, self.spare()),
+                remaining: majority_free_in(held, reachable - quorum),
             })
         } else {
-            Err(no_quorum(
-                "acquire",
-                answered(&answers),
-                self.nodes.len(),
-                quorum,
-            ))
+            Err(no_quorum("acquire", answered, self.nodes.len(), quorum))
         }
     }
 
@@ -537,7 +554,7 @@ impl LockBackend for RedlockBackend {
                 ));
             }
             let held = holders(&answers, |inspect| match inspect {
-                Inspect::Held { remaining } => Some(*remaining),
+                Inspect::Held { remaining } => Some(remaining.map(lease_left)),
                 Inspect::Free => None,
             });
             Ok(if held.len() > this.spare() {
@@ -606,6 +623,27 @@ mod tests {
         }
         // Absurd TTLs are clamped first, and nothing overflows.
         assert!(stored_ttl(Duration::MAX) <= MAX_TTL + MAX_TTL / 50);
+    }
+
+    #[test]
+    fn a_holders_lease_is_read_without_the_stored_margin() {
+        for ttl_ms in [
+            10,
+            11,
+            99,
+            100,
+            1_000,
+            5_000,
+            10_000,
+            123_457,
+            365 * 24 * 3600 * 1000,
+        ] {
+            let ttl = Duration::from_millis(ttl_ms);
+            let left = lease_left(stored_ttl(ttl));
+            assert!(left <= ttl && left + MS >= ttl, "{ttl:?}: {left:?}");
+        }
+        assert_eq!(lease_left(Duration::ZERO), Duration::ZERO);
+        assert!(lease_left(Duration::MAX) > MAX_TTL);
     }
 
     #[test]
