@@ -10,6 +10,7 @@
 
 pub mod backends;
 pub mod logs;
+pub mod redlock;
 pub mod requests;
 
 // Not every suite (nor the benches, which include this file) uses them.
