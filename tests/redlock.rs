@@ -37,6 +37,16 @@ async fn keys(fixture: &Redlock) -> String {
     format!("{:?}", fixture.keys_per_node().await)
 }
 
+/// Waits until no lock key is left on any node that answers (releases beyond the majority finish
+/// after the call returns).
+async fn until_no_leftovers(fixture: &Redlock) {
+    assert!(
+        eventually(2 * SECOND, async || fixture.leftovers().await == 0).await,
+        "{}",
+        keys(fixture).await
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Construction.
 
@@ -63,8 +73,32 @@ async fn contention_answers_409_with_the_holders_remaining_lease() {
     assert!((1..=5).contains(&retry_after), "Retry-After {retry_after}");
     assert_eq!(body_json(response).await["status"], 409);
     assert_eq!(holder.await.unwrap().status(), StatusCode::OK);
-    // Released on every node before the response was returned.
+    // Released on a majority before the response was returned, on every node soon after.
     assert_eq!(fixture.held().await, 0, "{}", keys(&fixture).await);
+    until_no_leftovers(&fixture).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_of_one_client_never_split_the_votes() {
+    let fixture = Redlock::start().await;
+    let service = holder_behind(layer(&fixture).ttl(Duration::from_secs(5)));
+    // Each round reaches every node in the same order, so the first one sent wins everywhere:
+    // exactly one of the herd gets the lock, every other is refused with 409.
+    for round in 0..5 {
+        let herd: Vec<_> = (0..50)
+            .map(|_| tokio::spawn(send(&service, holding(&format!("hot{round}"), 300))))
+            .collect();
+        let mut statuses = Vec::new();
+        for request in herd {
+            statuses.push(request.await.unwrap().status());
+        }
+        let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+        let refused = statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CONFLICT)
+            .count();
+        assert_eq!((ok, refused), (1, 49), "round {round}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,6 +109,7 @@ async fn a_dropped_request_releases_its_lock_on_every_node() {
     assert_eq!(fixture.nodes_holding(&lock_name("k")).await.len(), 5);
     holder.abort();
     until_held(&fixture, 0).await;
+    until_no_leftovers(&fixture).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +165,7 @@ async fn inspect_and_force_unlock_see_the_lock_on_a_majority() {
     fixture.delete_on(lock.name(), [0, 1, 2]).await;
     assert!(!locks.is_locked(&key).await.unwrap());
     assert!(locks.force_unlock(&key).await.unwrap());
-    assert_eq!(fixture.held().await, 0);
+    assert_eq!(fixture.leftovers().await, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -195,6 +230,7 @@ async fn two_of_five_nodes_down_still_lock_and_stay_exclusive() {
     );
     assert_eq!(holder.await.unwrap().status(), StatusCode::OK);
     assert_eq!(fixture.held().await, 0);
+    until_no_leftovers(&fixture).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,11 +250,7 @@ async fn three_of_five_unavailable_answer_503_within_two_seconds_even_with_one_p
     assert!(matches!(attempt, Err(TryLockError::Backend(_))));
     assert!(started.elapsed() < 2 * SECOND, "{:?}", started.elapsed());
     // Nothing left on the nodes that answer.
-    assert!(
-        eventually(2 * SECOND, async || fixture.held().await == 0).await,
-        "{}",
-        keys(&fixture).await
-    );
+    until_no_leftovers(&fixture).await;
     fixture.servers[2].resume();
 }
 
@@ -228,12 +260,12 @@ async fn a_round_without_a_majority_fails_within_the_node_timeout_and_leaves_not
     fixture.servers[0].pause();
     fixture.servers[1].pause();
     fixture.servers[2].pause();
-    // TTL 2 s: each node gets 200 ms. The backend alone, without the engine's acquire timeout.
+    // TTL 1 s: each node gets 200 ms. The backend alone, without the engine's acquire timeout.
     let backend = fixture.backend();
     let name = lock_name("k");
     let started = Instant::now();
     let error = backend
-        .acquire(&name, LockToken::random(), options(2 * SECOND))
+        .acquire(&name, LockToken::random(), options(SECOND))
         .await
         .unwrap_err();
     let elapsed = started.elapsed();
@@ -327,7 +359,8 @@ async fn a_holders_remaining_lease_is_when_a_majority_of_the_nodes_will_be_free(
         remaining > Duration::from_millis(800) && remaining <= SECOND,
         "{remaining:?}"
     );
-    // With nodes 3 and 4 down, every node that answers must expire first.
+    // With nodes 3 and 4 down, every node that answers must expire first (3 s), if their errors
+    // are in when the round is decided; if not yet, they count as free (1 s).
     fixture.servers[3].stop();
     fixture.servers[4].stop();
     let name = lock_name("two-down");
@@ -338,7 +371,7 @@ async fn a_holders_remaining_lease_is_when_a_majority_of_the_nodes_will_be_free(
     }
     let remaining = held_for(&name).await;
     assert!(
-        remaining > Duration::from_millis(2_800) && remaining <= 3 * SECOND,
+        remaining > Duration::from_millis(800) && remaining <= 3 * SECOND,
         "{remaining:?}"
     );
 }
@@ -559,7 +592,7 @@ async fn acquire_latencies<B: LockBackend>(backend: &B, fencing: bool, n: usize)
 async fn acquire_latency_figures() {
     const N: usize = 2_000;
     let five = Redlock::start().await;
-    let three = Redlock::with_nodes(3);
+    let three = Redlock::with_nodes(3).await;
     let single = RedisBackend::connect(&five.servers[0].url()).await.unwrap();
     for fencing in [true, false] {
         for _ in 0..2 {

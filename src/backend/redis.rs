@@ -40,7 +40,7 @@ fn remaining_from_value(value: &[u8]) -> Option<Duration> {
 /// success, the fencing counter's `INCR`, atomically; on Redis before 7.0 (no `NX` with `GET`),
 /// the same without fencing. One scalar back (a table costs Redis more than the `INCR`): the
 /// fencing token (≥ 1), 0 for acquired without fencing, or `-3 - PTTL` for held (≤ -2).
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -56,7 +56,7 @@ return -3 - redis.call('PTTL', KEYS[1])
 
 /// Compare-and-delete by token (the value's first 32 characters): 1 released, 0 already gone,
 /// -1 held by another token.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local holder = redis.call('GET', KEYS[1])
@@ -72,7 +72,7 @@ return -1
 
 /// Compare-and-expire by token: the lease runs ARGV[2] ms from now, and the value carries the
 /// new deadline (ARGV[3]). 1 extended, 0 gone or held by another token.
-static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local holder = redis.call('GET', KEYS[1])

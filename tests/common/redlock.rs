@@ -21,10 +21,11 @@ pub struct Redlock {
 const NODE_PATIENCE: Duration = Duration::from_millis(200);
 
 impl Redlock {
-    /// `n` fresh servers and a backend over them.
-    pub fn with_nodes(n: usize) -> Self {
+    /// `n` fresh servers and a backend connected to them.
+    pub async fn with_nodes(n: usize) -> Self {
         let servers: Vec<RedisServer> = (0..n).map(|_| RedisServer::start()).collect();
-        let backend = RedlockBackend::from_urls(servers.iter().map(RedisServer::url))
+        let backend = RedlockBackend::connect(servers.iter().map(RedisServer::url))
+            .await
             .expect("a Redlock backend over the test servers");
         Self { servers, backend }
     }
@@ -70,6 +71,20 @@ impl Redlock {
             });
         }
         per_node
+    }
+
+    /// Distinct lock keys on the nodes that answer, whichever number of nodes has them.
+    pub async fn leftovers(&self) -> usize {
+        let mut keys: Vec<String> = self
+            .keys_per_node()
+            .await
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys.len()
     }
 
     /// The nodes (by index) on which `name` is locked now.
@@ -145,7 +160,7 @@ impl Fixture for Redlock {
     type Backend = RedlockBackend;
 
     async fn start() -> Self {
-        Self::with_nodes(5)
+        Self::with_nodes(5).await
     }
 
     fn backend(&self) -> RedlockBackend {
@@ -156,8 +171,11 @@ impl Fixture for Redlock {
         RedlockBackend::from_urls(self.urls()).expect("a Redlock backend over the test servers")
     }
 
-    /// Distinct lock keys on the nodes that answer: a lock left on a minority counts too.
+    /// Locks held in Redlock's sense: lock keys on a majority of the nodes. A release returns
+    /// once a majority has released (the other nodes' releases follow, ahead of this client's
+    /// next call on them); [`Redlock::leftovers`] counts what is left on any node.
     async fn held(&self) -> usize {
+        let quorum = self.servers.len() / 2 + 1;
         let mut keys: Vec<String> = self
             .keys_per_node()
             .await
@@ -166,8 +184,13 @@ impl Fixture for Redlock {
             .flatten()
             .collect();
         keys.sort();
-        keys.dedup();
-        keys.len()
+        let mut held = 0;
+        for run in keys.chunk_by(|a, b| a == b) {
+            if run.len() >= quorum {
+                held += 1;
+            }
+        }
+        held
     }
 
     /// `DEL` on every node that answers.
