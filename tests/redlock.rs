@@ -590,7 +590,7 @@ async fn acquire_latencies<B: LockBackend>(backend: &B, fencing: bool, n: usize)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "prints figures; run on purpose"]
 async fn acquire_latency_figures() {
-    const N: usize = 2_000;
+    const N: usize = 1_000;
     let five = Redlock::start().await;
     let three = Redlock::with_nodes(3).await;
     let single = RedisBackend::connect(&five.servers[0].url()).await.unwrap();
