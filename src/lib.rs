@@ -77,7 +77,9 @@ mod service;
 mod settings;
 mod telemetry;
 
-pub use crate::backend::{LockBackend, MemoryBackend, RedisBackend, RedisClusterBackend};
+pub use crate::backend::{
+    LockBackend, MemoryBackend, RedisBackend, RedisClusterBackend, RedlockBackend,
+};
 pub use crate::body::LockBody;
 pub use crate::config::LeaseLostPolicy;
 pub use crate::future::ResponseFuture;

@@ -18,6 +18,7 @@ const ENGINE: &[&str] = &[
     "backend/contract.rs",
     "backend/memory.rs",
     "backend/redis.rs",
+    "backend/redlock.rs",
     "key/error.rs",
     "key/lock_key.rs",
     "settings.rs",

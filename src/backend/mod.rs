@@ -4,6 +4,7 @@
 //!   acquire and per release.
 //! - [`RedisClusterBackend`]: a Redis Cluster, one round trip per call to the primary of the
 //!   lock's hash slot.
+//! - [`RedlockBackend`]: N independent Redis primaries, a lock held while a majority holds it.
 //! - [`MemoryBackend`]: in-process, same semantics; for single-instance apps, demos and tests.
 //!
 //! Every backend implements the same contract:
@@ -26,6 +27,7 @@ mod cluster;
 mod contract;
 mod memory;
 mod redis;
+mod redlock;
 
 pub use self::cluster::RedisClusterBackend;
 pub use self::contract::{
@@ -34,3 +36,4 @@ pub use self::contract::{
 };
 pub use self::memory::MemoryBackend;
 pub use self::redis::RedisBackend;
+pub use self::redlock::RedlockBackend;

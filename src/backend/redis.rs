@@ -40,7 +40,7 @@ pub(super) fn remaining_from_value(value: &[u8]) -> Option<Duration> {
 /// success, the fencing counter's `INCR`, atomically; on Redis before 7.0 (no `NX` with `GET`),
 /// the same without fencing. One scalar back (a table costs Redis more than the `INCR`): the
 /// fencing token (≥ 1), 0 for acquired without fencing, or `-3 - PTTL` for held (≤ -2).
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -164,6 +164,11 @@ impl RedisBackend {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(500))
             .set_number_of_retries(3)
+    }
+
+    /// The shared connection, for backends built on this one (Redlock's fencing write-back).
+    pub(super) fn connection(&self) -> ConnectionManager {
+        self.connection.clone()
     }
 }
 

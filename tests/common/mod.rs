@@ -11,6 +11,7 @@
 pub mod backends;
 pub mod cluster;
 pub mod logs;
+pub mod redlock;
 pub mod requests;
 
 // Not every suite (nor the benches, which include this file) uses them.
@@ -397,6 +398,22 @@ macro_rules! suite {
                 }
             )*
         }
+        mod cluster_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test::<crate::common::cluster::Cluster>().await;
+                }
+            )*
+        }
+        mod redlock_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test::<crate::common::redlock::Redlock>().await;
+                }
+            )*
+        }
     };
 }
 
@@ -415,6 +432,16 @@ macro_rules! blocking_suite {
                 #[test]
                 fn memory_backend() {
                     super::$case::<crate::common::Memory>();
+                }
+
+                #[test]
+                fn cluster_backend() {
+                    super::$case::<crate::common::cluster::Cluster>();
+                }
+
+                #[test]
+                fn redlock_backend() {
+                    super::$case::<crate::common::redlock::Redlock>();
                 }
             }
         )*
