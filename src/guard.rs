@@ -201,7 +201,10 @@ fn spawn_release<B: LockBackend>(
 }
 
 /// Traces (and counts the failures of) the clean-up of an acquire whose outcome is unknown.
-fn report_cleanup(lock: &str, outcome: Result<Result<Release, BackendError>, std::time::Duration>) {
+fn report_cleanup(
+    lock: &dyn std::fmt::Display,
+    outcome: Result<Result<Release, BackendError>, std::time::Duration>,
+) {
     match outcome {
         Ok(Ok(Release::Released)) => {
             tracing::debug!(%lock, "lock taken by an abandoned acquire released")
@@ -228,7 +231,7 @@ fn report_cleanup(lock: &str, outcome: Result<Result<Release, BackendError>, std
 
 /// Traces what a release did (and counts its failures).
 pub(crate) fn report_release(
-    lock: &str,
+    lock: &dyn std::fmt::Display,
     outcome: Result<Result<Release, BackendError>, std::time::Duration>,
 ) {
     match outcome {
@@ -248,5 +251,45 @@ pub(crate) fn report_release(
             crate::telemetry::backend_error("release");
             tracing::warn!(%lock, ?after, "lock release timed out; it will expire with its TTL")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Counts how often it is written.
+    struct Counted(AtomicUsize);
+
+    impl std::fmt::Display for Counted {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            f.write_str("lock")
+        }
+    }
+
+    /// The lock's label (a SHA-256 and its hex) is worth computing only for a trace that is on:
+    /// a release reported under an `info` filter never writes it, under `debug` it does.
+    #[test]
+    fn a_release_writes_the_lock_label_only_when_its_trace_is_on() {
+        let counted = Counted(AtomicUsize::new(0));
+        let info = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(info, || {
+            report_release(&counted, Ok(Ok(Release::Released)));
+        });
+        assert_eq!(counted.0.load(Ordering::SeqCst), 0);
+        let debug = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(debug, || {
+            report_release(&counted, Ok(Ok(Release::Released)));
+        });
+        assert_eq!(counted.0.load(Ordering::SeqCst), 1);
     }
 }

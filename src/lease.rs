@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::backend::{LockName, LockToken};
+use crate::backend::{Label, LockName, LockToken};
 use crate::key::LockKey;
 
 /// The lock a request holds, inserted into the request's extensions before the inner service is
@@ -105,8 +105,9 @@ impl LockLease {
             .fetch_max(nanos(valid_for), Ordering::AcqRel);
     }
 
-    /// How the lock is named in traces (a short hash unless the layer logs keys).
-    pub(crate) fn label(&self) -> String {
+    /// How the lock is named in traces (a short hash unless the layer logs keys), written only
+    /// when a trace is.
+    pub(crate) fn label(&self) -> Label<'_> {
         self.0.name.label(self.0.log_keys)
     }
 
@@ -267,7 +268,7 @@ mod tests {
         assert!(debug.contains("fencing_token: 7"), "{debug}");
         assert!(debug.contains(&lease.name().fingerprint()), "{debug}");
         assert!(!debug.contains(&lease.token().to_hex()), "{debug}");
-        assert_eq!(lease.label(), lease.name().fingerprint());
+        assert_eq!(lease.label().to_string(), lease.name().fingerprint());
         let logged = LockLease::new(
             LockKey::new("k"),
             LockName::new("t:", "k"),
@@ -277,6 +278,6 @@ mod tests {
             Instant::now(),
             Duration::from_secs(1),
         );
-        assert_eq!(logged.label(), "t:{k}");
+        assert_eq!(logged.label().to_string(), "t:{k}");
     }
 }

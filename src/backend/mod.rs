@@ -24,6 +24,7 @@ mod contract;
 mod memory;
 mod redis;
 
+pub(crate) use self::contract::Label;
 pub use self::contract::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
     LockBackend, LockName, LockToken, MAX_TTL, MIN_TTL, Release,
