@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio::time::{Instant, Timeout};
+use tokio::time::Instant;
 
 use crate::backend::{
     Acquire, AcquireOptions, BackendError, BackendFuture, LockBackend, LockName, LockToken,
 };
 use crate::core::Core;
+use crate::deadline::Bounded;
 use crate::guard::{AcquireCleanup, LockGuard};
 use crate::key::LockKey;
 use crate::lease::LockLease;
@@ -31,17 +32,19 @@ impl<B: LockBackend> Core<B> {
     ) -> Attempt<B> {
         let token = LockToken::random();
         let settings = &self.settings;
-        let acquire = tokio::time::timeout(
-            settings.acquire_timeout(),
+        let started = Instant::now();
+        // The timer is armed only if the backend does not answer at once.
+        let acquire = Bounded::until(
             self.backend.acquire(
                 &name,
                 token,
                 AcquireOptions::new(settings.ttl()).fencing(settings.fencing()),
             ),
+            started.checked_add(settings.acquire_timeout()),
         );
         Attempt {
             acquire,
-            started: Instant::now(),
+            started,
             key: Some(key),
             // Deletes what the acquire may have taken if it fails, times out, or the attempt is
             // dropped before its outcome is known.
@@ -56,7 +59,7 @@ pin_project! {
     /// events name no lock: the caller polls it inside a span that does.
     pub(crate) struct Attempt<B: LockBackend> {
         #[pin]
-        acquire: Timeout<BackendFuture<Acquire>>,
+        acquire: Bounded<BackendFuture<Acquire>>,
         started: Instant,
         key: Option<LockKey>,
         cleanup: Option<AcquireCleanup<B>>,
@@ -81,7 +84,10 @@ impl<B: LockBackend> Future for Attempt<B> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let outcome = ready!(this.acquire.poll(cx));
+        // A timer, if one is needed, goes on the runtime the request was made on (as the clean-up
+        // and renewal do), wherever the attempt is polled.
+        let runtime = this.cleanup.as_ref().map(AcquireCleanup::runtime);
+        let outcome = ready!(this.acquire.poll_on(cx, runtime));
         let (Some(cleanup), Some(key)) = (this.cleanup.take(), this.key.take()) else {
             unreachable!("an attempt is not polled after it completed");
         };
@@ -116,7 +122,10 @@ fn held<B: LockBackend>(
     fencing_token: u64,
 ) -> Attempted<B> {
     let (core, name, token, runtime) = cleanup.disarm();
-    crate::telemetry::acquired(started.elapsed());
+    // One clock read for the acquire's latency, the lock's validity and its renewal schedule.
+    let now = Instant::now();
+    let latency = now.saturating_duration_since(started);
+    crate::telemetry::acquired(latency);
     let settings = &core.settings;
     let lease = LockLease::new(
         key,
@@ -127,17 +136,17 @@ fn held<B: LockBackend>(
         started,
         settings.ttl(),
     );
-    let validity = settings.ttl().saturating_sub(started.elapsed());
+    let validity = settings.ttl().saturating_sub(latency);
     if validity < settings.min_validity() {
         tracing::warn!(
             ?validity,
             "lock acquired with too little validity; releasing"
         );
-        return Attempted::TooLittleValidity(LockGuard::new(core, lease, runtime), validity);
+        return Attempted::TooLittleValidity(LockGuard::new(core, lease, runtime, now), validity);
     }
     tracing::debug!(fencing_token, "lock acquired");
-    core.renew(&lease, started, &runtime);
-    Attempted::Locked(LockGuard::new(core, lease, runtime))
+    core.renew(&lease, started, now, &runtime);
+    Attempted::Locked(LockGuard::new(core, lease, runtime, now))
 }
 
 fn failed<B: LockBackend>(error: BackendError) -> Attempted<B> {

@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, Timeout};
+use tokio::time::Instant;
 
 use crate::backend::{BackendError, BackendFuture, LockBackend, LockName, LockToken, Release};
 use crate::core::Core;
+use crate::deadline::Bounded;
 use crate::lease::LockLease;
 
 /// A held lock, type-erased so that what carries it (a response body held through) does not
@@ -30,12 +31,18 @@ pub(crate) struct LockGuard<B: LockBackend> {
 }
 
 impl<B: LockBackend> LockGuard<B> {
-    pub(crate) fn new(core: Arc<Core<B>>, lease: LockLease, runtime: Handle) -> Self {
+    /// The guard of `lease`, whose acquire returned at `acquired_at`.
+    pub(crate) fn new(
+        core: Arc<Core<B>>,
+        lease: LockLease,
+        runtime: Handle,
+        acquired_at: Instant,
+    ) -> Self {
         Self {
             core,
             lease,
             runtime,
-            acquired_at: Instant::now(),
+            acquired_at,
             armed: true,
         }
     }
@@ -50,20 +57,20 @@ impl<B: LockBackend> LockGuard<B> {
     }
 
     /// The compare-and-delete call, bounded by the release timeout. Stops renewal.
-    pub(crate) fn release(&self) -> Timeout<BackendFuture<Release>> {
+    pub(crate) fn release(&self) -> Bounded<BackendFuture<Release>> {
         self.end();
-        tokio::time::timeout(
-            self.core.settings.release_timeout(),
+        Bounded::after(
             self.core
                 .backend
                 .release(self.lease.name(), self.lease.token()),
+            self.core.settings.release_timeout(),
         )
     }
 
     fn end(&self) {
         if !self.lease.has_ended() {
             self.lease.end();
-            crate::telemetry::held(self.acquired_at.elapsed());
+            crate::telemetry::held(self.acquired_at);
         }
     }
 
@@ -144,6 +151,11 @@ impl<B: LockBackend> AcquireCleanup<B> {
     pub(crate) fn core(&self) -> &Core<B> {
         &self.core
     }
+
+    /// The runtime the lock was requested on.
+    pub(crate) fn runtime(&self) -> &Handle {
+        &self.runtime
+    }
 }
 
 impl<B: LockBackend> Drop for AcquireCleanup<B> {
@@ -188,9 +200,7 @@ fn spawn_release<B: LockBackend>(
         }
     };
     runtime.spawn(async move {
-        let outcome = tokio::time::timeout(timeout, release)
-            .await
-            .map_err(|_| timeout);
+        let outcome = Bounded::after(release, timeout).await.map_err(|_| timeout);
         match of {
             ReleaseOf::Lease(lease) => report_release(&lease.label(), outcome),
             ReleaseOf::AbandonedAcquire(name, log_keys) => {

@@ -179,10 +179,11 @@ impl<B: LockBackend> Renewer<B> {
         }
     }
 
-    /// Starts watching `lease`: an insert into the schedule; the timer lives in the shared task,
-    /// which is started on `runtime` if there is none alive.
-    pub(crate) fn watch(&self, lease: LockLease, plan: Plan, runtime: &Handle) {
-        let due = plan.next_due(Instant::now());
+    /// Starts watching `lease`, acquired (or last extended) at `now`: an insert into the
+    /// schedule; the timer lives in the shared task, which is started on `runtime` if there is
+    /// none alive.
+    pub(crate) fn watch(&self, lease: LockLease, plan: Plan, now: Instant, runtime: &Handle) {
+        let due = plan.next_due(now);
         let runtime_id = runtime.id();
         let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         // Two tries: a dead task is replaced once; a task that dies at once (a runtime that is
