@@ -40,7 +40,9 @@ struct Shared {
     name: LockName,
     token: LockToken,
     fencing_token: u64,
-    lost: CancellationToken,
+    /// Cancelled when the lease is lost. Made by the first to wait for a loss or to mark one
+    /// (most leases never are, and their requests never wait for it: the token is an allocation).
+    lost: OnceLock<CancellationToken>,
     ended: AtomicBool,
     log_keys: bool,
     /// When the lease was acquired (the start of the acquire call, as its validity counts).
@@ -79,7 +81,7 @@ impl LockLease {
             name,
             token,
             fencing_token,
-            lost: CancellationToken::new(),
+            lost: OnceLock::new(),
             ended: AtomicBool::new(false),
             log_keys,
             acquired,
@@ -133,7 +135,11 @@ impl LockLease {
     /// validity has run out without a successful renewal (also when the renewal task has not
     /// had a chance to run, e.g. after this process was paused).
     pub fn is_lost(&self) -> bool {
-        self.0.lost.is_cancelled() || Instant::now() >= self.valid_until()
+        self.0
+            .lost
+            .get()
+            .is_some_and(CancellationToken::is_cancelled)
+            || Instant::now() >= self.valid_until()
     }
 
     /// Completes when the lease is lost (immediately if it already is), at the latest when its
@@ -148,7 +154,7 @@ impl LockLease {
                     return;
                 }
                 tokio::select! {
-                    () = lease.0.lost.cancelled() => return,
+                    () = lease.lost_token().cancelled() => return,
                     () = tokio::time::sleep_until(valid_until) => {}
                 }
             }
@@ -156,7 +162,12 @@ impl LockLease {
     }
 
     pub(crate) fn lost_owned(&self) -> WaitForCancellationFutureOwned {
-        self.0.lost.clone().cancelled_owned()
+        self.lost_token().clone().cancelled_owned()
+    }
+
+    /// The token cancelled when the lease is lost, made on first use.
+    fn lost_token(&self) -> &CancellationToken {
+        self.0.lost.get_or_init(CancellationToken::new)
     }
 
     pub(crate) fn token(&self) -> LockToken {
@@ -201,12 +212,13 @@ impl LockLease {
     /// Marks the lease lost; reports it (a warning and `lease_lost_total`) only the first time,
     /// and only while its request runs. Returns whether it reported.
     pub(crate) fn mark_lost(&self, why: &'static str) -> bool {
-        let report = !self.has_ended() && !self.0.lost.is_cancelled();
+        let lost = self.lost_token();
+        let report = !self.has_ended() && !lost.is_cancelled();
         if report {
             tracing::warn!(lock = %self.label(), why, "lock lease lost");
             crate::telemetry::lease_lost();
         }
-        self.0.lost.cancel();
+        lost.cancel();
         report
     }
 }
@@ -259,6 +271,38 @@ mod tests {
         );
         assert!(ended.is_lost(), "but its lease counts as lost from then on");
         assert!(!lease().has_ended());
+    }
+
+    /// The cancellation token is an allocation: made only for a request that waits for a loss
+    /// or whose lease is lost, and then shared by every waiter, before the loss or after it.
+    #[tokio::test]
+    async fn a_loss_reaches_waiters_made_before_and_after_it_and_no_token_is_made_without_one() {
+        let quiet = lease();
+        assert!(!quiet.is_lost());
+        quiet.end();
+        assert!(quiet.0.lost.get().is_none(), "a token was made for nobody");
+
+        let lost = lease();
+        let before = lost.lost_owned();
+        let before_public = lost.lost();
+        assert!(lost.0.lost.get().is_some());
+        assert!(lost.mark_lost("test"));
+        let after = lost.lost_owned();
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            before.await;
+            before_public.await;
+            after.await;
+            lost.lost().await;
+        })
+        .await;
+        assert!(waited.is_ok(), "a waiter missed the loss");
+
+        let marked_first = lease();
+        marked_first.mark_lost("test");
+        assert!(marked_first.is_lost());
+        tokio::time::timeout(Duration::from_secs(5), marked_first.lost_owned())
+            .await
+            .expect("a waiter made after the loss waits forever");
     }
 
     #[test]
