@@ -62,7 +62,17 @@ pin_project! {
         acquire: Bounded<BackendFuture<Acquire>>,
         started: Instant,
         key: Option<LockKey>,
+        // `Some` until the outcome is known.
         cleanup: Option<AcquireCleanup<B>>,
+    }
+
+    impl<B: LockBackend> PinnedDrop for Attempt<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before its outcome was known: the acquire may still land.
+            if let Some(cleanup) = this.project().cleanup.take() {
+                cleanup.abandon();
+            }
+        }
     }
 }
 
@@ -97,18 +107,19 @@ impl<B: LockBackend> Future for Attempt<B> {
                 held(cleanup, key, started, fencing_token)
             }
             Ok(Ok(Acquire::Held { remaining })) => {
-                cleanup.disarm();
+                // Someone else's lock: nothing of ours to clean up.
+                drop(cleanup);
                 tracing::debug!(?remaining, "lock held by another holder");
                 crate::telemetry::contended();
                 Attempted::Held(remaining)
             }
             // The acquire may have landed although we got no answer: `cleanup` deletes it (if
-            // ours) as it is dropped here.
-            Ok(Err(error)) => failed(error),
-            Err(_) => failed(BackendError::timeout(
-                "lock acquire",
-                cleanup.core().settings.acquire_timeout(),
-            )),
+            // ours).
+            Ok(Err(error)) => failed(cleanup, error),
+            Err(_) => {
+                let timeout = cleanup.core().settings.acquire_timeout();
+                failed(cleanup, BackendError::timeout("lock acquire", timeout))
+            }
         })
     }
 }
@@ -149,7 +160,8 @@ fn held<B: LockBackend>(
     Attempted::Locked(LockGuard::new(core, lease, runtime, now))
 }
 
-fn failed<B: LockBackend>(error: BackendError) -> Attempted<B> {
+fn failed<B: LockBackend>(cleanup: AcquireCleanup<B>, error: BackendError) -> Attempted<B> {
+    cleanup.abandon();
     crate::telemetry::backend_error("acquire");
     Attempted::Failed(error)
 }

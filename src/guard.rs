@@ -109,15 +109,16 @@ impl<B: LockBackend> Drop for LockGuard<B> {
     }
 }
 
-/// Deletes a lock this request may have taken without ever holding it: an acquire that was
-/// dropped mid-flight (client gone), timed out or failed may still have landed on the server.
-/// Disarmed once the acquire's outcome is known to need no clean-up.
+/// What an acquire whose outcome is not known yet may have taken, and where to delete it: an
+/// acquire that was dropped mid-flight (client gone), timed out or failed may still have landed
+/// on the server. Its owner (an `Attempt`) [`abandon`](Self::abandon)s it then, and takes it
+/// apart with [`disarm`](Self::disarm) once the outcome needs no clean-up (no clones: it has no
+/// `Drop` of its own).
 pub(crate) struct AcquireCleanup<B: LockBackend> {
     core: Arc<Core<B>>,
     name: LockName,
     token: LockToken,
     runtime: Handle,
-    armed: bool,
 }
 
 impl<B: LockBackend> AcquireCleanup<B> {
@@ -132,20 +133,19 @@ impl<B: LockBackend> AcquireCleanup<B> {
             name,
             token,
             runtime,
-            armed: true,
         }
     }
 
     /// The acquire's outcome needs no clean-up; hands back the engine, what the lock is called,
     /// its token, and the runtime to release it on.
-    pub(crate) fn disarm(mut self) -> (Arc<Core<B>>, LockName, LockToken, Handle) {
-        self.armed = false;
-        (
-            self.core.clone(),
-            self.name.clone(),
-            self.token,
-            self.runtime.clone(),
-        )
+    pub(crate) fn disarm(self) -> (Arc<Core<B>>, LockName, LockToken, Handle) {
+        (self.core, self.name, self.token, self.runtime)
+    }
+
+    /// The acquire's outcome is unknown: deletes what it may have taken, in the background.
+    pub(crate) fn abandon(self) {
+        let of = ReleaseOf::AbandonedAcquire(self.name.clone(), self.core.settings.log_keys());
+        spawn_release(&self.core, &self.runtime, &self.name, self.token, of);
     }
 
     pub(crate) fn core(&self) -> &Core<B> {
@@ -155,20 +155,6 @@ impl<B: LockBackend> AcquireCleanup<B> {
     /// The runtime the lock was requested on.
     pub(crate) fn runtime(&self) -> &Handle {
         &self.runtime
-    }
-}
-
-impl<B: LockBackend> Drop for AcquireCleanup<B> {
-    fn drop(&mut self) {
-        if self.armed {
-            spawn_release(
-                &self.core,
-                &self.runtime,
-                &self.name,
-                self.token,
-                ReleaseOf::AbandonedAcquire(self.name.clone(), self.core.settings.log_keys()),
-            );
-        }
     }
 }
 
