@@ -241,8 +241,8 @@ impl<B: LockBackend> Renewer<B> {
         // Two tries: a dead task is replaced once; a task that dies at once (a runtime that is
         // shutting down drops what is spawned on it) cannot renew, so the lease is lost.
         for _ in 0..2 {
-            let inbox = match tasks.iter().find(|(id, _)| *id == runtime_id) {
-                Some((_, inbox)) => inbox.clone(),
+            let index = match tasks.iter().position(|(id, _)| *id == runtime_id) {
+                Some(index) => index,
                 None => {
                     // Forget the tasks of runtimes that have shut down.
                     tasks.retain(|(_, inbox)| !inbox.state().dead);
@@ -253,9 +253,13 @@ impl<B: LockBackend> Renewer<B> {
                     // The guard is an argument, so it is dropped (marking leases lost) even if
                     // the runtime drops the task before it first runs.
                     runtime.spawn(run(self.backend.clone(), TaskGuard(inbox.clone())));
-                    tasks.push((runtime_id, inbox.clone()));
-                    inbox
+                    tasks.push((runtime_id, inbox));
+                    tasks.len() - 1
                 }
+            };
+            // Borrowed under the `tasks` lock: no refcount traffic on the shared inbox.
+            let Some((_, inbox)) = tasks.get(index) else {
+                break;
             };
             let mut state = inbox.state();
             if state.dead {
@@ -265,7 +269,7 @@ impl<B: LockBackend> Renewer<B> {
                 continue;
             }
             if state.nursery.len() >= NURSERY {
-                state.adopt(&inbox);
+                state.adopt(inbox);
             }
             state.nursery.push(Newborn { lease, plan, due });
             let interval = plan.every.unwrap_or(plan.ttl);
