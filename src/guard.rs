@@ -114,6 +114,7 @@ impl<B: LockBackend> Drop for LockGuard<B> {
 /// on the server. Its owner (an `Attempt`) [`abandon`](Self::abandon)s it then, and takes it
 /// apart with [`disarm`](Self::disarm) once the outcome needs no clean-up (no clones: it has no
 /// `Drop` of its own).
+#[must_use = "an acquire whose outcome is unknown is abandoned (cleaned up) or disarmed"]
 pub(crate) struct AcquireCleanup<B: LockBackend> {
     core: Arc<Core<B>>,
     name: LockName,
