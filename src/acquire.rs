@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio::time::{Instant, Timeout};
+use tokio::time::Instant;
 
 use crate::backend::{
     Acquire, AcquireOptions, BackendError, BackendFuture, LockBackend, LockName, LockToken,
 };
 use crate::core::Core;
+use crate::deadline::Bounded;
 use crate::guard::{AcquireCleanup, LockGuard};
 use crate::key::LockKey;
 use crate::lease::LockLease;
@@ -31,16 +32,15 @@ impl<B: LockBackend> Core<B> {
     ) -> Attempt<B> {
         let token = LockToken::random();
         let settings = &self.settings;
-        // Before the call: a backend may take the lock inside it (MemoryBackend does), and the
-        // lease's validity must not count from later than the store's.
         let started = Instant::now();
-        let acquire = tokio::time::timeout(
-            settings.acquire_timeout(),
+        // The timer is armed only if the backend does not answer at once.
+        let acquire = Bounded::until(
             self.backend.acquire(
                 &name,
                 token,
                 AcquireOptions::new(settings.ttl()).fencing(settings.fencing()),
             ),
+            started.checked_add(settings.acquire_timeout()),
         );
         Attempt {
             acquire,
@@ -59,10 +59,20 @@ pin_project! {
     /// events name no lock: the caller polls it inside a span that does.
     pub(crate) struct Attempt<B: LockBackend> {
         #[pin]
-        acquire: Timeout<BackendFuture<Acquire>>,
+        acquire: Bounded<BackendFuture<Acquire>>,
         started: Instant,
         key: Option<LockKey>,
+        // `Some` until the outcome is known.
         cleanup: Option<AcquireCleanup<B>>,
+    }
+
+    impl<B: LockBackend> PinnedDrop for Attempt<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before its outcome was known: the acquire may still land.
+            if let Some(cleanup) = this.project().cleanup.take() {
+                cleanup.abandon();
+            }
+        }
     }
 }
 
@@ -84,7 +94,10 @@ impl<B: LockBackend> Future for Attempt<B> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let outcome = ready!(this.acquire.poll(cx));
+        // A timer, if one is needed, goes on the runtime the request was made on (as the clean-up
+        // and renewal do), wherever the attempt is polled.
+        let runtime = this.cleanup.as_ref().map(AcquireCleanup::runtime);
+        let outcome = ready!(this.acquire.poll_on(cx, runtime));
         let (Some(cleanup), Some(key)) = (this.cleanup.take(), this.key.take()) else {
             unreachable!("an attempt is not polled after it completed");
         };
@@ -94,18 +107,19 @@ impl<B: LockBackend> Future for Attempt<B> {
                 held(cleanup, key, started, fencing_token)
             }
             Ok(Ok(Acquire::Held { remaining })) => {
-                cleanup.disarm();
+                // Someone else's lock: nothing of ours to clean up.
+                drop(cleanup);
                 tracing::debug!(?remaining, "lock held by another holder");
                 crate::telemetry::contended();
                 Attempted::Held(remaining)
             }
             // The acquire may have landed although we got no answer: `cleanup` deletes it (if
-            // ours) as it is dropped here.
-            Ok(Err(error)) => failed(error),
-            Err(_) => failed(BackendError::timeout(
-                "lock acquire",
-                cleanup.core().settings.acquire_timeout(),
-            )),
+            // ours).
+            Ok(Err(error)) => failed(cleanup, error),
+            Err(_) => {
+                let timeout = cleanup.core().settings.acquire_timeout();
+                failed(cleanup, BackendError::timeout("lock acquire", timeout))
+            }
         })
     }
 }
@@ -119,7 +133,10 @@ fn held<B: LockBackend>(
     fencing_token: u64,
 ) -> Attempted<B> {
     let (core, name, token, runtime) = cleanup.disarm();
-    crate::telemetry::acquired(started.elapsed());
+    // One clock read for the acquire's latency, the lock's validity and its renewal schedule.
+    let now = Instant::now();
+    let latency = now.saturating_duration_since(started);
+    crate::telemetry::acquired(latency);
     let settings = &core.settings;
     let lease = LockLease::new(
         key,
@@ -130,20 +147,21 @@ fn held<B: LockBackend>(
         started,
         settings.ttl(),
     );
-    let validity = settings.ttl().saturating_sub(started.elapsed());
+    let validity = settings.ttl().saturating_sub(latency);
     if validity < settings.min_validity() {
         tracing::warn!(
             ?validity,
             "lock acquired with too little validity; releasing"
         );
-        return Attempted::TooLittleValidity(LockGuard::new(core, lease, runtime), validity);
+        return Attempted::TooLittleValidity(LockGuard::new(core, lease, runtime, now), validity);
     }
     tracing::debug!(fencing_token, "lock acquired");
-    core.renew(&lease, started, &runtime);
-    Attempted::Locked(LockGuard::new(core, lease, runtime))
+    core.renew(&lease, started, now, &runtime);
+    Attempted::Locked(LockGuard::new(core, lease, runtime, now))
 }
 
-fn failed<B: LockBackend>(error: BackendError) -> Attempted<B> {
+fn failed<B: LockBackend>(cleanup: AcquireCleanup<B>, error: BackendError) -> Attempted<B> {
+    cleanup.abandon();
     crate::telemetry::backend_error("acquire");
     Attempted::Failed(error)
 }

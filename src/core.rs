@@ -30,8 +30,15 @@ impl<B: LockBackend> Core<B> {
         }
     }
 
-    /// Starts renewing `lease`, acquired at `started`, on `runtime`, with these settings.
-    pub(crate) fn renew(&self, lease: &LockLease, started: Instant, runtime: &Handle) {
+    /// Starts renewing `lease`, acquired at `started` (the acquire returned at `now`), on
+    /// `runtime`, with these settings.
+    pub(crate) fn renew(
+        &self,
+        lease: &LockLease,
+        started: Instant,
+        now: Instant,
+        runtime: &Handle,
+    ) {
         let settings = &self.settings;
         self.renewer.watch(
             lease.clone(),
@@ -42,6 +49,7 @@ impl<B: LockBackend> Core<B> {
                 valid_until: lease.valid_until(),
                 timeout: settings.renew_timeout(),
             },
+            now,
             runtime,
         );
     }

@@ -8,7 +8,6 @@ use std::task::{Context, Poll, ready};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
-use tokio::time::Timeout;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_service::Service;
 
@@ -16,6 +15,7 @@ use crate::acquire::{Attempt, Attempted};
 use crate::backend::{BackendError, BackendErrorKind, BackendFuture, LockBackend, Release};
 use crate::body::{BodyLock, LockBody};
 use crate::config::{HttpConfig, LeaseLostPolicy, Shared};
+use crate::deadline::Bounded;
 use crate::guard::{LockGuard, report_release};
 use crate::key::{KeyRejection, LockKey};
 use crate::response::Rejection;
@@ -87,7 +87,7 @@ pin_project! {
         },
         Releasing {
             #[pin]
-            release: Timeout<BackendFuture<Release>>,
+            release: Bounded<BackendFuture<Release>>,
             // `Some` while in this state: disarmed once the release has completed.
             guard: Option<LockGuard<B>>,
             output: Option<Outcome<S::Response, S::Error>>,

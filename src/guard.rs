@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, Timeout};
+use tokio::time::Instant;
 
 use crate::backend::{BackendError, BackendFuture, LockBackend, LockName, LockToken, Release};
 use crate::core::Core;
+use crate::deadline::Bounded;
 use crate::lease::LockLease;
 
 /// A held lock, type-erased so that what carries it (a response body held through) does not
@@ -30,12 +31,18 @@ pub(crate) struct LockGuard<B: LockBackend> {
 }
 
 impl<B: LockBackend> LockGuard<B> {
-    pub(crate) fn new(core: Arc<Core<B>>, lease: LockLease, runtime: Handle) -> Self {
+    /// The guard of `lease`, whose acquire returned at `acquired_at`.
+    pub(crate) fn new(
+        core: Arc<Core<B>>,
+        lease: LockLease,
+        runtime: Handle,
+        acquired_at: Instant,
+    ) -> Self {
         Self {
             core,
             lease,
             runtime,
-            acquired_at: Instant::now(),
+            acquired_at,
             armed: true,
         }
     }
@@ -50,20 +57,20 @@ impl<B: LockBackend> LockGuard<B> {
     }
 
     /// The compare-and-delete call, bounded by the release timeout. Stops renewal.
-    pub(crate) fn release(&self) -> Timeout<BackendFuture<Release>> {
+    pub(crate) fn release(&self) -> Bounded<BackendFuture<Release>> {
         self.end();
-        tokio::time::timeout(
-            self.core.settings.release_timeout(),
+        Bounded::after(
             self.core
                 .backend
                 .release(self.lease.name(), self.lease.token()),
+            self.core.settings.release_timeout(),
         )
     }
 
     fn end(&self) {
         if !self.lease.has_ended() {
             self.lease.end();
-            crate::telemetry::held(self.acquired_at.elapsed());
+            crate::telemetry::held(self.acquired_at);
         }
     }
 
@@ -102,15 +109,17 @@ impl<B: LockBackend> Drop for LockGuard<B> {
     }
 }
 
-/// Deletes a lock this request may have taken without ever holding it: an acquire that was
-/// dropped mid-flight (client gone), timed out or failed may still have landed on the server.
-/// Disarmed once the acquire's outcome is known to need no clean-up.
+/// What an acquire whose outcome is not known yet may have taken, and where to delete it: an
+/// acquire that was dropped mid-flight (client gone), timed out or failed may still have landed
+/// on the server. Its owner (an `Attempt`) [`abandon`](Self::abandon)s it then, and takes it
+/// apart with [`disarm`](Self::disarm) once the outcome needs no clean-up (no clones: it has no
+/// `Drop` of its own).
+#[must_use = "an acquire whose outcome is unknown is abandoned (cleaned up) or disarmed"]
 pub(crate) struct AcquireCleanup<B: LockBackend> {
     core: Arc<Core<B>>,
     name: LockName,
     token: LockToken,
     runtime: Handle,
-    armed: bool,
 }
 
 impl<B: LockBackend> AcquireCleanup<B> {
@@ -125,38 +134,28 @@ impl<B: LockBackend> AcquireCleanup<B> {
             name,
             token,
             runtime,
-            armed: true,
         }
     }
 
     /// The acquire's outcome needs no clean-up; hands back the engine, what the lock is called,
     /// its token, and the runtime to release it on.
-    pub(crate) fn disarm(mut self) -> (Arc<Core<B>>, LockName, LockToken, Handle) {
-        self.armed = false;
-        (
-            self.core.clone(),
-            self.name.clone(),
-            self.token,
-            self.runtime.clone(),
-        )
+    pub(crate) fn disarm(self) -> (Arc<Core<B>>, LockName, LockToken, Handle) {
+        (self.core, self.name, self.token, self.runtime)
+    }
+
+    /// The acquire's outcome is unknown: deletes what it may have taken, in the background.
+    pub(crate) fn abandon(self) {
+        let of = ReleaseOf::AbandonedAcquire(self.name.clone(), self.core.settings.log_keys());
+        spawn_release(&self.core, &self.runtime, &self.name, self.token, of);
     }
 
     pub(crate) fn core(&self) -> &Core<B> {
         &self.core
     }
-}
 
-impl<B: LockBackend> Drop for AcquireCleanup<B> {
-    fn drop(&mut self) {
-        if self.armed {
-            spawn_release(
-                &self.core,
-                &self.runtime,
-                &self.name,
-                self.token,
-                ReleaseOf::AbandonedAcquire(self.name.clone(), self.core.settings.log_keys()),
-            );
-        }
+    /// The runtime the lock was requested on.
+    pub(crate) fn runtime(&self) -> &Handle {
+        &self.runtime
     }
 }
 
@@ -188,9 +187,7 @@ fn spawn_release<B: LockBackend>(
         }
     };
     runtime.spawn(async move {
-        let outcome = tokio::time::timeout(timeout, release)
-            .await
-            .map_err(|_| timeout);
+        let outcome = Bounded::after(release, timeout).await.map_err(|_| timeout);
         match of {
             ReleaseOf::Lease(lease) => report_release(&lease.label(), outcome),
             ReleaseOf::AbandonedAcquire(name, log_keys) => {
@@ -201,7 +198,10 @@ fn spawn_release<B: LockBackend>(
 }
 
 /// Traces (and counts the failures of) the clean-up of an acquire whose outcome is unknown.
-fn report_cleanup(lock: &str, outcome: Result<Result<Release, BackendError>, std::time::Duration>) {
+fn report_cleanup(
+    lock: &dyn std::fmt::Display,
+    outcome: Result<Result<Release, BackendError>, std::time::Duration>,
+) {
     match outcome {
         Ok(Ok(Release::Released)) => {
             tracing::debug!(%lock, "lock taken by an abandoned acquire released")
@@ -228,7 +228,7 @@ fn report_cleanup(lock: &str, outcome: Result<Result<Release, BackendError>, std
 
 /// Traces what a release did (and counts its failures).
 pub(crate) fn report_release(
-    lock: &str,
+    lock: &dyn std::fmt::Display,
     outcome: Result<Result<Release, BackendError>, std::time::Duration>,
 ) {
     match outcome {
@@ -248,5 +248,45 @@ pub(crate) fn report_release(
             crate::telemetry::backend_error("release");
             tracing::warn!(%lock, ?after, "lock release timed out; it will expire with its TTL")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Counts how often it is written.
+    struct Counted(AtomicUsize);
+
+    impl std::fmt::Display for Counted {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            f.write_str("lock")
+        }
+    }
+
+    /// The lock's label (a SHA-256 and its hex) is worth computing only for a trace that is on:
+    /// a release reported under an `info` filter never writes it, under `debug` it does.
+    #[test]
+    fn a_release_writes_the_lock_label_only_when_its_trace_is_on() {
+        let counted = Counted(AtomicUsize::new(0));
+        let info = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(info, || {
+            report_release(&counted, Ok(Ok(Release::Released)));
+        });
+        assert_eq!(counted.0.load(Ordering::SeqCst), 0);
+        let debug = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(debug, || {
+            report_release(&counted, Ok(Ok(Release::Released)));
+        });
+        assert_eq!(counted.0.load(Ordering::SeqCst), 1);
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::backend::{LockName, LockToken};
+use crate::backend::{Label, LockName, LockToken};
 use crate::key::LockKey;
 
 /// The lock a request holds, inserted into the request's extensions before the inner service is
@@ -41,7 +41,9 @@ struct Shared {
     name: LockName,
     token: LockToken,
     fencing_token: u64,
-    lost: CancellationToken,
+    /// Cancelled when the lease is lost. Made by the first to wait for a loss or to mark one
+    /// (most leases never are, and their requests never wait for it: the token is an allocation).
+    lost: OnceLock<CancellationToken>,
     ended: AtomicBool,
     /// Wakes [`LockLease::lost`] waiters when the lock is released.
     ended_notify: Notify,
@@ -82,7 +84,7 @@ impl LockLease {
             name,
             token,
             fencing_token,
-            lost: CancellationToken::new(),
+            lost: OnceLock::new(),
             ended: AtomicBool::new(false),
             ended_notify: Notify::new(),
             log_keys,
@@ -109,8 +111,9 @@ impl LockLease {
             .fetch_max(nanos(valid_for), Ordering::AcqRel);
     }
 
-    /// How the lock is named in traces (a short hash unless the layer logs keys).
-    pub(crate) fn label(&self) -> String {
+    /// How the lock is named in traces (a short hash unless the layer logs keys), written only
+    /// when a trace is.
+    pub(crate) fn label(&self) -> Label<'_> {
         self.0.name.label(self.0.log_keys)
     }
 
@@ -138,7 +141,12 @@ impl LockLease {
     /// (its request ended, or [`Lock::release`](crate::Lock::release) or drop) — so a clone
     /// kept by work that outlives the lock tells it to stop.
     pub fn is_lost(&self) -> bool {
-        self.0.lost.is_cancelled() || self.has_ended() || Instant::now() >= self.valid_until()
+        self.0
+            .lost
+            .get()
+            .is_some_and(CancellationToken::is_cancelled)
+            || self.has_ended()
+            || Instant::now() >= self.valid_until()
     }
 
     /// Completes when the lease is lost (immediately if it already is), at the latest when its
@@ -161,7 +169,7 @@ impl LockLease {
                     return;
                 }
                 tokio::select! {
-                    () = lease.0.lost.cancelled() => return,
+                    () = lease.lost_token().cancelled() => return,
                     () = released => return,
                     () = tokio::time::sleep_until(valid_until) => {}
                 }
@@ -170,7 +178,12 @@ impl LockLease {
     }
 
     pub(crate) fn lost_owned(&self) -> WaitForCancellationFutureOwned {
-        self.0.lost.clone().cancelled_owned()
+        self.lost_token().clone().cancelled_owned()
+    }
+
+    /// The token cancelled when the lease is lost, made on first use.
+    fn lost_token(&self) -> &CancellationToken {
+        self.0.lost.get_or_init(CancellationToken::new)
     }
 
     pub(crate) fn token(&self) -> LockToken {
@@ -216,12 +229,13 @@ impl LockLease {
     /// Marks the lease lost; reports it (a warning and `lease_lost_total`) only the first time,
     /// and only while its request runs. Returns whether it reported.
     pub(crate) fn mark_lost(&self, why: &'static str) -> bool {
-        let report = !self.has_ended() && !self.0.lost.is_cancelled();
+        let lost = self.lost_token();
+        let report = !self.has_ended() && !lost.is_cancelled();
         if report {
             tracing::warn!(lock = %self.label(), why, "lock lease lost");
             crate::telemetry::lease_lost();
         }
-        self.0.lost.cancel();
+        lost.cancel();
         report
     }
 }
@@ -276,6 +290,38 @@ mod tests {
         assert!(!lease().has_ended());
     }
 
+    /// The cancellation token is an allocation: made only for a request that waits for a loss
+    /// or whose lease is lost, and then shared by every waiter, before the loss or after it.
+    #[tokio::test]
+    async fn a_loss_reaches_waiters_made_before_and_after_it_and_no_token_is_made_without_one() {
+        let quiet = lease();
+        assert!(!quiet.is_lost());
+        quiet.end();
+        assert!(quiet.0.lost.get().is_none(), "a token was made for nobody");
+
+        let lost = lease();
+        let before = lost.lost_owned();
+        let before_public = lost.lost();
+        assert!(lost.0.lost.get().is_some());
+        assert!(lost.mark_lost("test"));
+        let after = lost.lost_owned();
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            before.await;
+            before_public.await;
+            after.await;
+            lost.lost().await;
+        })
+        .await;
+        assert!(waited.is_ok(), "a waiter missed the loss");
+
+        let marked_first = lease();
+        marked_first.mark_lost("test");
+        assert!(marked_first.is_lost());
+        tokio::time::timeout(Duration::from_secs(5), marked_first.lost_owned())
+            .await
+            .expect("a waiter made after the loss waits forever");
+    }
+
     #[test]
     fn debug_shows_the_fencing_token_and_never_the_token() {
         let lease = lease();
@@ -283,7 +329,7 @@ mod tests {
         assert!(debug.contains("fencing_token: 7"), "{debug}");
         assert!(debug.contains(&lease.name().fingerprint()), "{debug}");
         assert!(!debug.contains(&lease.token().to_hex()), "{debug}");
-        assert_eq!(lease.label(), lease.name().fingerprint());
+        assert_eq!(lease.label().to_string(), lease.name().fingerprint());
         let logged = LockLease::new(
             LockKey::new("k"),
             LockName::new("t:", "k"),
@@ -293,6 +339,6 @@ mod tests {
             Instant::now(),
             Duration::from_secs(1),
         );
-        assert_eq!(logged.label(), "t:{k}");
+        assert_eq!(logged.label().to_string(), "t:{k}");
     }
 }

@@ -59,6 +59,7 @@ pub mod backend;
 mod body;
 mod config;
 mod core;
+mod deadline;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;

@@ -3,9 +3,12 @@
 //! One renewal task per engine and runtime (an engine's clones, and the layers built from it,
 //! share it), started on the first lock, drives every held lease; no task is spawned per lock.
 //! Leases live in one schedule shared with the task (see `Inbox`): a holder adds its lease there
-//! and takes it out when it ends, both in O(log n) and without waking the task unless the new
-//! lease is due before the task's next wake-up. So the schedule holds exactly the leases held,
-//! whatever the request rate.
+//! and takes it out when it ends, without waking the task unless the new lease is due before the
+//! task's next wake-up. Most requests end long before their first renewal is due, so a new lease
+//! waits in a small nursery (a push, no index) that the schedule takes in whenever the task wakes
+//! or the nursery fills; a lease whose request has ended by then is dropped there, having cost
+//! neither an insert nor a removal. So the schedule holds the leases held (and the nursery a
+//! few dozen more at most), whatever the request rate.
 //!
 //! The task wakes when the earliest lease is due, takes every lease that is due (a batch), and
 //! extends them concurrently. Each extend is bounded by the renewal timeout and by the lease's
@@ -90,11 +93,26 @@ struct Entry {
     due: Option<Instant>,
 }
 
+/// A lease registered since the schedule last took the nursery in.
+struct Newborn {
+    lease: LockLease,
+    plan: Plan,
+    /// When it is first due.
+    due: Instant,
+}
+
+/// How many leases wait in the nursery before the registering request takes them into the
+/// schedule itself (so that the nursery stays small even when the task cannot run, e.g. a
+/// current-thread runtime busy with a loop of requests).
+const NURSERY: usize = 32;
+
 /// The schedule a layer's requests share with its renewal task.
 ///
 /// Registering must not wake another thread on every request (that alone costs more than the
-/// layer's own work), so a request only inserts its lease, and wakes the task only when the lease
-/// is due before the task's next wake-up (a slow acquire); a parked task has no wake-up.
+/// layer's own work), so a request only pushes its lease into the nursery, and wakes the task only
+/// when the lease is due before the task's next wake-up (a slow acquire); a parked task has no
+/// wake-up. Whenever the task wakes, it takes the nursery in first, so a lease is in the schedule
+/// before it is due.
 struct Inbox {
     state: Mutex<State>,
     wake: Notify,
@@ -106,6 +124,9 @@ struct State {
     entries: HashMap<u64, Entry>,
     /// The scheduled entries, by when they are due.
     schedule: BTreeSet<(Instant, u64)>,
+    /// Leases not in `entries` yet (see the module docs); their due times are covered by
+    /// `next_wake`.
+    nursery: Vec<Newborn>,
     next_id: u64,
     /// When the task looks at the schedule next without being woken; `None`: only when woken.
     next_wake: Option<Instant>,
@@ -132,6 +153,38 @@ impl Unschedule for Inbox {
 }
 
 impl State {
+    /// Takes the nursery into the schedule: a lease whose request has ended is dropped, the
+    /// others get an id and a place in `schedule`, and learn where to take themselves out of.
+    fn adopt(&mut self, inbox: &Arc<Inbox>) {
+        if self.nursery.is_empty() {
+            return;
+        }
+        let mut nursery = std::mem::take(&mut self.nursery);
+        for Newborn { lease, plan, due } in nursery.drain(..) {
+            if lease.has_ended() {
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let schedule: Weak<dyn Unschedule> = Arc::downgrade(inbox) as _;
+            // Registered first, then checked: `end` either sees the registration (and waits on
+            // this lock to unschedule it) or is seen here.
+            if !lease.register(schedule, id) || lease.has_ended() {
+                continue; // watched already, or ended meanwhile
+            }
+            self.insert(
+                id,
+                Entry {
+                    lease,
+                    plan,
+                    due: Some(due),
+                },
+            );
+        }
+        // Keeps its (small) capacity.
+        self.nursery = nursery;
+    }
+
     fn insert(&mut self, id: u64, entry: Entry) {
         if let Some(due) = entry.due {
             self.schedule.insert((due, id));
@@ -179,17 +232,17 @@ impl<B: LockBackend> Renewer<B> {
         }
     }
 
-    /// Starts watching `lease`: an insert into the schedule; the timer lives in the shared task,
-    /// which is started on `runtime` if there is none alive.
-    pub(crate) fn watch(&self, lease: LockLease, plan: Plan, runtime: &Handle) {
-        let due = plan.next_due(Instant::now());
+    /// Starts watching `lease`, acquired (or last extended) at `now`: a push into the nursery;
+    /// the timer lives in the shared task, which is started on `runtime` if there is none alive.
+    pub(crate) fn watch(&self, lease: LockLease, plan: Plan, now: Instant, runtime: &Handle) {
+        let due = plan.next_due(now);
         let runtime_id = runtime.id();
         let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         // Two tries: a dead task is replaced once; a task that dies at once (a runtime that is
         // shutting down drops what is spawned on it) cannot renew, so the lease is lost.
         for _ in 0..2 {
-            let inbox = match tasks.iter().find(|(id, _)| *id == runtime_id) {
-                Some((_, inbox)) => inbox.clone(),
+            let index = match tasks.iter().position(|(id, _)| *id == runtime_id) {
+                Some(index) => index,
                 None => {
                     // Forget the tasks of runtimes that have shut down.
                     tasks.retain(|(_, inbox)| !inbox.state().dead);
@@ -200,9 +253,13 @@ impl<B: LockBackend> Renewer<B> {
                     // The guard is an argument, so it is dropped (marking leases lost) even if
                     // the runtime drops the task before it first runs.
                     runtime.spawn(run(self.backend.clone(), TaskGuard(inbox.clone())));
-                    tasks.push((runtime_id, inbox.clone()));
-                    inbox
+                    tasks.push((runtime_id, inbox));
+                    tasks.len() - 1
                 }
+            };
+            // Borrowed under the `tasks` lock: no refcount traffic on the shared inbox.
+            let Some((_, inbox)) = tasks.get(index) else {
+                break;
             };
             let mut state = inbox.state();
             if state.dead {
@@ -211,23 +268,10 @@ impl<B: LockBackend> Renewer<B> {
                 tasks.retain(|(id, _)| *id != runtime_id);
                 continue;
             }
-            let id = state.next_id;
-            state.next_id += 1;
-            let schedule: Weak<dyn Unschedule> = Arc::downgrade(&inbox) as _;
-            if !lease.register(schedule, id) {
-                return; // watched already
+            if state.nursery.len() >= NURSERY {
+                state.adopt(inbox);
             }
-            if lease.has_ended() {
-                return;
-            }
-            state.insert(
-                id,
-                Entry {
-                    lease,
-                    plan,
-                    due: Some(due),
-                },
-            );
+            state.nursery.push(Newborn { lease, plan, due });
             let interval = plan.every.unwrap_or(plan.ttl);
             state.linger = Some(state.linger.map_or(interval, |linger| linger.min(interval)));
             if state.next_wake.is_none_or(|wake| due < wake) {
@@ -240,15 +284,17 @@ impl<B: LockBackend> Renewer<B> {
         lease.mark_lost("no renewal task could run: the lock's runtime is shutting down");
     }
 
-    /// How many leases the schedule holds, and how many it has room for (for tests: both must be
-    /// bounded by the requests in flight, not by the requests served).
+    /// How many leases of requests in flight the schedule and its nursery hold, and how many
+    /// they have room for (for tests: both must be bounded by the requests in flight, not by the
+    /// requests served).
     pub(crate) fn stored(&self) -> (usize, usize) {
         let tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         tasks.iter().fold((0, 0), |(len, capacity), (_, inbox)| {
             let state = inbox.state();
+            let newborn = state.nursery.iter();
             (
-                len + state.entries.len(),
-                capacity + state.entries.capacity(),
+                len + state.entries.len() + newborn.filter(|n| !n.lease.has_ended()).count(),
+                capacity + state.entries.capacity() + state.nursery.capacity(),
             )
         })
     }
@@ -270,16 +316,20 @@ struct TaskGuard(Arc<Inbox>);
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        let orphans: Vec<Entry> = {
+        let orphans: Vec<LockLease> = {
             let mut state = self.0.state();
             state.dead = true;
             state.schedule.clear();
-            state.entries.drain().map(|(_, entry)| entry).collect()
+            let nursery = std::mem::take(&mut state.nursery);
+            let entries = state.entries.drain().map(|(_, entry)| entry.lease);
+            let newborn = nursery.into_iter().map(|newborn| newborn.lease);
+            // An ended request has no lease to lose.
+            entries
+                .chain(newborn.filter(|lease| !lease.has_ended()))
+                .collect()
         };
-        for entry in orphans {
-            entry
-                .lease
-                .mark_lost("the renewal task ended (its runtime shut down?)");
+        for lease in orphans {
+            lease.mark_lost("the renewal task ended (its runtime shut down?)");
         }
     }
 }
@@ -291,7 +341,7 @@ enum Renewed {
 }
 
 async fn run<B: LockBackend>(backend: B, guard: TaskGuard) {
-    let inbox = &*guard.0;
+    let inbox = &guard.0;
     let mut extending = FuturesUnordered::new();
     let mut finished: Vec<(u64, Instant, Renewed)> = Vec::new();
     let mut lost: Vec<(LockLease, &'static str)> = Vec::new();
@@ -302,6 +352,7 @@ async fn run<B: LockBackend>(backend: B, guard: TaskGuard) {
         let now = Instant::now();
         let (next_wake, stop) = {
             let mut state = inbox.state();
+            state.adopt(inbox);
             for (id, sent_at, outcome) in finished.drain(..) {
                 settle(&mut state, id, sent_at, outcome, now, &mut lost);
             }
@@ -474,6 +525,76 @@ mod tests {
             state.insert(id, entry);
         }
         state
+    }
+
+    fn plan() -> Plan {
+        Plan {
+            ttl: Duration::from_secs(60),
+            every: Some(Duration::from_secs(20)),
+            renew_until: None,
+            valid_until: Instant::now() + Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// Requests that end before their first renewal never enter the schedule, and the nursery
+    /// they wait in stays small even when the renewal task never gets to run (a current-thread
+    /// runtime busy with a loop of requests that never yields): the registering request takes
+    /// the nursery in itself once it is full.
+    #[tokio::test(flavor = "current_thread")]
+    async fn short_requests_stay_out_of_the_schedule_and_the_nursery_stays_small() {
+        let renewer = Renewer::new(crate::MemoryBackend::new());
+        let runtime = Handle::current();
+        let mut held = Vec::new();
+        for i in 0..10_000 {
+            let lease = lease();
+            renewer.watch(lease.clone(), plan(), Instant::now(), &runtime);
+            if i % 1000 == 0 {
+                held.push(lease); // still running
+            } else {
+                lease.end();
+            }
+            let (stored, capacity) = renewer.stored();
+            assert!(
+                stored <= held.len() + 1,
+                "{stored} leases for {} held",
+                held.len()
+            );
+            assert!(capacity <= 2 * NURSERY, "room for {capacity} leases");
+        }
+        let tasks = renewer.tasks.lock().unwrap();
+        let state = tasks[0].1.state();
+        assert!(state.nursery.len() <= NURSERY, "{}", state.nursery.len());
+        assert!(
+            state.entries.len() >= held.len() - 1,
+            "the held leases were not taken in"
+        );
+        assert!(state.entries.values().all(|entry| !entry.lease.has_ended()));
+        assert_eq!(state.schedule.len(), state.entries.len());
+    }
+
+    /// A lease taken into the schedule is unscheduled when its request ends; one that ended in
+    /// the nursery is dropped when the nursery is taken in.
+    #[tokio::test(flavor = "current_thread")]
+    async fn taking_the_nursery_in_keeps_the_running_and_drops_the_ended() {
+        let renewer = Renewer::new(crate::MemoryBackend::new());
+        let runtime = Handle::current();
+        let (running, ended) = (lease(), lease());
+        renewer.watch(running.clone(), plan(), Instant::now(), &runtime);
+        renewer.watch(ended.clone(), plan(), Instant::now(), &runtime);
+        ended.end();
+        assert_eq!(renewer.stored().0, 1);
+        tokio::task::yield_now().await; // the task runs, and takes the nursery in
+        {
+            let tasks = renewer.tasks.lock().unwrap();
+            let state = tasks[0].1.state();
+            assert!(state.nursery.is_empty());
+            assert_eq!(state.entries.len(), 1);
+        }
+        running.end();
+        assert_eq!(renewer.stored().0, 0);
+        let tasks = renewer.tasks.lock().unwrap();
+        assert!(tasks[0].1.state().schedule.is_empty());
     }
 
     /// The schedule gives memory back once it is less than a quarter full (and only then),

@@ -159,9 +159,14 @@ impl Settings {
         } else if key.len() <= self.max_key_len {
             LockName::new(&self.namespace, key.as_str())
         } else {
+            use std::fmt::Write;
             let digest = sha2::Sha256::digest(key.as_str().as_bytes());
-            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-            LockName::new(&self.namespace, &format!("#{hex}"))
+            let mut hex = String::with_capacity(1 + 2 * digest.len());
+            hex.push('#');
+            for byte in digest {
+                let _ = write!(hex, "{byte:02x}");
+            }
+            LockName::new(&self.namespace, &hex)
         }
     }
 

@@ -42,7 +42,8 @@ pub(crate) fn lease_lost() {
     metrics::counter!("tower_lock_lease_lost_total").increment(1);
 }
 
-pub(crate) fn held(_duration: Duration) {
+/// A lock acquired at `_since` is released (the clock is read only with the feature on).
+pub(crate) fn held(_since: tokio::time::Instant) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("tower_lock_hold_seconds").record(_duration.as_secs_f64());
+    metrics::histogram!("tower_lock_hold_seconds").record(_since.elapsed().as_secs_f64());
 }

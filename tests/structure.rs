@@ -24,6 +24,7 @@ const ENGINE: &[&str] = &[
     "settings.rs",
     "core.rs",
     "acquire.rs",
+    "deadline.rs",
     "guard.rs",
     "lease.rs",
     "renewal.rs",

@@ -162,46 +162,96 @@ pub enum Extend {
 /// For key `account:42` in namespace `tower-lock:` the lock is `tower-lock:{account:42}` and its
 /// fencing counter `tower-lock:{account:42}:fence`: both in the same Redis Cluster hash slot.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct LockName(Arc<Names>);
+pub struct LockName(
+    /// The fencing counter's name, whose prefix is the lock's name: one allocation per name.
+    Arc<str>,
+);
 
-#[derive(PartialEq, Eq, Hash)]
-struct Names {
-    lock: String,
-    fence: String,
+/// What the fencing counter's name adds to the lock's.
+const FENCE_SUFFIX: &str = ":fence";
+
+thread_local! {
+    /// Where names are written before they are copied into their `Arc`, so that a name costs one
+    /// allocation.
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 impl LockName {
     /// The name for `key` (already escaped and bounded) in `namespace`.
     pub(crate) fn new(namespace: &str, key: &str) -> Self {
-        let lock = format!("{namespace}{{{key}}}");
-        let fence = format!("{lock}:fence");
-        Self(Arc::new(Names { lock, fence }))
+        let write = |text: &mut String| {
+            text.push_str(namespace);
+            text.push('{');
+            text.push_str(key);
+            text.push('}');
+            text.push_str(FENCE_SUFFIX);
+        };
+        let shared = SCRATCH.try_with(|scratch| {
+            // Not re-entered (nothing here calls back), but a name is never worth a panic.
+            let mut scratch = scratch.try_borrow_mut().ok()?;
+            scratch.clear();
+            write(&mut scratch);
+            let name = Arc::from(scratch.as_str());
+            // Keep the scratch buffer small after a huge name.
+            if scratch.capacity() > 4096 {
+                *scratch = String::new();
+            }
+            Some(name)
+        });
+        Self(shared.ok().flatten().unwrap_or_else(|| {
+            let mut text = String::new();
+            write(&mut text);
+            Arc::from(text)
+        }))
     }
 
     /// The name of the lock itself.
     pub fn lock_key(&self) -> &str {
-        &self.0.lock
+        let end = self.0.len().saturating_sub(FENCE_SUFFIX.len());
+        self.0.get(..end).unwrap_or_default()
     }
 
     /// The name of the lock's fencing counter.
     pub fn fence_key(&self) -> &str {
-        &self.0.fence
+        &self.0
     }
 
     /// How the lock is named in traces: the full name when `log_keys`, else its fingerprint.
-    pub(crate) fn label(&self, log_keys: bool) -> String {
-        if log_keys {
-            self.lock_key().to_owned()
-        } else {
-            self.fingerprint()
+    /// Computed only when it is written (a trace that is off costs nothing).
+    pub(crate) fn label(&self, log_keys: bool) -> Label<'_> {
+        Label {
+            name: self,
+            log_keys,
         }
     }
 
     /// A short, stable fingerprint of the name, for logs that must not carry key material.
     pub fn fingerprint(&self) -> String {
+        self.label(false).to_string()
+    }
+
+    /// Writes the fingerprint: the first 6 bytes of the SHA-256 of the lock key, in hex.
+    fn write_fingerprint(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(self.0.lock.as_bytes());
-        digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+        let digest = sha2::Sha256::digest(self.lock_key().as_bytes());
+        digest[..6].iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// How a lock is named in traces ([`LockName::label`]): written when a trace is, never before.
+#[derive(Clone, Copy)]
+pub(crate) struct Label<'a> {
+    name: &'a LockName,
+    log_keys: bool,
+}
+
+impl fmt::Display for Label<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.log_keys {
+            f.write_str(self.name.lock_key())
+        } else {
+            self.name.write_fingerprint(f)
+        }
     }
 }
 
@@ -226,7 +276,11 @@ impl LockToken {
 
     /// The token as 32 lowercase hex digits, as stored in Redis.
     pub fn to_hex(self) -> String {
-        format!("{:032x}", self.0)
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        (0..32)
+            .rev()
+            .map(|nibble| char::from(DIGITS[((self.0 >> (nibble * 4)) & 0xf) as usize]))
+            .collect()
     }
 
     /// The token written by [`LockToken::to_hex`]: exactly 32 hex digits (either case); `None`
@@ -316,6 +370,41 @@ mod tests {
         let name = LockName::new("tower-lock:", "account:42");
         assert_eq!(name.lock_key(), "tower-lock:{account:42}");
         assert_eq!(name.fence_key(), "tower-lock:{account:42}:fence");
+    }
+
+    #[test]
+    fn the_lock_key_is_the_fence_keys_prefix_in_one_buffer() {
+        let name = LockName::new("ns:", "k");
+        assert_eq!(name.lock_key(), "ns:{k}");
+        assert_eq!(name.fence_key(), "ns:{k}:fence");
+        assert_eq!(name.lock_key().as_ptr(), name.fence_key().as_ptr());
+        assert_eq!(name, LockName::new("ns:", "k"));
+        assert_ne!(name, LockName::new("ns:", "k:fence"));
+    }
+
+    #[test]
+    fn the_label_is_the_fingerprint_of_the_lock_key_or_the_key_itself() {
+        let name = LockName::new("ns:", "k");
+        let fingerprint = name.fingerprint();
+        assert_eq!(fingerprint.len(), 12);
+        assert!(fingerprint.bytes().all(|b| b.is_ascii_hexdigit()));
+        // The first 6 bytes of SHA-256("ns:{k}").
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(b"ns:{k}");
+        let expected: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(fingerprint, expected);
+        assert_eq!(name.label(false).to_string(), fingerprint);
+        assert_eq!(name.label(true).to_string(), "ns:{k}");
+        assert_eq!(format!("{name:?}"), format!("LockName({fingerprint:?})"));
+    }
+
+    #[test]
+    fn tokens_are_written_as_32_lowercase_hex_digits() {
+        for value in [0, 1, 0xabc, u128::MAX, u128::MAX / 3, 1 << 127] {
+            let token = LockToken(value);
+            assert_eq!(token.to_hex(), format!("{value:032x}"));
+            assert_eq!(LockToken::from_hex(&token.to_hex()), Some(token));
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Locks in this process's memory.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry as Slot;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -117,16 +118,23 @@ impl LockBackend for MemoryBackend {
     ) -> BackendFuture<Acquire> {
         let now = Instant::now();
         let outcome = self.with_state(|state| {
-            if let Some(holder) = state.live(name, now) {
-                return Acquire::Held {
-                    remaining: Some(holder.expires_at.saturating_duration_since(now)),
-                };
-            }
             state.purge_if_due(now);
-            let expires_at = far_future(now, options.ttl);
-            state
-                .locks
-                .insert(name.clone(), Entry { token, expires_at });
+            // One lookup (a SipHash of the name) for the check and the insert.
+            let entry = Entry {
+                token,
+                expires_at: far_future(now, options.ttl),
+            };
+            match state.locks.entry(name.clone()) {
+                Slot::Occupied(holder) if holder.get().expires_at > now => {
+                    return Acquire::Held {
+                        remaining: Some(holder.get().expires_at.saturating_duration_since(now)),
+                    };
+                }
+                Slot::Occupied(mut expired) => *expired.get_mut() = entry,
+                Slot::Vacant(free) => {
+                    free.insert(entry);
+                }
+            }
             if !options.fencing {
                 return Acquire::Acquired { fencing_token: 0 };
             }
@@ -140,16 +148,21 @@ impl LockBackend for MemoryBackend {
 
     fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
         let now = Instant::now();
-        let outcome = self.with_state(|state| match state.live(name, now) {
-            Some(entry) if entry.token == token => {
-                state.locks.remove(name);
-                Release::Released
+        // One lookup (a SipHash of the name) for the check and the removal.
+        let outcome = self.with_state(|state| match state.locks.entry(name.clone()) {
+            Slot::Occupied(entry) if entry.get().expires_at > now => {
+                if entry.get().token == token {
+                    entry.remove();
+                    Release::Released
+                } else {
+                    Release::HeldByOther
+                }
             }
-            Some(_) => Release::HeldByOther,
-            None => {
-                state.locks.remove(name);
+            Slot::Occupied(expired) => {
+                expired.remove();
                 Release::Expired
             }
+            Slot::Vacant(_) => Release::Expired,
         });
         ready(outcome)
     }

@@ -30,6 +30,7 @@ mod redis;
 mod redlock;
 
 pub use self::cluster::RedisClusterBackend;
+pub(crate) use self::contract::Label;
 pub use self::contract::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
     LockBackend, LockName, LockToken, MAX_TTL, MIN_TTL, Release,

@@ -227,15 +227,24 @@ pub(crate) fn kept_plain(byte: u8) -> bool {
 
 fn escape_with(out: &mut String, material: &[u8], extra: u128) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &byte in material {
-        let plain = kept_plain(byte) && (byte >= 128 || extra & (1u128 << byte) == 0);
-        if plain {
-            out.push(byte as char);
-        } else {
-            out.push('%');
-            out.push(HEX[usize::from(byte >> 4)] as char);
-            out.push(HEX[usize::from(byte & 0x0f)] as char);
+    let plain = |byte: u8| kept_plain(byte) && (byte >= 128 || extra & (1u128 << byte) == 0);
+    out.reserve(material.len());
+    let mut rest = material;
+    while !rest.is_empty() {
+        // Runs of plain bytes (most keys are one) are copied whole.
+        let (run, tail) = rest.split_at(rest.iter().position(|&b| !plain(b)).unwrap_or(rest.len()));
+        match std::str::from_utf8(run) {
+            Ok(run) => out.push_str(run),
+            // Unreachable (plain bytes are ASCII), but never worth a panic.
+            Err(_) => out.extend(run.iter().map(|&b| char::from(b))),
         }
+        let Some((&byte, tail)) = tail.split_first() else {
+            break;
+        };
+        out.push('%');
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        rest = tail;
     }
 }
 
@@ -314,6 +323,43 @@ pub(crate) enum Piece<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte-at-a-time rule that `escape_with` implements run by run.
+    fn escaped_byte_by_byte(material: &[u8], extra: u128) -> String {
+        material
+            .iter()
+            .map(|&byte| {
+                if kept_plain(byte) && (byte >= 128 || extra & (1u128 << byte) == 0) {
+                    char::from(byte).to_string()
+                } else {
+                    format!("%{byte:02X}")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn escaping_copies_plain_runs_and_escapes_exactly_the_other_bytes() {
+        let every_byte: Vec<u8> = (0..=255).collect();
+        let samples: [&[u8]; 7] = [
+            b"",
+            b"account-42",
+            b"a:b{c}#d%e",
+            b"%%",
+            b" leading and trailing ",
+            "caf\u{e9} \u{1F512}".as_bytes(),
+            &every_byte,
+        ];
+        let extras = [0u128, 1 << b'-', (1 << b'-') | (1 << b'.') | (1 << b'a')];
+        for material in samples {
+            for extra in extras {
+                let mut out = String::from("prefix:");
+                escape_with(&mut out, material, extra);
+                let expected = format!("prefix:{}", escaped_byte_by_byte(material, extra));
+                assert_eq!(out, expected, "{material:?} with {extra:#x}");
+            }
+        }
+    }
 
     #[test]
     fn escaping_is_injective_over_separators_and_braces() {
