@@ -10,19 +10,26 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use common::cluster::Cluster;
+use common::redlock::Redlock;
 use common::{Fixture, Memory, Redis};
 use demo::{DemoConfig, Running, spawn};
 
-/// A backend the demo can run on: its locks and balances in that Redis, or in process.
+/// A backend the demo can run on: its locks and balances in that Redis, Cluster or Redlock, or
+/// in process.
 trait DemoBackend: Fixture {
-    fn redis_url(&self) -> Option<String>;
+    /// `config` pointed at this backend.
+    fn configure(&self, config: DemoConfig) -> DemoConfig;
     /// The demo's lock keys held now (`None` in process, where names are not listed).
     fn held_lock_keys(&self) -> impl Future<Output = Option<Vec<String>>> + Send;
 }
 
 impl DemoBackend for Redis {
-    fn redis_url(&self) -> Option<String> {
-        Some(self.server.url())
+    fn configure(&self, config: DemoConfig) -> DemoConfig {
+        DemoConfig {
+            redis_url: Some(self.server.url()),
+            ..config
+        }
     }
     async fn held_lock_keys(&self) -> Option<Vec<String>> {
         Some(self.server.lock_keys(demo::DEFAULT_NAMESPACE).await)
@@ -30,21 +37,51 @@ impl DemoBackend for Redis {
 }
 
 impl DemoBackend for Memory {
-    fn redis_url(&self) -> Option<String> {
-        None
+    fn configure(&self, config: DemoConfig) -> DemoConfig {
+        config
     }
     async fn held_lock_keys(&self) -> Option<Vec<String>> {
         None
     }
 }
 
+impl DemoBackend for Cluster {
+    fn configure(&self, config: DemoConfig) -> DemoConfig {
+        DemoConfig {
+            cluster_nodes: self.cluster.urls(),
+            ..config
+        }
+    }
+    async fn held_lock_keys(&self) -> Option<Vec<String>> {
+        Some(self.cluster.lock_keys(demo::DEFAULT_NAMESPACE).await)
+    }
+}
+
+impl DemoBackend for Redlock {
+    fn configure(&self, config: DemoConfig) -> DemoConfig {
+        DemoConfig {
+            redlock_nodes: self.urls(),
+            ..config
+        }
+    }
+    /// Lock keys on any node.
+    async fn held_lock_keys(&self) -> Option<Vec<String>> {
+        let mut keys = Vec::new();
+        for i in 0..self.servers.len() {
+            let mut connection = self.node(i).await?;
+            let found: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", demo::DEFAULT_NAMESPACE))
+                .query_async(&mut connection)
+                .await
+                .ok()?;
+            keys.extend(found.into_iter().filter(|k| !k.ends_with(":fence")));
+        }
+        Some(keys)
+    }
+}
+
 async fn start<F: DemoBackend>(fixture: &F, config: DemoConfig) -> Running {
-    spawn(DemoConfig {
-        redis_url: fixture.redis_url(),
-        ..config
-    })
-    .await
-    .expect("demo server")
+    spawn(fixture.configure(config)).await.expect("demo server")
 }
 
 /// Leases of `ms`, renewed or not.
@@ -483,4 +520,72 @@ async fn redis_stopped_answers_503_with_retry_after() {
     assert_eq!(problem["status"], 503);
     // The lock is taken before the balance store is touched: the layer answers.
     assert_eq!(problem["type"], "urn:tower-lock:backend-unavailable");
+}
+
+/// Issue 10: on every backend, 30 concurrent deposits on one account give one 200 and 29 409s;
+/// 30 deposits on 30 accounts all give 200; and no lock key is left afterwards.
+async fn thirty_deposits_on_one_account_admit_one_and_on_thirty_admit_all<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
+    let base = server.url();
+    let client = reqwest::Client::new();
+    let deposit = |account: String, hold_ms: u64| {
+        let client = client.clone();
+        let url = format!("{base}/accounts/{account}/deposit?amount=1&hold_ms={hold_ms}");
+        tokio::spawn(async move { client.post(&url).send().await.unwrap().status() })
+    };
+    let same: Vec<_> = (0..30)
+        .map(|_| deposit("shared".to_owned(), 1500))
+        .collect();
+    let mut statuses = Vec::new();
+    for task in same {
+        statuses.push(task.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let conflict = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CONFLICT)
+        .count();
+    assert_eq!((ok, conflict), (1, 29), "{statuses:?}");
+
+    let distinct: Vec<_> = (0..30).map(|i| deposit(format!("a{i}"), 20)).collect();
+    for task in distinct {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    // Redlock answers a release once a majority released; the other nodes follow at once.
+    let none_left = async || {
+        fixture
+            .held_lock_keys()
+            .await
+            .is_none_or(|keys| keys.is_empty())
+    };
+    assert!(
+        common::eventually(Duration::from_secs(2), none_left).await,
+        "lock keys left: {:?}",
+        fixture.held_lock_keys().await
+    );
+}
+
+mod every_backend {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis() {
+        thirty_deposits_on_one_account_admit_one_and_on_thirty_admit_all::<Redis>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory() {
+        thirty_deposits_on_one_account_admit_one_and_on_thirty_admit_all::<Memory>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster() {
+        thirty_deposits_on_one_account_admit_one_and_on_thirty_admit_all::<Cluster>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redlock() {
+        thirty_deposits_on_one_account_admit_one_and_on_thirty_admit_all::<Redlock>().await;
+    }
 }

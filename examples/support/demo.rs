@@ -39,12 +39,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use redis::Script;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use serde::Deserialize;
 use serde_json::json;
 use tower_lock::key::KeyTemplate;
-use tower_lock::{LockLayer, LockLease, MemoryBackend, RedisBackend, problem_response};
+use tower_lock::{
+    LockLayer, LockLease, MemoryBackend, RedisBackend, RedisClusterBackend, RedlockBackend,
+    problem_response,
+};
 
 /// Default prefix of the lock keys (the layer's default namespace).
 pub const DEFAULT_NAMESPACE: &str = "tower-lock:";
@@ -64,9 +68,15 @@ pub const STORE_UNAVAILABLE_TYPE: &str = "urn:tower-lock-demo:store-unavailable"
 /// How the demo is set up.
 #[derive(Clone, Debug)]
 pub struct DemoConfig {
-    /// `None`: [`MemoryBackend`] and an in-process balance store. `Some(url)`: [`RedisBackend`]
-    /// and balances in that Redis.
+    /// `None`: [`MemoryBackend`] and an in-process balance store (unless `cluster_nodes` or
+    /// `redlock_nodes` is set). `Some(url)`: [`RedisBackend`] and balances in that Redis.
     pub redis_url: Option<String>,
+    /// Not empty: [`RedisClusterBackend`] on the cluster these nodes belong to, and balances in
+    /// that cluster.
+    pub cluster_nodes: Vec<String>,
+    /// Not empty: [`RedlockBackend`] over these independent primaries, and balances in process
+    /// (no single node holds them).
+    pub redlock_nodes: Vec<String>,
     /// The lock lease (TTL); `None` keeps the layer's default (10 s).
     pub lock_ttl: Option<Duration>,
     /// Prefix of the lock keys (default `tower-lock:`).
@@ -82,6 +92,8 @@ impl Default for DemoConfig {
     fn default() -> Self {
         Self {
             redis_url: None,
+            cluster_nodes: Vec::new(),
+            redlock_nodes: Vec::new(),
             lock_ttl: None,
             namespace: DEFAULT_NAMESPACE.to_owned(),
             balance_prefix: DEFAULT_BALANCE_PREFIX.to_owned(),
@@ -91,15 +103,36 @@ impl Default for DemoConfig {
 }
 
 impl DemoConfig {
-    /// From the environment: `REDIS_URL` (set and non-empty → Redis), `LOCK_TTL_MS` (lease in
-    /// milliseconds), `LOCK_NO_RENEWAL=1` (do not renew leases).
+    /// From the environment: `REDIS_URL` (set and non-empty → Redis), `REDIS_CLUSTER_NODES`
+    /// (`redis://h:p,redis://h:p,…` → Redis Cluster), `REDLOCK_NODES` (`redis://…,…` → Redlock;
+    /// at most one of the three), `LOCK_TTL_MS` (lease in milliseconds), `LOCK_NO_RENEWAL=1`
+    /// (do not renew leases).
     pub fn from_env() -> Result<Self, String> {
+        let nodes = |name: &str| -> Vec<String> {
+            std::env::var(name)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
         let mut config = Self {
             redis_url: std::env::var("REDIS_URL")
                 .ok()
                 .filter(|url| !url.is_empty()),
+            cluster_nodes: nodes("REDIS_CLUSTER_NODES"),
+            redlock_nodes: nodes("REDLOCK_NODES"),
             ..Self::default()
         };
+        let chosen = usize::from(config.redis_url.is_some())
+            + usize::from(!config.cluster_nodes.is_empty())
+            + usize::from(!config.redlock_nodes.is_empty());
+        if chosen > 1 {
+            return Err(
+                "set at most one of REDIS_URL, REDIS_CLUSTER_NODES and REDLOCK_NODES".to_owned(),
+            );
+        }
         if let Some(ms) = std::env::var("LOCK_TTL_MS").ok().filter(|v| !v.is_empty()) {
             let ms: u64 = ms
                 .trim()
@@ -116,6 +149,22 @@ impl DemoConfig {
     /// One line saying which backend is used, e.g. `backend=memory (set REDIS_URL to use Redis)`
     /// or `backend=redis url=redis://127.0.0.1:6379/` (a password in the URL is masked).
     pub fn describe_backend(&self) -> String {
+        let nodes = |nodes: &[String]| {
+            nodes
+                .iter()
+                .map(|url| redact_url(url))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if !self.cluster_nodes.is_empty() {
+            return format!("backend=redis-cluster nodes={}", nodes(&self.cluster_nodes));
+        }
+        if !self.redlock_nodes.is_empty() {
+            return format!(
+                "backend=redlock nodes={} (balances in process)",
+                nodes(&self.redlock_nodes)
+            );
+        }
         match &self.redis_url {
             None => "backend=memory (set REDIS_URL to use Redis)".to_owned(),
             Some(url) => format!("backend=redis url={}", redact_url(url)),
@@ -232,10 +281,47 @@ pub enum Store {
     /// In Redis: one hash (`balance`, `fence`) per account under `prefix` + id.
     Redis {
         /// The shared connection.
-        connection: ConnectionManager,
+        connection: StoreConnection,
         /// Key prefix, default `tower-lock-demo:balance:`.
         prefix: Arc<str>,
     },
+}
+
+/// A connection to one Redis or to a Redis Cluster.
+#[derive(Clone)]
+pub enum StoreConnection {
+    /// One Redis.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for StoreConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -260,7 +346,19 @@ impl Store {
             .get_connection_manager_with_config(RedisBackend::config())
             .await?;
         Ok(Self::Redis {
-            connection,
+            connection: StoreConnection::Single(connection),
+            prefix: prefix.into(),
+        })
+    }
+
+    /// A store in the Redis Cluster `nodes` belong to; connects now.
+    pub async fn cluster(nodes: &[String], prefix: &str) -> redis::RedisResult<Self> {
+        let connection = RedisClusterBackend::client_builder(nodes.iter().map(String::as_str))
+            .build()?
+            .get_async_connection()
+            .await?;
+        Ok(Self::Redis {
+            connection: StoreConnection::Cluster(connection),
             prefix: prefix.into(),
         })
     }
@@ -414,6 +512,16 @@ pub async fn app(config: DemoConfig) -> redis::RedisResult<Router> {
 
 /// The demo router and the store it uses.
 pub async fn build(config: DemoConfig) -> redis::RedisResult<Demo> {
+    if !config.cluster_nodes.is_empty() {
+        let backend =
+            RedisClusterBackend::connect(config.cluster_nodes.iter().map(String::as_str)).await?;
+        let store = Store::cluster(&config.cluster_nodes, &config.balance_prefix).await?;
+        return Ok(with_backend(backend, store, &config));
+    }
+    if !config.redlock_nodes.is_empty() {
+        let backend = RedlockBackend::connect(config.redlock_nodes.iter()).await?;
+        return Ok(with_backend(backend, Store::memory(), &config));
+    }
     match &config.redis_url {
         None => Ok(with_backend(MemoryBackend::new(), Store::memory(), &config)),
         Some(url) => {
