@@ -514,3 +514,55 @@ fn short_ttl_leases_registered_while_the_task_lingers_on_a_long_interval_are_ren
         }
     });
 }
+
+/// A paused Redis: the acquire (a real I/O future, pending until Redis answers) is cut at the
+/// acquire timeout, and once Redis resumes, the lock that acquire took is deleted by its clean-up
+/// (sent after it on the same connection), not left for its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_on_a_paused_redis_times_out_and_leaves_no_lock_after_resume() {
+    for fencing in [true, false] {
+        paused_acquire(fencing).await;
+    }
+}
+
+async fn paused_acquire(fencing: bool) {
+    let fixture = Redis::start().await;
+    let locks = locks(fixture.backend())
+        .acquire_timeout(Duration::from_millis(300))
+        .release_timeout(Duration::from_secs(5))
+        .ttl(Duration::from_secs(60))
+        .fencing(fencing);
+    // Connected and warm.
+    locks
+        .try_lock(&LockKey::new("warm"))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    fixture.server.pause();
+    let started = std::time::Instant::now();
+    let outcome = locks.try_lock(&LockKey::new("paused")).await;
+    let took = started.elapsed();
+    fixture.server.resume();
+    assert!(
+        matches!(outcome, Err(TryLockError::Backend(_))),
+        "{outcome:?}"
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(
+        common::eventually(Duration::from_secs(3), async || fixture.held().await == 0).await,
+        "the timed-out acquire's lock was left for its TTL"
+    );
+    // The acquire did land (the warm-up's SET and this one), so the clean-up had work to do.
+    assert!(
+        common::eventually(Duration::from_secs(3), async || fixture
+            .server
+            .command_calls("set")
+            .await
+            >= 2)
+        .await
+    );
+    let again = locks.try_lock(&LockKey::new("paused")).await;
+    assert!(again.is_ok(), "{again:?}");
+}
