@@ -152,7 +152,7 @@ impl LockLease {
     /// Completes when the lease is lost (immediately if it already is), at the latest when its
     /// validity runs out without a successful renewal, or when the lock is released. Use it in
     /// `select!`.
-    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static + use<> {
         let lease = self.clone();
         async move {
             loop {

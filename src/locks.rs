@@ -196,8 +196,10 @@ impl<B: LockBackend> Locks<B> {
 pub enum TryLockError {
     /// Another holder has the lock.
     Held {
-        /// How long the holder's lease has left, when the backend knows (`None` for a lock stored
-        /// without expiry by someone else).
+        /// How long the holder's lease has left, when the backend knows: on Redis with fencing,
+        /// the lock's `PTTL` (`None` for a lock stored without expiry by someone else); without
+        /// fencing, the deadline the holder last recorded in the lock's value (by its clock, so
+        /// a hint), even if someone has since changed the key's expiry behind its back.
         remaining: Option<Duration>,
     },
     /// The lock was taken, but with less validity left than the engine's minimum (a slow

@@ -36,13 +36,13 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
     fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend>;
 
     /// Cleans up after an acquire of `name` for `token` (with lease `ttl`) whose outcome is
-    /// unknown — it timed out, failed, or was dropped mid-flight — and may still reach the
-    /// backend later: deletes the lock if it holds `token`, like [`LockBackend::release`], and,
-    /// on backends where a late acquire can overtake this call (another connection), keeps that
-    /// acquire from taking the lock afterwards.
+    /// unknown — it timed out, failed, or was dropped mid-flight: deletes the lock if it holds
+    /// `token`, like [`LockBackend::release`]. A backend whose late acquires could overtake this
+    /// call can do more here (the built-in backends do not: on Redis the clean-up follows the
+    /// acquire on the same connection, and an acquire that lands after a broken connection's
+    /// clean-up holds the key for one TTL at most).
     ///
-    /// The default is [`LockBackend::release`], right for backends where an acquire cannot land
-    /// after a later call (in-process ones).
+    /// The default is [`LockBackend::release`].
     fn release_abandoned(
         &self,
         name: &LockName,
@@ -118,7 +118,8 @@ pub enum Acquire {
     /// Someone else holds the lock.
     Held {
         /// How long the holder's lease has left, when the backend knows (`None` for a lock stored
-        /// without expiry by someone else).
+        /// without expiry by someone else). A hint for `Retry-After`: a backend may read it from
+        /// what the holder recorded (see [`TryLockError::Held`](crate::TryLockError::Held)).
         remaining: Option<Duration>,
     },
 }

@@ -582,7 +582,7 @@ impl LockBackend for RedlockBackend {
         Box::pin(self.clone().extend_on_majority(name.clone(), token, ttl))
     }
 
-    /// Releases on every node, as [`RedisBackend::release_abandoned`] on each.
+    /// Releases on every node, as [`LockBackend::release_abandoned`] on each.
     fn release_abandoned(
         &self,
         name: &LockName,
