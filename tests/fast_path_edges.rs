@@ -1,6 +1,6 @@
-//! Edges of the fast paths (red-team tests of the performance changes): the Redis path without fencing (prefix-compare
-//! release and extend, the holder's deadline in the value), `Bounded` timers armed only when a
-//! call waits, the lazily made lease-lost token and the renewal nursery.
+//! Edges of the fast paths (red-team tests of the performance changes): the Redis path without
+//! fencing (prefix-compare release and extend, the holder's deadline in the value), `Bounded`
+//! timers armed only when a call waits, the lazily made lease-lost token and the renewal nursery.
 
 mod common;
 
