@@ -16,6 +16,7 @@ const ENGINE: &[&str] = &[
     "backend/mod.rs",
     "backend/cluster.rs",
     "backend/contract.rs",
+    "backend/commands.rs",
     "backend/memory.rs",
     "backend/redis.rs",
     "backend/redlock.rs",

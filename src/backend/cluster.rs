@@ -1,20 +1,17 @@
 //! Redis Cluster, through redis-rs's async cluster client.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, RedisError, Script, Value};
 
-use super::redis::{
-    EXTEND, RELEASE, lock_value, millis, release_outcome, remaining_from_value, scripted_outcome,
-    unavailable, warn_if_policy_evicts,
-};
+use super::commands::Commands;
+use super::redis::warn_if_policy_evicts;
 use super::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
-    LockBackend, LockName, LockToken, Release,
+    Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
+    Release,
 };
 
 /// The acquire of [`RedisBackend`](super::RedisBackend)'s script, made idempotent for its token:
@@ -75,9 +72,7 @@ return -3 - redis.call('PTTL', KEYS[1])
 /// lost). See the README's "Scaling out".
 #[derive(Clone)]
 pub struct RedisClusterBackend {
-    connection: ClusterConnection,
-    /// Set once Redis has refused `SET … NX … GET` (before 7.0): acquires go through the script.
-    scripted_acquire: Arc<AtomicBool>,
+    commands: Commands<ClusterConnection>,
 }
 
 impl std::fmt::Debug for RedisClusterBackend {
@@ -97,8 +92,7 @@ impl RedisClusterBackend {
     /// [`RedisClusterBackend::client_builder`], say, with credentials or TLS added).
     pub fn new(connection: ClusterConnection) -> Self {
         Self {
-            connection,
-            scripted_acquire: Arc::default(),
+            commands: Commands::new(connection, &ACQUIRE),
         }
     }
 
@@ -122,7 +116,7 @@ impl RedisClusterBackend {
             .set_response_timeout(RESPONSE_TIMEOUT);
         let backend = Self::new(client.get_pending_async_connection_with_config(config));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let mut connection = backend.connection.clone();
+            let mut connection = backend.commands.connection.clone();
             runtime.spawn(async move { warn_if_evicting(&mut connection).await });
         }
         Ok(backend)
@@ -194,11 +188,6 @@ fn collect_strings(value: Value, into: &mut Vec<String>) {
     }
 }
 
-/// The owner of a lock whose value is `value`: its first 32 characters.
-fn holds(value: &[u8], token: &str) -> bool {
-    value.get(..32) == Some(token.as_bytes())
-}
-
 impl LockBackend for RedisClusterBackend {
     fn acquire(
         &self,
@@ -206,153 +195,33 @@ impl LockBackend for RedisClusterBackend {
         token: LockToken,
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
-        let mut connection = self.connection.clone();
-        let value = lock_value(token, options.ttl);
-        let ttl = millis(options.ttl);
-        if options.fencing || self.scripted_acquire.load(Ordering::Relaxed) {
-            let mut invocation = ACQUIRE.key(name.lock_key());
-            invocation
-                .key(name.fence_key())
-                .arg(value)
-                .arg(ttl)
-                .arg(u8::from(options.fencing));
-            return Box::pin(async move {
-                let outcome: i64 = invocation
-                    .invoke_async(&mut connection)
-                    .await
-                    .map_err(unavailable)?;
-                Ok(scripted_outcome(outcome))
-            });
-        }
-        let mut command = redis::cmd("SET");
-        command
-            .arg(name.lock_key())
-            .arg(&value)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl)
-            .arg("GET");
-        let scripted = self.scripted_acquire.clone();
-        let name = name.clone();
-        Box::pin(async move {
-            match command.query_async::<Value>(&mut connection).await {
-                // Nothing was there: the lock is ours.
-                Ok(Value::Nil) => Ok(Acquire::Acquired { fencing_token: 0 }),
-                // Our own value: a resent acquire whose first send landed.
-                Ok(Value::BulkString(holder)) if holds(&holder, &value[..32]) => {
-                    Ok(Acquire::Acquired { fencing_token: 0 })
-                }
-                Ok(Value::BulkString(holder)) => Ok(Acquire::Held {
-                    remaining: remaining_from_value(&holder),
-                }),
-                Ok(other) => Err(BackendError::new(
-                    BackendErrorKind::Protocol,
-                    format_args!("redis: unexpected reply to SET NX GET: {other:?}"),
-                )),
-                // Redis before 7.0 refuses `NX` with `GET` (a syntax error: nothing was set).
-                Err(error)
-                    if error.code() == Some("ERR")
-                        && error.to_string().contains("syntax error") =>
-                {
-                    scripted.store(true, Ordering::Relaxed);
-                    let mut invocation = ACQUIRE.key(name.lock_key());
-                    invocation
-                        .key(name.fence_key())
-                        .arg(value)
-                        .arg(ttl)
-                        .arg(0u8);
-                    let outcome: i64 = invocation
-                        .invoke_async(&mut connection)
-                        .await
-                        .map_err(unavailable)?;
-                    Ok(scripted_outcome(outcome))
-                }
-                Err(error) => Err(unavailable(error)),
-            }
-        })
+        self.commands.acquire(name, token, options)
     }
 
     /// Compare-and-delete. A release resent after its first send landed finds the lock gone and
     /// answers [`Release::Expired`]: the lock is released all the same.
     fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
-        let mut connection = self.connection.clone();
-        let mut invocation = RELEASE.key(name.lock_key());
-        invocation.arg(token.to_hex());
-        Box::pin(async move {
-            let outcome: i64 = invocation
-                .invoke_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            Ok(release_outcome(outcome))
-        })
+        self.commands.release(name, token)
     }
 
     fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
-        let mut connection = self.connection.clone();
-        let mut invocation = EXTEND.key(name.lock_key());
-        invocation
-            .arg(token.to_hex())
-            .arg(millis(ttl))
-            .arg(lock_value(token, ttl));
-        Box::pin(async move {
-            let outcome: i64 = invocation
-                .invoke_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            Ok(if outcome == 1 {
-                Extend::Extended
-            } else {
-                Extend::Lost
-            })
-        })
+        self.commands.extend(name, token, ttl)
     }
 
     /// `PTTL` of the lock key on its primary.
     fn inspect(&self, name: &LockName) -> BackendFuture<Inspect> {
-        let mut connection = self.connection.clone();
-        let mut command = redis::cmd("PTTL");
-        command.arg(name.lock_key());
-        Box::pin(async move {
-            let pttl: i64 = command
-                .query_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            Ok(match pttl {
-                -2 => Inspect::Free,
-                _ => Inspect::Held {
-                    remaining: u64::try_from(pttl).ok().map(Duration::from_millis),
-                },
-            })
-        })
+        self.commands.inspect(name)
     }
 
     /// `DEL` of the lock key only: the fencing counter stays, so tokens keep growing.
     fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
-        let mut connection = self.connection.clone();
-        let mut command = redis::cmd("DEL");
-        command.arg(name.lock_key());
-        Box::pin(async move {
-            let deleted: i64 = command
-                .query_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
-            Ok(deleted > 0)
-        })
+        self.commands.force_release(name)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_value_is_held_by_the_token_it_starts_with() {
-        let token = LockToken::random();
-        let value = lock_value(token, Duration::from_secs(1));
-        assert!(holds(value.as_bytes(), &token.to_hex()));
-        assert!(!holds(value.as_bytes(), &LockToken::random().to_hex()));
-        assert!(!holds(b"short", &token.to_hex()));
-    }
 
     #[test]
     fn info_replies_of_every_node_are_collected() {

@@ -24,6 +24,7 @@
 //! wake-ups), multi-key and counted (semaphore) locks will arrive as provided methods.
 
 mod cluster;
+mod commands;
 mod contract;
 mod memory;
 mod redis;
