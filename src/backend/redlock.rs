@@ -13,7 +13,7 @@ use futures_util::stream::FuturesUnordered;
 use redis::{ErrorKind, RedisError, Script};
 use tokio::time::Instant;
 
-use super::redis::{ACQUIRE, EXTEND, RELEASE, millis, unavailable};
+use super::commands::{ACQUIRE, EXTEND, RELEASE, millis, unavailable};
 use super::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
     LockBackend, LockName, LockToken, MAX_TTL, RedisBackend, Release,
@@ -301,6 +301,34 @@ fn count<T>(answers: &[Answer<T>], what: impl Fn(&T) -> bool) -> usize {
 
 fn answered<T>(answers: &[Answer<T>]) -> usize {
     count(answers, |_| true)
+}
+
+impl RedlockBackend {
+    /// `call` on every node, each bounded by the longest per-node timeout; the answers, or an
+    /// error when fewer than a majority of the nodes answered.
+    async fn ask_every_node<T: Send + 'static>(
+        &self,
+        operation: &str,
+        call: impl Fn(&RedisBackend) -> BackendFuture<T>,
+    ) -> Result<Vec<Answer<T>>, BackendError> {
+        let answers = gather(
+            self,
+            &self.all(),
+            self.timeout_for(MAX_TTL),
+            call,
+            |_, _| false,
+        )
+        .await;
+        if answered(&answers) < self.quorum() {
+            return Err(no_quorum(
+                operation,
+                answered(&answers),
+                self.nodes.len(),
+                self.quorum(),
+            ));
+        }
+        Ok(answers)
+    }
 }
 
 fn no_quorum(operation: &str, answered: usize, nodes: usize, quorum: usize) -> BackendError {
@@ -601,22 +629,9 @@ impl LockBackend for RedlockBackend {
         let this = self.clone();
         let name = name.clone();
         Box::pin(async move {
-            let answers = gather(
-                &this,
-                &this.all(),
-                this.timeout_for(MAX_TTL),
-                |node| node.inspect(&name),
-                |_, _| false,
-            )
-            .await;
-            if answered(&answers) < this.quorum() {
-                return Err(no_quorum(
-                    "inspect",
-                    answered(&answers),
-                    this.nodes.len(),
-                    this.quorum(),
-                ));
-            }
+            let answers = this
+                .ask_every_node("inspect", |node| node.inspect(&name))
+                .await?;
             let held = holders(&answers, |inspect| match inspect {
                 Inspect::Held { remaining } => Some(remaining.map(lease_left)),
                 Inspect::Free => None,
@@ -637,22 +652,9 @@ impl LockBackend for RedlockBackend {
         let this = self.clone();
         let name = name.clone();
         Box::pin(async move {
-            let answers = gather(
-                &this,
-                &this.all(),
-                this.timeout_for(MAX_TTL),
-                |node| node.force_release(&name),
-                |_, _| false,
-            )
-            .await;
-            if answered(&answers) < this.quorum() {
-                return Err(no_quorum(
-                    "force_release",
-                    answered(&answers),
-                    this.nodes.len(),
-                    this.quorum(),
-                ));
-            }
+            let answers = this
+                .ask_every_node("force_release", |node| node.force_release(&name))
+                .await?;
             Ok(count(&answers, |deleted| *deleted) > 0)
         })
     }
