@@ -468,30 +468,10 @@ async fn long_hold_outlives_lock_ttl_safely<F: DemoBackend>() {
     assert_eq!(slow["balance"], 10);
 }
 
-/// The demo server's backends (`REDIS_URL`, or in process); the Cluster and Redlock fixtures run
-/// every other suite, and reach the demo once it reads `REDIS_CLUSTER_NODES` / `REDLOCK_NODES`.
-macro_rules! demo_suite {
-    ($($test:ident),* $(,)?) => {
-        mod redis_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<crate::common::Redis>().await;
-                }
-            )*
-        }
-        mod memory_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<crate::common::Memory>().await;
-                }
-            )*
-        }
-    };
-}
-
-demo_suite!(
+// The demo server's contract on one Redis and in process; on Cluster and Redlock it is checked
+// by `every_backend` below.
+suite!(
+    redis_and_memory:
     deposit_contract,
     concurrent_burst_keeps_every_locked_deposit,
     stale_token_write_is_refused,

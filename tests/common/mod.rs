@@ -377,49 +377,43 @@ pub async fn until_held<F: Fixture>(fixture: &F, n: usize) {
 }
 
 /// Runs each behaviour once per backend: `suite!(test_a, test_b)` makes the tests
-/// `redis_backend::test_a` and `memory_backend::test_a` (on a two-worker runtime), calling the
-/// including file's `async fn test_a<F: Fixture>()` as `test_a::<Redis>()` and
-/// `test_a::<Memory>()`.
+/// `redis_backend::test_a`, `memory_backend::test_a`, `cluster_backend::test_a` and
+/// `redlock_backend::test_a` (on a two-worker runtime), calling the including file's
+/// `async fn test_a<F: Fixture>()` with each backend's fixture. `suite!(redis_and_memory: …)`
+/// runs them on one Redis and in process only.
 macro_rules! suite {
+    (redis_and_memory: $($test:ident),* $(,)?) => {
+        suite!(@on {
+            redis_backend: crate::common::Redis;
+            memory_backend: crate::common::Memory;
+        } $($test),*);
+    };
     ($($test:ident),* $(,)?) => {
-        mod redis_backend {
+        suite!(@on {
+            redis_backend: crate::common::Redis;
+            memory_backend: crate::common::Memory;
+            cluster_backend: crate::common::cluster::Cluster;
+            redlock_backend: crate::common::redlock::Redlock;
+        } $($test),*);
+    };
+    (@on { } $($test:ident),*) => {};
+    (@on { $module:ident: $fixture:path; $($rest:tt)* } $($test:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test::<crate::common::Redis>().await;
+                    super::$test::<$fixture>().await;
                 }
             )*
         }
-        mod memory_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<crate::common::Memory>().await;
-                }
-            )*
-        }
-        mod cluster_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<crate::common::cluster::Cluster>().await;
-                }
-            )*
-        }
-        mod redlock_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test::<crate::common::redlock::Redlock>().await;
-                }
-            )*
-        }
+        suite!(@on { $($rest)* } $($test),*);
     };
 }
 
 /// The same for behaviours that run their own runtimes: `blocking_suite!(name => case)` makes
-/// the plain tests `name::redis_backend` and `name::memory_backend`, calling the including file's
-/// `fn case<F: Fixture>()` as `case::<Redis>()` and `case::<Memory>()`.
+/// the plain tests `name::redis_backend`, `name::memory_backend`, `name::cluster_backend` and
+/// `name::redlock_backend`, calling the including file's `fn case<F: Fixture>()` with each
+/// backend's fixture.
 macro_rules! blocking_suite {
     ($($name:ident => $case:ident),* $(,)?) => {
         $(
