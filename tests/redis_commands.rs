@@ -158,3 +158,61 @@ async fn without_fencing_retry_after_follows_the_holders_renewed_lease() {
     gate.notify_one();
     holder.await.unwrap();
 }
+
+/// A Redis that forgot the scripts (restarted, failed over, `SCRIPT FLUSH`) gets each one loaded
+/// again on its next use: acquire, renewal and release all work after a flush, and each flush
+/// is followed by a `SCRIPT LOAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_flushed_from_redis_are_loaded_again_on_their_next_use() {
+    use tower_lock::LockBackend;
+    use tower_lock::backend::{Acquire, AcquireOptions, Extend, LockToken, Release};
+
+    let server = RedisServer::start();
+    let backend = RedisBackend::connect(&server.url()).await.unwrap();
+    let name = common::lock_name("noscript");
+    let token = LockToken::random();
+    let ttl = Duration::from_secs(5);
+    let flush = || async {
+        let loads = server.command_calls("script|load").await;
+        let mut connection = server.connection().await;
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        loads
+    };
+    let loads = flush().await;
+    assert_eq!(
+        backend
+            .acquire(&name, token, AcquireOptions::new(ttl))
+            .await
+            .unwrap(),
+        Acquire::Acquired { fencing_token: 1 }
+    );
+    let after_acquire = flush().await;
+    assert_eq!(
+        after_acquire,
+        loads + 1,
+        "the acquire script was not loaded"
+    );
+    assert_eq!(
+        backend.extend(&name, token, ttl).await.unwrap(),
+        Extend::Extended
+    );
+    let after_extend = flush().await;
+    assert_eq!(
+        after_extend,
+        after_acquire + 1,
+        "the extend script was not loaded"
+    );
+    assert_eq!(
+        backend.release(&name, token).await.unwrap(),
+        Release::Released
+    );
+    assert_eq!(
+        flush().await,
+        after_extend + 1,
+        "the release script was not loaded"
+    );
+}

@@ -9,7 +9,9 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionLike;
-use redis::{RedisError, Script, Value};
+use redis::{
+    Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, ServerErrorKind, Value,
+};
 
 use super::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
@@ -20,12 +22,80 @@ use super::{
 /// milliseconds of the holder's wall clock. The deadline only tells another acquirer how long to
 /// wait (`Retry-After`): ownership is decided by the token alone, and a clock that is off skews
 /// that hint, never who holds the lock.
-pub(super) fn lock_value(token: LockToken, ttl: Duration) -> String {
+pub(super) fn lock_value(token: LockToken, ttl: Duration) -> LockValue {
     let deadline = SystemTime::now()
         .checked_add(ttl)
         .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |since| since.as_millis());
-    format!("{}:{deadline}", token.to_hex())
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        });
+    LockValue::new(token, deadline)
+}
+
+/// A lock value ([`lock_value`]) on the stack: 32 hex digits, `:`, at most 20 decimal digits.
+/// Built per acquire and per renewal, so it costs no allocation.
+#[derive(Clone, Copy)]
+pub(super) struct LockValue {
+    bytes: [u8; 53],
+    len: usize,
+}
+
+impl LockValue {
+    fn new(token: LockToken, deadline: u64) -> Self {
+        let mut bytes = [0u8; 53];
+        bytes[..32].copy_from_slice(&token.hex());
+        bytes[32] = b':';
+        // The deadline's digits, written from the last one (u64::MAX has 20).
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        let mut rest = deadline;
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        let len = 33 + digits.len() - start;
+        bytes[33..len].copy_from_slice(&digits[start..]);
+        Self { bytes, len }
+    }
+
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// The holder's token: the first 32 bytes.
+    fn token(&self) -> &[u8] {
+        &self.bytes[..32]
+    }
+}
+
+/// One `EVALSHA` of `script` with `keys` keys, built straight into one command: what
+/// `Script::key(..).arg(..).invoke_async` sends, without its vector per key and per argument and
+/// the copy from those into a command. Keys and arguments follow with `arg`.
+fn evalsha(script: &Script, keys: usize) -> Cmd {
+    let mut command = Cmd::with_capacity(8, 160);
+    command.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    command
+}
+
+/// Sends `command`, an [`evalsha`] of `script`. If Redis does not know the script (`NOSCRIPT`:
+/// its first use on this server, or after a restart, a failover or `SCRIPT FLUSH`), loads it and
+/// sends the command again, as redis-rs's `invoke_async` does.
+async fn invoke<T: FromRedisValue>(
+    script: &Script,
+    command: &Cmd,
+    connection: &mut impl ConnectionLike,
+) -> RedisResult<T> {
+    match command.query_async(connection).await {
+        Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(connection).await?;
+            command.query_async(connection).await
+        }
+        result => result,
+    }
 }
 
 /// How long the holder whose lock value is `value` has left, by its deadline and this clock.
@@ -90,14 +160,32 @@ return 0
 });
 
 /// Whether the lock whose value is `value` is held by `token` (its first 32 characters).
-fn holds(value: &[u8], token: &str) -> bool {
-    value.get(..32) == Some(token.as_bytes())
+fn holds(value: &[u8], token: &[u8]) -> bool {
+    value.get(..32) == Some(token)
 }
 
 pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, i64::MAX as u64 / 2)
+}
+
+/// The acquire `script` (answering as [`ACQUIRE`] does) for `name`, as one `EVALSHA`.
+fn scripted_acquire(
+    script: &Script,
+    name: &LockName,
+    value: &LockValue,
+    ttl: u64,
+    fencing: bool,
+) -> Cmd {
+    let mut command = evalsha(script, 2);
+    command
+        .arg(name.lock_key())
+        .arg(name.fence_key())
+        .arg(value.as_bytes())
+        .arg(ttl)
+        .arg(u8::from(fencing));
+    command
 }
 
 /// What the acquire script answered (see [`ACQUIRE`]).
@@ -160,38 +248,33 @@ where
         let mut connection = self.connection.clone();
         let value = lock_value(token, options.ttl);
         let ttl = millis(options.ttl);
+        let script = self.acquire;
         if options.fencing || self.scripted_acquire.load(Ordering::Relaxed) {
-            let mut invocation = self.acquire.key(name.lock_key());
-            invocation
-                .key(name.fence_key())
-                .arg(value)
-                .arg(ttl)
-                .arg(u8::from(options.fencing));
+            let command = scripted_acquire(script, name, &value, ttl, options.fencing);
             return Box::pin(async move {
-                let outcome: i64 = invocation
-                    .invoke_async(&mut connection)
+                let outcome: i64 = invoke(script, &command, &mut connection)
                     .await
                     .map_err(unavailable)?;
                 Ok(scripted_outcome(outcome))
             });
         }
-        let mut command = redis::cmd("SET");
+        let mut command = Cmd::with_capacity(7, 128);
         command
+            .arg("SET")
             .arg(name.lock_key())
-            .arg(&value)
+            .arg(value.as_bytes())
             .arg("NX")
             .arg("PX")
             .arg(ttl)
             .arg("GET");
         let scripted = self.scripted_acquire.clone();
-        let acquire = self.acquire;
         let name = name.clone();
         Box::pin(async move {
             match command.query_async::<Value>(&mut connection).await {
                 // Nothing was there: the lock is ours.
                 Ok(Value::Nil) => Ok(Acquire::Acquired { fencing_token: 0 }),
                 // Our own value: a resent acquire whose first send landed.
-                Ok(Value::BulkString(holder)) if holds(&holder, &value[..32]) => {
+                Ok(Value::BulkString(holder)) if holds(&holder, value.token()) => {
                     Ok(Acquire::Acquired { fencing_token: 0 })
                 }
                 Ok(Value::BulkString(holder)) => Ok(Acquire::Held {
@@ -207,14 +290,8 @@ where
                         && error.to_string().contains("syntax error") =>
                 {
                     scripted.store(true, Ordering::Relaxed);
-                    let mut invocation = acquire.key(name.lock_key());
-                    invocation
-                        .key(name.fence_key())
-                        .arg(value)
-                        .arg(ttl)
-                        .arg(0u8);
-                    let outcome: i64 = invocation
-                        .invoke_async(&mut connection)
+                    let command = scripted_acquire(script, &name, &value, ttl, false);
+                    let outcome: i64 = invoke(script, &command, &mut connection)
                         .await
                         .map_err(unavailable)?;
                     Ok(scripted_outcome(outcome))
@@ -226,11 +303,10 @@ where
 
     pub(super) fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
         let mut connection = self.connection.clone();
-        let mut invocation = RELEASE.key(name.lock_key());
-        invocation.arg(token.to_hex());
+        let mut command = evalsha(&RELEASE, 1);
+        command.arg(name.lock_key()).arg(&token.hex()[..]);
         Box::pin(async move {
-            let outcome: i64 = invocation
-                .invoke_async(&mut connection)
+            let outcome: i64 = invoke(&RELEASE, &command, &mut connection)
                 .await
                 .map_err(unavailable)?;
             Ok(release_outcome(outcome))
@@ -244,14 +320,14 @@ where
         ttl: Duration,
     ) -> BackendFuture<Extend> {
         let mut connection = self.connection.clone();
-        let mut invocation = EXTEND.key(name.lock_key());
-        invocation
-            .arg(token.to_hex())
+        let mut command = evalsha(&EXTEND, 1);
+        command
+            .arg(name.lock_key())
+            .arg(&token.hex()[..])
             .arg(millis(ttl))
-            .arg(lock_value(token, ttl));
+            .arg(lock_value(token, ttl).as_bytes());
         Box::pin(async move {
-            let outcome: i64 = invocation
-                .invoke_async(&mut connection)
+            let outcome: i64 = invoke(&EXTEND, &command, &mut connection)
                 .await
                 .map_err(unavailable)?;
             Ok(if outcome == 1 {
@@ -304,9 +380,9 @@ mod tests {
     fn a_value_is_held_by_the_token_it_starts_with() {
         let token = LockToken::random();
         let value = lock_value(token, Duration::from_secs(1));
-        assert!(holds(value.as_bytes(), &token.to_hex()));
-        assert!(!holds(value.as_bytes(), &LockToken::random().to_hex()));
-        assert!(!holds(b"short", &token.to_hex()));
+        assert!(holds(value.as_bytes(), &token.hex()));
+        assert!(!holds(value.as_bytes(), &LockToken::random().hex()));
+        assert!(!holds(b"short", &token.hex()));
     }
 
     #[test]
@@ -337,9 +413,23 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_value_writes_its_deadline_in_decimal_whatever_its_length() {
+        let token = LockToken::random();
+        for deadline in [0, 7, 10, 1_780_000_000_123, u64::MAX / 7, u64::MAX] {
+            let value = LockValue::new(token, deadline);
+            assert_eq!(
+                value.as_bytes(),
+                format!("{}:{deadline}", token.to_hex()).as_bytes()
+            );
+            assert_eq!(value.token(), token.hex());
+        }
+    }
+
+    #[test]
     fn a_lock_value_carries_the_token_then_the_deadline() {
         let token = LockToken::random();
         let value = lock_value(token, Duration::from_secs(30));
+        let value = std::str::from_utf8(value.as_bytes()).unwrap();
         assert_eq!(&value[..32], token.to_hex());
         assert_eq!(&value[32..33], ":");
         let remaining = remaining_from_value(value.as_bytes()).unwrap();

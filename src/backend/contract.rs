@@ -277,11 +277,18 @@ impl LockToken {
 
     /// The token as 32 lowercase hex digits, as stored in Redis.
     pub fn to_hex(self) -> String {
+        self.hex().iter().map(|&digit| char::from(digit)).collect()
+    }
+
+    /// The token as 32 lowercase hex digits, in a buffer on the stack: what the Redis commands
+    /// send, without a `String` per command.
+    pub(crate) fn hex(self) -> [u8; 32] {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        (0..32)
-            .rev()
-            .map(|nibble| char::from(DIGITS[((self.0 >> (nibble * 4)) & 0xf) as usize]))
-            .collect()
+        let mut hex = [0u8; 32];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = DIGITS[((self.0 >> ((31 - i) * 4)) & 0xf) as usize];
+        }
+        hex
     }
 
     /// The token written by [`LockToken::to_hex`]: exactly 32 hex digits (either case); `None`
