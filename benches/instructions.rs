@@ -19,6 +19,7 @@
 //! | `engine-off` | the same, fencing off |
 //! | `layer-on`, `layer-off` | one request through `LockLayer` + `RedisBackend` (`oneshot`) |
 //! | `bare`, `memory` | in process: the bare `service_fn`, the layer on `MemoryBackend` |
+//! | `http-unlocked`, `http-memory`, `http-redis` | one `POST /ROUTE/{key}` to an axum server in this process, over a kept-alive loopback connection, answered `ok` by an empty handler: unlocked, or behind `route_layer(LockLayer)` on the memory or Redis backend (the client's own work counts too, the same in all three) |
 //!
 //! Each of the CONCURRENCY tasks (default 1) runs its share one after the other on its own key.
 //! Without `--bench` (as `cargo test --benches` runs it) every mode runs 50 pairs: a smoke test.
@@ -56,7 +57,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
-const MODES: [&str; 8] = [
+const MODES: [&str; 11] = [
     "raw",
     "naive",
     "engine",
@@ -65,6 +66,9 @@ const MODES: [&str; 8] = [
     "layer-off",
     "bare",
     "memory",
+    "http-unlocked",
+    "http-memory",
+    "http-redis",
 ];
 
 struct Key {
@@ -218,8 +222,92 @@ fn build(mode: &str, runtime: &Runtime, server: Option<&RedisServer>) -> Op {
                 async move { matches!(call.await, Ok(r) if r.status() == StatusCode::OK) }
             })
         }
+        "http-unlocked" | "http-memory" | "http-redis" => http(mode, runtime, server),
         other => panic!("unknown mode {other:?}; the modes are {MODES:?}"),
     }
+}
+
+/// An axum server on a loopback port with the route of `mode`, and a client op that sends one
+/// request over a kept-alive connection (one per task) and reads the whole response.
+fn http(mode: &str, runtime: &Runtime, server: Option<&RedisServer>) -> Op {
+    use axum::Router;
+    use axum::routing::post;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower_lock::key::PathSegment;
+
+    async fn ok() -> &'static str {
+        "ok"
+    }
+    let route = match mode {
+        "http-unlocked" => post(ok),
+        "http-memory" => {
+            post(ok).route_layer(LockLayer::new(MemoryBackend::new(), PathSegment::new(1)))
+        }
+        _ => {
+            let url = server.expect("a redis-server").url();
+            let backend = runtime
+                .block_on(RedisBackend::connect(&url))
+                .expect("connect");
+            post(ok).route_layer(LockLayer::new(backend, PathSegment::new(1)))
+        }
+    };
+    let app = Router::new().route("/r/{key}", route);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    let idle: Rc<RefCell<Vec<tokio::net::TcpStream>>> = Rc::default();
+    op(move |key: Arc<Key>| {
+        let idle = idle.clone();
+        async move {
+            let pooled = idle.borrow_mut().pop();
+            let mut stream = match pooled {
+                Some(stream) => stream,
+                None => tokio::net::TcpStream::connect(address)
+                    .await
+                    .expect("connect"),
+            };
+            let request = format!(
+                "POST /r/{} HTTP/1.1\r\nhost: bench\r\ncontent-length: 0\r\n\r\n",
+                key.header.to_str().unwrap_or_default()
+            );
+            if stream.write_all(request.as_bytes()).await.is_err() {
+                return false;
+            }
+            // Read the head, then as many body bytes as it announces.
+            let mut response = Vec::with_capacity(256);
+            let mut chunk = [0u8; 512];
+            loop {
+                let Ok(n) = stream.read(&mut chunk).await else {
+                    return false;
+                };
+                if n == 0 {
+                    return false;
+                }
+                response.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&response);
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length: usize = text[..end]
+                        .lines()
+                        .find_map(|line| {
+                            let (name, value) = line.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if response.len() >= end + 4 + length {
+                        break;
+                    }
+                }
+            }
+            let ok = response.starts_with(b"HTTP/1.1 200");
+            idle.borrow_mut().push(stream);
+            ok
+        }
+    })
 }
 
 /// Runs `ops` pairs as `concurrency` local tasks, each on its own key; the failures.
@@ -295,7 +383,7 @@ fn main() {
     let concurrency: usize = positional
         .get(2)
         .map_or(1, |n| n.parse().expect("CONCURRENCY"));
-    let in_process = matches!(mode, "bare" | "memory");
+    let in_process = matches!(mode, "bare" | "memory" | "http-unlocked" | "http-memory");
     let server = (!in_process).then(RedisServer::start);
     let op = build(mode, &runtime, server.as_ref());
     // Warm-up: connection, script cache, the renewal task, the allocator's pools.

@@ -3,7 +3,7 @@
 # them, unlike wall time): each mode of benches/instructions.rs runs N and 3N pairs, and the
 # difference divided by 2N is one pair's cost, start-up cancelled.
 #
-#   benches/instructions.sh [MODE...]     default: raw naive engine engine-off layer-on layer-off bare memory
+#   benches/instructions.sh [MODE...]     default: every mode of benches/instructions.rs
 #   N=2000 C=1 SERVER=1 benches/instructions.sh layer-off
 #
 # C: concurrency (tasks on one current-thread runtime). SERVER=1 also runs each redis-server under
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 N=${N:-2000}
 C=${C:-1}
 modes=("$@")
-[ ${#modes[@]} -gt 0 ] || modes=(raw naive engine engine-off layer-on layer-off bare memory)
+[ ${#modes[@]} -gt 0 ] || modes=(raw naive engine engine-off layer-on layer-off bare memory http-unlocked http-memory http-redis)
 cargo bench --bench instructions --no-run >/dev/null 2>&1 || cargo bench --bench instructions --no-run
 bin=$(ls -t target/release/deps/instructions-* | grep -v '\.d$' | head -1)
 out=${OUT:-target/instructions}
