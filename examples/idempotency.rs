@@ -52,7 +52,8 @@ async fn create_order(State(state): State<AppState>, headers: HeaderMap) -> Stri
     driver::hold(&state.started, driver::hold_ms(&headers)).await;
     // The layer guarantees both headers are present here.
     let user = headers["x-user"].to_str().unwrap_or("?");
-    let key = headers["idempotency-key"].to_str().unwrap_or("?");
+    // The key as the lock read it (`"k"` and `k` are one key).
+    let key = tower_lock::idempotency::key_in(&headers).unwrap_or_default();
     let order = state.next_order.fetch_add(1, Ordering::Relaxed) + 1;
     // A real handler would first look up (user, key) and replay the stored response if found.
     format!("order #{order} created for {user} (Idempotency-Key {key})")

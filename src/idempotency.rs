@@ -9,7 +9,17 @@
 //!   `{path.id}` for id 42, which can never start so (escaped request material has no `:`), but
 //!   a template that joins two request values with `:`, like `{header.a}:{header.b}`, can.
 //! - A protected method (`POST` and `PATCH` by default, the draft's non-idempotent methods)
-//!   without the header: **400** problem+json, title "Idempotency-Key is missing".
+//!   without the header, or with an empty one (`Idempotency-Key:` or `Idempotency-Key: ""`):
+//!   **400** problem+json, title "Idempotency-Key is missing".
+//! - The value is parsed as the draft defines it, a Structured Field **String** (RFC 9651, with
+//!   the [`sfv`](https://docs.rs/sfv) crate): `Idempotency-Key: "8e03978e-40d5"` keys on
+//!   `8e03978e-40d5` (escapes undone, parameters ignored). Many clients send the key **bare**
+//!   (`Idempotency-Key: 8e03978e-40d5`, not a valid sf-string), so a bare value of visible ASCII
+//!   without `"`, `,`, `\` or spaces is taken as it is, and is the same key as its quoted form
+//!   (the same lock: never less locking than either reading). Anything else — the header given
+//!   twice or as a list (`"a", "b"`), a malformed string (`"abc`), spaces, control characters or
+//!   bytes outside ASCII — is a **400** (which key would the handler act on?). Long keys are
+//!   fine: a lock key over `max_key_len` becomes a digest.
 //! - A retry while the first request with the same key is still being processed: **409**
 //!   problem+json, title "A request is outstanding for this Idempotency-Key".
 //! - Other methods pass through unlocked. As a [policy], the preset covers only its
@@ -68,6 +78,80 @@ const MISSING_KEY_DETAIL: &str =
 /// The first part of every key of the preset, which keeps its keys apart from other routes'.
 const KEY_PREFIX: &str = "idempotency";
 
+/// The detail of the 400 for a header given more than once.
+const TWICE_DETAIL: &str = "Idempotency-Key must be given once.";
+
+/// The detail of the 400 for a value that is neither an sf-string nor a bare key.
+const MALFORMED_DETAIL: &str = "Idempotency-Key must be a Structured Field string, such as \
+                                \"8e03978e-40d5-43e8\" (a bare key of visible ASCII without \
+                                spaces, quotes, commas or backslashes is accepted too).";
+
+/// The preset's 400 for a missing (or empty) key.
+fn missing_key() -> KeyRejection {
+    KeyRejection::missing_header(IDEMPOTENCY_KEY.clone()).with_detail(MISSING_KEY_DETAIL)
+}
+
+/// The key in a request's `Idempotency-Key` header, read as the preset reads it (see the
+/// [module docs](self)): the content of a Structured Field string, or a bare key as it is. A
+/// handler that stores and replays responses by key must use this one, so that it agrees with
+/// the lock (`"8e03978e"` and `8e03978e` are one key). The error is the preset's 400.
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_lock::idempotency::key_in;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("idempotency-key", "\"8e03978e\"".parse().unwrap());
+/// assert_eq!(key_in(&headers).unwrap(), "8e03978e");
+/// headers.insert("idempotency-key", "8e03978e".parse().unwrap());
+/// assert_eq!(key_in(&headers).unwrap(), "8e03978e");
+/// headers.insert("idempotency-key", "\"\"".parse().unwrap());
+/// assert!(key_in(&headers).is_err());
+/// ```
+pub fn key_in(headers: &http::HeaderMap) -> Result<String, KeyRejection> {
+    // Only ASCII comes out of `read_key` (sf-strings and bare keys are ASCII).
+    String::from_utf8(read_key(headers)?).map_err(|_| KeyRejection::new(MALFORMED_DETAIL))
+}
+
+/// The key of `headers`' one `Idempotency-Key` value.
+fn read_key(headers: &http::HeaderMap) -> Result<Vec<u8>, KeyRejection> {
+    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(if headers.contains_key(&IDEMPOTENCY_KEY) {
+            KeyRejection::new(TWICE_DETAIL)
+        } else {
+            missing_key()
+        });
+    };
+    parse_key(value.as_bytes())
+}
+
+/// The key in an `Idempotency-Key` value (see the [module docs](self)): the content of an
+/// sf-string, or a bare value as it is.
+fn parse_key(value: &[u8]) -> Result<Vec<u8>, KeyRejection> {
+    // HTTP trims surrounding whitespace already; a parser fed directly may not have.
+    let value = value.trim_ascii();
+    if value.is_empty() {
+        return Err(missing_key());
+    }
+    if value.first() == Some(&b'"') {
+        let item = sfv::Parser::new(value)
+            .parse::<sfv::Item>()
+            .map_err(|_| KeyRejection::new(MALFORMED_DETAIL))?;
+        return match item.bare_item.as_string() {
+            Some(string) if string.as_str().is_empty() => Err(missing_key()),
+            Some(string) => Ok(string.as_str().as_bytes().to_vec()),
+            None => Err(KeyRejection::new(MALFORMED_DETAIL)),
+        };
+    }
+    let bare = |b: &u8| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b'\\');
+    if value.iter().all(bare) {
+        Ok(value.to_vec())
+    } else {
+        Err(KeyRejection::new(MALFORMED_DETAIL))
+    }
+}
+
 /// Keys requests by their `Idempotency-Key` header. See the [module docs](self).
 #[derive(Clone)]
 pub struct IdempotencyKey {
@@ -123,11 +207,7 @@ impl KeyExtractor for IdempotencyKey {
         if !covers(&self.methods, &parts.method) {
             return Ok(None);
         }
-        let Some(value) = parts.headers.get(&IDEMPOTENCY_KEY) else {
-            return Err(KeyRejection::missing_header(IDEMPOTENCY_KEY.clone())
-                .with_detail(MISSING_KEY_DETAIL));
-        };
-        let key = LockKey::new(value.as_bytes());
+        let key = LockKey::new(read_key(&parts.headers)?);
         let prefix = LockKey::new(KEY_PREFIX);
         match &self.scope {
             None => Ok(Some(prefix.join(&key))),
@@ -375,6 +455,71 @@ mod tests {
 
         check(layer(MemoryBackend::new())).await;
         check(policy(IdempotencyKey::new()).layer(MemoryBackend::new())).await;
+    }
+
+    fn key_of(values: &[&[u8]]) -> Result<String, KeyRejection> {
+        let mut request = http::Request::post("/orders");
+        for value in values {
+            request = request.header(
+                "idempotency-key",
+                http::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        let parts = request.body(()).unwrap().into_parts().0;
+        IdempotencyKey::new()
+            .extract(&parts)
+            .map(|key| key.unwrap().as_str().to_owned())
+    }
+
+    #[test]
+    fn a_quoted_key_is_an_sf_string_and_a_bare_key_is_the_same_key() {
+        assert_eq!(key_of(&[b"\"8e03978e\""]).unwrap(), "idempotency:8e03978e");
+        assert_eq!(key_of(&[b"8e03978e"]).unwrap(), "idempotency:8e03978e");
+        // Escapes are undone, parameters ignored.
+        assert_eq!(key_of(&[br#""a\"b""#]).unwrap(), "idempotency:a\"b");
+        assert_eq!(key_of(&[b"\"k\";v=1"]).unwrap(), "idempotency:k");
+        // Digits first (not an sf-token) and `:`/`/` are fine bare.
+        assert_eq!(key_of(&[b"42"]).unwrap(), "idempotency:42");
+        // Other Structured Field items are taken bare, as they are (`?1` is an sf-boolean).
+        assert_eq!(key_of(&[b"?1"]).unwrap(), "idempotency:?1");
+    }
+
+    #[test]
+    fn an_empty_key_is_a_missing_key() {
+        for empty in [&b""[..], b"\"\"", b"   "] {
+            let rejection = key_of(&[empty]).unwrap_err();
+            assert_eq!(rejection.kind(), KeyRejectionKind::Missing, "{empty:?}");
+            assert_eq!(title(rejection), "Idempotency-Key is missing");
+        }
+    }
+
+    #[test]
+    fn a_key_given_twice_or_as_a_list_is_refused() {
+        let twice = key_of(&[b"\"a\"", b"\"a\""]).unwrap_err();
+        assert_eq!(twice.kind(), KeyRejectionKind::Invalid);
+        assert_eq!(twice.detail(), TWICE_DETAIL);
+        for list in [&b"\"a\", \"b\""[..], b"a, b", b"a,b"] {
+            let rejection = key_of(&[list]).unwrap_err();
+            assert_eq!(rejection.kind(), KeyRejectionKind::Invalid, "{list:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        for bad in [
+            &b"\"unterminated"[..],
+            b"\"a\" trailing",
+            b"\"\xc3\xa9\"",
+            b"with space",
+            b"\xff\xfe",
+            b"tab\there",
+            b"back\\slash",
+            b"quote\"d",
+        ] {
+            let rejection = key_of(&[bad]).unwrap_err();
+            assert_eq!(rejection.kind(), KeyRejectionKind::Invalid, "{bad:?}");
+            assert_eq!(rejection.detail(), MALFORMED_DETAIL);
+        }
     }
 
     #[test]

@@ -169,8 +169,9 @@ impl<B: LockBackend> Locks<B> {
     /// job, in this process or another) is not stopped. It keeps running, and learns of the loss
     /// only at its next renewal (its lease's [`is_lost`](LockLease::is_lost) and
     /// [`lost`](LockLease::lost)), while the next taker already holds the lock. Use it for a lock
-    /// left by a holder known to be dead and whose TTL is long; the fencing counter is kept, so
-    /// tokens handed out afterwards stay larger than the dead holder's. Bounded by the release
+    /// left by a holder known to be dead and whose TTL is long; the fencing counter is kept (and
+    /// tokens come from the clock once it expires), so tokens handed out afterwards stay larger
+    /// than the dead holder's. Bounded by the release
     /// timeout.
     pub async fn force_unlock(&self, key: &LockKey) -> Result<bool, BackendError> {
         let timeout = self.core.settings.release_timeout();

@@ -8,6 +8,26 @@
 //! leading `/`, a `?query`, …) is refused by [`LockRoutes::route`], so no route silently runs
 //! unlocked.
 //!
+//! # Spellings of a path
+//!
+//! A route cannot be bypassed by spelling its path another way. The table matches a
+//! **normalized** path: empty segments (`//`) and `.` segments are dropped, `..` removes the
+//! segment before it (never above `/`), and a trailing `/` is dropped — so `/jobs/7/run/`,
+//! `//jobs/7/run`, `/jobs/7/./run` and `/jobs/x/../7/run` take the lock of `/jobs/7/run`, with
+//! the same path parameters. The request goes on to the inner service unchanged.
+//!
+//! Percent-encoded separators (`%2F`, `%5C`, `%2E`, either case) are matched as axum matches
+//! them — as part of a segment, so `/files/{*path}` sees `a%2Fb` as one value — but a path
+//! that, with them decoded, would match **another** route (or one where the encoded spelling
+//! matches none) is refused with **400**: `/jobs/7%2Frun` and `/jobs/x/%2e%2e/7/run` are
+//! neither locked as `/jobs/{id}/run` nor let through unlocked to a router that decodes first.
+//! Other percent-encodings are not decoded (`/jobs/7/%72un` is not `/jobs/7/run`), as in axum.
+//!
+//! Matching is **case-sensitive**, as axum's is: `/Jobs/7/run` does not match `/jobs/{id}/run`.
+//! An inner router that matches case-insensitively, or decodes percent-encodings before
+//! routing, must see a path made canonical before this layer (see the README's "Non-axum
+//! stacks").
+//!
 //! ```
 //! use std::convert::Infallible;
 //! use http::{Method, Request, Response, StatusCode};
@@ -43,8 +63,9 @@ use crate::backend::LockBackend;
 use crate::body::LockBody;
 use crate::config::Shared;
 use crate::future::ResponseFuture;
+use crate::key::normalize;
 use crate::key::pattern::{Pattern, TableMatch};
-use crate::key::{KeyExtractor, TemplateError};
+use crate::key::{KeyExtractor, KeyRejection, TemplateError};
 use crate::layer::LockLayer;
 use crate::policy::{LockPolicy, PolicyKey};
 use crate::service::take_ready;
@@ -241,6 +262,23 @@ impl<S: fmt::Debug, B> fmt::Debug for LockRoutesService<S, B> {
     }
 }
 
+impl<S, B> LockRoutesService<S, B> {
+    /// The first route whose policy applies to `method` and whose pattern matches `path` (a
+    /// normalized path), with the path parameters.
+    fn route_for(
+        &self,
+        method: &http::Method,
+        path: &str,
+    ) -> Option<(&Route<B>, crate::key::pattern::PathParams)> {
+        self.routes.iter().find_map(|route| {
+            if !route.key.applies_to(method) {
+                return None;
+            }
+            Some((route, route.matcher.matches(path)?))
+        })
+    }
+}
+
 impl<S, B, ReqB, ResB> Service<Request<ReqB>> for LockRoutesService<S, B>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
@@ -258,12 +296,29 @@ where
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let inner = take_ready(&mut self.inner);
         let (mut parts, body) = request.into_parts();
-        let matched = self.routes.iter().find_map(|route| {
-            if !route.key.applies_to(&parts.method) {
-                return None;
+        let path = parts.uri.path();
+        let matched = self.route_for(&parts.method, &normalize::normalize(path));
+        if normalize::has_encoded_separators(path) {
+            let decoded = normalize::decode_separators(path);
+            let other = self.route_for(&parts.method, &normalize::normalize(&decoded));
+            if let Some((other, _)) = other
+                && matched
+                    .as_ref()
+                    .is_none_or(|(route, _)| !std::ptr::eq(*route, other))
+            {
+                let refused = Err(KeyRejection::new(
+                    "the path's percent-encoded `/`, `\\` or `.` would make it another locked \
+                     route: spell it without them",
+                ));
+                let shared = other.shared.clone();
+                return ResponseFuture::new(
+                    shared,
+                    refused,
+                    inner,
+                    Request::from_parts(parts, body),
+                );
             }
-            Some((route, route.matcher.matches(parts.uri.path())?))
-        });
+        }
         let (shared, key) = match matched {
             Some((route, params)) => {
                 // The key reads the parameters and pattern of the route this table matched, not

@@ -319,9 +319,10 @@ macro_rules! engine_setters {
         }
 
         /// Hand out fencing tokens (default `true`). On Redis each lock key then has a counter
-        /// key that is kept forever (a few dozen bytes); turn fencing off for unbounded key
-        /// spaces such as idempotency keys, where
-        /// [`LockLease::fencing_token`](crate::LockLease::fencing_token) is 0.
+        /// key (a few dozen bytes) that expires a second after the lock's TTL, so unbounded key
+        /// spaces leave nothing behind; turn fencing off where nothing checks the token (it
+        /// costs a script call per acquire), and
+        /// [`LockLease::fencing_token`](crate::LockLease::fencing_token) is then 0.
         pub fn fencing(self, fencing: bool) -> Self {
             self.settings("fencing", format!("{fencing}"), move |s| {
                 s.set_fencing(fencing)

@@ -122,7 +122,10 @@ async fn scripts_flushed_from_every_node_are_loaded_again() {
         .acquire(&name, token, AcquireOptions::new(ttl))
         .await
         .unwrap();
-    assert_eq!(acquired, Acquire::Acquired { fencing_token: 1 });
+    assert!(
+        matches!(acquired, Acquire::Acquired { fencing_token } if fencing_token > 0),
+        "{acquired:?}"
+    );
     let after_acquire = flush_scripts(cluster).await;
     assert!(after_acquire > loads, "the acquire script was not reloaded");
     loads = after_acquire;
@@ -151,11 +154,9 @@ async fn a_resent_acquire_finds_its_own_lock_not_a_holder() {
         let first = backend.acquire(&name, token, options).await.unwrap();
         let resent = backend.acquire(&name, token, options).await.unwrap();
         assert_eq!(first, resent, "fencing {fencing}");
-        assert_eq!(
-            first,
-            Acquire::Acquired {
-                fencing_token: u64::from(fencing)
-            }
+        assert!(
+            matches!(first, Acquire::Acquired { fencing_token } if (fencing_token > 0) == fencing),
+            "{first:?}"
         );
         let other = backend
             .acquire(&name, LockToken::random(), options)

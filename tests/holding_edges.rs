@@ -373,14 +373,14 @@ async fn a_paused_redis_never_admits_a_second_holder_before_the_first_is_told() 
 
 // ---------------------------------------------------------------------------------------------
 // Issue 7, "also check": "detect the policy at connect time and warn, and document it beside
-// persistence". The warning exists (`RedisBackend::connect`); the README, beside "The fencing
-// counter survives a Redis restart only if Redis persists it", says nothing of eviction.
+// persistence". The warning exists (`RedisBackend::connect`); the README, beside what a Redis
+// restarted without persistence does to the fencing counters, says nothing of eviction.
 
 #[test]
 fn the_readme_documents_the_eviction_policy_beside_persistence() {
     let readme = include_str!("../README.md");
     let persistence = readme
-        .find("survives a Redis restart only if Redis persists it")
+        .find("persistence forgets its counters")
         .expect("the README's persistence paragraph");
     let mentions_eviction = ["maxmemory", "noeviction", "evict"]
         .iter()

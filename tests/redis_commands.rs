@@ -104,13 +104,13 @@ async fn commands_per_request(fencing: bool) {
     holder.await.unwrap();
 
     if fencing {
-        // Two scripts: acquire (SET NX PX, INCR) and release (GET, DEL); the 409 is one script
-        // (SET refused, PTTL).
+        // Two scripts: acquire (SET NX PX, then the counter's TIME, GET, SET PX) and release
+        // (GET, DEL); the 409 is one script (SET refused, PTTL).
         let expected = counts(&[
             ("evalsha", 2),
-            ("set", 1),
-            ("incr", 1),
-            ("get", 1),
+            ("set", 2),
+            ("time", 1),
+            ("get", 2),
             ("del", 1),
         ]);
         assert_eq!(uncontended, expected, "uncontended, fencing on");

@@ -7,7 +7,7 @@ use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, RedisError, Script, Value};
 
-use super::commands::Commands;
+use super::commands::{Commands, with_fence};
 use super::redis::warn_if_policy_evicts;
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
@@ -18,17 +18,18 @@ use super::{
 /// the cluster client resends a command whose connection dropped before the reply came (and
 /// after a failover), so an acquire can reach Redis twice. Its second run finds the lock held by
 /// its own token and answers as the first did (the fencing counter's current value, which nobody
-/// else can have bumped while we hold the lock), instead of "held" by ourselves — a 409 for the
+/// else can have bumped while we hold the lock, and which lives at least a second longer than
+/// the lock's TTL), instead of "held" by ourselves — a 409 for the
 /// request and a lock nobody releases until its TTL runs out.
 ///
 /// One scalar back: the fencing token (≥ 1), 0 for acquired without fencing, or `-3 - PTTL` for
 /// held (≤ -2).
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&with_fence(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == '1' then
-    return redis.call('INCR', KEYS[2])
+    return next_fence(KEYS[2], ARGV[2])
   end
   return 0
 end
@@ -41,7 +42,7 @@ if holder and string.sub(holder, 1, 32) == string.sub(ARGV[1], 1, 32) then
 end
 return -3 - redis.call('PTTL', KEYS[1])
 ",
-    )
+    ))
 });
 
 /// Locks on a Redis Cluster.

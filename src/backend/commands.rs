@@ -110,22 +110,63 @@ pub(super) fn remaining_from_value(value: &[u8]) -> Option<Duration> {
     )
 }
 
+/// How much longer than the lock's TTL a fencing counter lives after the acquire that wrote it
+/// (see [`FENCE`]), in milliseconds.
+pub(super) const FENCE_MARGIN_MS: u64 = 1000;
+
+/// Lua for the fencing counter, prepended to the scripts that hand out or raise tokens.
+///
+/// `keep_fence(key, token, clock, ttl)` stores `token` in the counter `key` with an expiry of
+/// `ttl + FENCE_MARGIN_MS` ms, made longer when `token` is ahead of this server's clock (`clock`,
+/// µs) so that the counter lives until the clock has passed `token` by that much.
+/// `next_fence(key, ttl)` hands out the next token, `max(counter + 1, TIME in µs)`, and keeps it.
+///
+/// So a counter goes once its key is idle, and a token drawn after it has gone comes from a clock
+/// that has passed every token the counter held: tokens only grow per key as long as the Redis
+/// server's clock does not step backwards (README, "Fencing tokens"). Numbers stay below 2^53
+/// (µs since 1970 until the year 2255), exact in Lua's doubles; they are written with `%d`,
+/// never Lua's `tostring` (which would round to 14 digits).
+pub(super) const FENCE: &str = r"
+local function clock_us()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000000 + tonumber(now[2])
+end
+local function keep_fence(key, token, clock, ttl)
+  local life = tonumber(ttl) + FENCE_MARGIN_MS
+  local ahead = math.floor((token - clock) / 1000)
+  if ahead > 0 then life = life + ahead + 1 end
+  redis.call('SET', key, string.format('%d', token), 'PX', string.format('%d', life))
+end
+local function next_fence(key, ttl)
+  local clock = clock_us()
+  local token = math.max((tonumber(redis.call('GET', key)) or 0) + 1, clock)
+  keep_fence(key, token, clock, ttl)
+  return token
+end
+";
+
+/// `body` with the fencing functions of [`FENCE`] defined before it.
+pub(super) fn with_fence(body: &str) -> String {
+    FENCE.replace("FENCE_MARGIN_MS", &FENCE_MARGIN_MS.to_string()) + body
+}
+
 /// The acquire when it needs more than `SET NX PX GET`: with fencing, `SET NX PX` and, on
-/// success, the fencing counter's `INCR`, atomically; on Redis before 7.0 (no `NX` with `GET`),
-/// the same without fencing. One scalar back (a table costs Redis more than the `INCR`): the
-/// fencing token (≥ 1), 0 for acquired without fencing, or `-3 - PTTL` for held (≤ -2).
+/// success, the next fencing token ([`FENCE`]: `TIME`, `GET` and `SET PX` of the counter),
+/// atomically; on Redis before 7.0 (no `NX` with `GET`), the same without fencing. One scalar
+/// back (a table costs Redis more): the fencing token (≥ 1), 0 for acquired without fencing, or
+/// `-3 - PTTL` for held (≤ -2).
 pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&with_fence(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == '1' then
-    return redis.call('INCR', KEYS[2])
+    return next_fence(KEYS[2], ARGV[2])
   end
   return 0
 end
 return -3 - redis.call('PTTL', KEYS[1])
 ",
-    )
+    ))
 });
 
 /// Compare-and-delete by token (the value's first 32 characters): 1 released, 0 already gone,
@@ -357,7 +398,8 @@ where
         })
     }
 
-    /// `DEL` of the lock key only: the fencing counter stays, so tokens keep growing.
+    /// `DEL` of the lock key only: the fencing counter stays (until it expires), so tokens keep
+    /// growing.
     pub(super) fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
         let mut connection = self.connection.clone();
         let mut command = redis::cmd("DEL");

@@ -89,7 +89,8 @@ fn unsupported<T: Send + 'static>(operation: &str) -> BackendFuture<T> {
 pub struct AcquireOptions {
     /// The lease: the lock expires this long after acquisition unless extended.
     pub ttl: Duration,
-    /// Whether to hand out a fencing token (one counter key per lock key, kept forever on Redis).
+    /// Whether to hand out a fencing token (on Redis one counter key per lock key, which expires a
+    /// second after the lock's TTL; see the README's "Fencing tokens").
     pub fencing: bool,
 }
 

@@ -105,6 +105,15 @@ fn far_future(now: Instant, ttl: Duration) -> Instant {
     now.checked_add(ttl.min(super::MAX_TTL)).unwrap_or(now)
 }
 
+/// Microseconds since 1970 by the system clock (0 before it).
+fn clock_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+        })
+}
+
 fn ready<T: Send + 'static>(value: T) -> BackendFuture<T> {
     Box::pin(std::future::ready(Ok(value)))
 }
@@ -138,7 +147,10 @@ impl LockBackend for MemoryBackend {
             if !options.fencing {
                 return Acquire::Acquired { fencing_token: 0 };
             }
-            state.last_fencing_token = state.last_fencing_token.saturating_add(1);
+            state.last_fencing_token = state
+                .last_fencing_token
+                .saturating_add(1)
+                .max(clock_micros());
             Acquire::Acquired {
                 fencing_token: state.last_fencing_token,
             }
@@ -214,13 +226,17 @@ mod tests {
         let backend = MemoryBackend::new();
         let (old, new) = (LockToken::random(), LockToken::random());
         let ttl = Duration::from_millis(100);
-        assert!(matches!(
-            backend
-                .acquire(&name("a"), old, AcquireOptions::new(ttl))
-                .await
-                .unwrap(),
-            Acquire::Acquired { fencing_token: 1 }
-        ));
+        let before = clock_micros();
+        let Acquire::Acquired {
+            fencing_token: first,
+        } = backend
+            .acquire(&name("a"), old, AcquireOptions::new(ttl))
+            .await
+            .unwrap()
+        else {
+            panic!("not acquired");
+        };
+        assert!(first >= before, "{first} is below the clock ({before})");
         tokio::time::advance(Duration::from_millis(150)).await;
         assert_eq!(
             backend.extend(&name("a"), old, ttl).await.unwrap(),
@@ -231,7 +247,7 @@ mod tests {
                 .acquire(&name("a"), new, AcquireOptions::new(ttl))
                 .await
                 .unwrap(),
-            Acquire::Acquired { fencing_token: 2 }
+            Acquire::Acquired { fencing_token } if fencing_token > first
         ));
         assert_eq!(
             backend.release(&name("a"), old).await.unwrap(),
@@ -263,6 +279,38 @@ mod tests {
             tokio::time::advance(Duration::from_millis(1)).await;
         }
         assert!(backend.stored() <= 2 * MIN_PURGE_AT, "{}", backend.stored());
+    }
+
+    #[tokio::test]
+    async fn tokens_grow_past_the_last_token_and_the_clock() {
+        let backend = MemoryBackend::new();
+        let ttl = AcquireOptions::new(Duration::from_secs(1));
+        let mut last = 0;
+        for i in 0..10_000 {
+            let Acquire::Acquired { fencing_token } = backend
+                .acquire(&name(&format!("k{i}")), LockToken::random(), ttl)
+                .await
+                .unwrap()
+            else {
+                panic!("not acquired");
+            };
+            assert!(fencing_token > last, "{fencing_token} after {last}");
+            last = fencing_token;
+        }
+        // A counter far behind the clock (a new process, say): the clock's floor takes over.
+        backend.with_state(|state| state.last_fencing_token = 5);
+        let before = clock_micros();
+        let Acquire::Acquired { fencing_token } = backend
+            .acquire(&name("b"), LockToken::random(), ttl)
+            .await
+            .unwrap()
+        else {
+            panic!("not acquired");
+        };
+        assert!(
+            fencing_token >= before,
+            "{fencing_token} below the clock {before}"
+        );
     }
 
     #[tokio::test]

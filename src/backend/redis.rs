@@ -16,7 +16,7 @@ use super::{
 /// All requests share one multiplexed connection ([`ConnectionManager`]), which reconnects on its
 /// own after Redis restarts; no connection is opened per request. Every call is one round trip:
 /// an acquire is a plain `SET NX PX GET` without fencing (the `GET` gives a refused acquire the
-/// holder's deadline), or one `EVALSHA` that also increments the fencing counter; release and
+/// holder's deadline), or one `EVALSHA` that also hands out the next fencing token; release and
 /// renewal are one `EVALSHA` each (compare-and-delete, compare-and-expire).
 ///
 /// ```no_run
@@ -95,9 +95,8 @@ impl RedisBackend {
     }
 }
 
-/// Warns if Redis may evict our keys: fencing counters have no expiry, so an `allkeys-*` policy
-/// can drop one and hand out its tokens again; locks have one, so any evicting policy can drop a
-/// held lock. Errors (an ACL that denies
+/// Warns if Redis may evict our keys: any evicting policy can drop a held lock, or a fencing
+/// counter before its expiry (which matters only when it is ahead of the clock). Errors (an ACL that denies
 /// `INFO`, a server not reachable yet) are ignored: this is advice, not a precondition.
 async fn warn_if_evicting(connection: &mut ConnectionManager) {
     let Ok(info) = redis::cmd("INFO")
@@ -119,8 +118,8 @@ pub(super) fn warn_if_policy_evicts(info: &str) {
     match policy {
         Some(policy) if policy.starts_with("allkeys-") => tracing::warn!(
             maxmemory_policy = policy,
-            "Redis may evict any key under memory pressure: fencing counters (tokens handed out \
-             again) and held locks (two holders) can disappear; use `noeviction`"
+            "Redis may evict any key under memory pressure: held locks (two holders) and fencing \
+             counters can disappear; use `noeviction`"
         ),
         Some(policy) if policy.starts_with("volatile-") => tracing::warn!(
             maxmemory_policy = policy,

@@ -13,7 +13,7 @@ use futures_util::stream::FuturesUnordered;
 use redis::{ErrorKind, RedisError, Script};
 use tokio::time::Instant;
 
-use super::commands::{ACQUIRE, EXTEND, RELEASE, millis, unavailable};
+use super::commands::{ACQUIRE, EXTEND, RELEASE, millis, unavailable, with_fence};
 use super::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
     LockBackend, LockName, LockToken, MAX_TTL, RedisBackend, Release,
@@ -21,20 +21,24 @@ use super::{
 
 /// Raises a lock's fencing counter to ARGV[2] if it is lower, only while the lock holds our
 /// token (ARGV[1], the value's first 32 characters): 1 done, 0 the lock is not ours (any more).
+/// A raised counter expires as one written by the acquire does (ARGV[3] is the lock's TTL in
+/// ms): no sooner than the node's own clock has passed the token, so that a token drawn on this
+/// node after the counter has gone is still larger, however far another node's clock is ahead.
 static RAISE_FENCE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&with_fence(
         r"
 local holder = redis.call('GET', KEYS[1])
 if holder and string.sub(holder, 1, 32) == ARGV[1] then
   local seen = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-  if seen < tonumber(ARGV[2]) then
-    redis.call('SET', KEYS[2], ARGV[2])
+  local wanted = tonumber(ARGV[2])
+  if seen < wanted then
+    keep_fence(KEYS[2], wanted, clock_us(), ARGV[3])
   end
   return 1
 end
 return 0
 ",
-    )
+    ))
 });
 
 /// Locks over N independent Redis primaries (N odd, typically 3 or 5), by the Redlock
@@ -63,17 +67,21 @@ return 0
 /// (and applies [`min_validity`](crate::LockLayer::min_validity) to) is never more than the
 /// Redlock validity, with no change to the [`LockBackend`] contract.
 ///
-/// **Fencing** (on by default) costs a second parallel round: each node increments its own
-/// counter as it takes the lock, the token is the maximum over the majority that took it, and
-/// that maximum is then written back (raised to, never lowered) on the nodes where the lock is
-/// still ours; the lock is acquired only once a majority confirmed the write-back. So, as long as
-/// no node loses its counter, any two acquisitions that both succeed get different tokens, and
-/// the one that took the lock later on the nodes they share gets the larger: a holder that locked
-/// after another's lock expired or was released gets a larger token than that other holder, with
-/// no assumption about clocks. It does not survive a node that restarts without persistence (it
-/// forgets both the lock and the counter; keep nodes down for one TTL after a crash, or run them
-/// with `appendfsync always`), and, like every fencing token, it protects only resources that
-/// check it.
+/// **Fencing** (on by default) costs a second parallel round: each node hands out its own next
+/// token as it takes the lock (`max(counter + 1, its clock in µs)`, see the README's "Fencing
+/// tokens"), the token is the maximum over the majority that took it, and that maximum is then
+/// written back (raised to, never lowered) on the nodes where the lock is still ours; the lock is
+/// acquired only once a majority confirmed the write-back. A node keeps a counter for the lock's
+/// TTL plus a second after it last wrote it, and never past the moment its own clock has passed
+/// the counter's value by that much. So any two acquisitions that both succeed get different
+/// tokens, and the one that took the lock later on the nodes they share gets the larger — on the
+/// shared node either the counter is still there, or it has gone and that node's clock has passed
+/// the earlier token — with no assumption about how far apart the nodes' clocks are, only that
+/// no node's clock steps backwards. A node restarted without persistence forgets its counters:
+/// tokens still grow if its clock had passed every token it had seen before it comes back
+/// (tokens from a node whose clock is ahead can be larger; keep nodes down for one TTL after a
+/// crash, or run them with `appendfsync always`). Like every fencing token, it protects only
+/// resources that check it.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), redis::RedisError> {
@@ -393,7 +401,7 @@ impl RedlockBackend {
             .collect();
         if ours.len() >= quorum {
             let fencing_token = if options.fencing {
-                self.raise_fences(&name, token, &answers, &ours, timeout)
+                self.raise_fences(&name, token, &answers, &ours, timeout, stored)
                     .await
             } else {
                 Some(0)
@@ -457,6 +465,7 @@ impl RedlockBackend {
         answers: &[Answer<Acquire>],
         ours: &[usize],
         timeout: Duration,
+        ttl: Duration,
     ) -> Option<u64> {
         let fencing_token = answers
             .iter()
@@ -476,7 +485,8 @@ impl RedlockBackend {
                 invocation
                     .key(name.fence_key())
                     .arg(token.to_hex())
-                    .arg(fencing_token);
+                    .arg(fencing_token)
+                    .arg(millis(ttl));
                 Box::pin(async move {
                     let raised: i64 = invocation
                         .invoke_async(&mut connection)

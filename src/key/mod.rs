@@ -47,6 +47,7 @@
 mod error;
 mod extractor;
 pub(crate) mod lock_key;
+pub(crate) mod normalize;
 pub(crate) mod pattern;
 mod rejection;
 mod sources;

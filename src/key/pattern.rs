@@ -295,7 +295,8 @@ pub(crate) fn route_pattern<'a>(parts: &'a Parts, own: Option<&'a Pattern>) -> O
     if let Some(table) = parts.extensions.get::<TableMatch>() {
         return Some(&table.pattern);
     }
-    if let Some(own) = own.filter(|pattern| pattern.matches(parts.uri.path()).is_some()) {
+    let path = super::normalize::normalize(parts.uri.path());
+    if let Some(own) = own.filter(|pattern| pattern.matches(&path).is_some()) {
         return Some(own.as_str());
     }
     #[cfg(feature = "axum")]
@@ -410,7 +411,7 @@ pub(crate) fn path_params<'a>(
     // A pattern given to the extractor is the user's word for this route: it wins over a
     // router around it (axum's `route_service("/api/{*rest}", …)`) whenever it matches.
     if let Some(own) = own
-        && let Some(params) = own.matches(parts.uri.path())
+        && let Some(params) = own.matches(&super::normalize::normalize(parts.uri.path()))
     {
         return Ok(ParamSource::Route {
             params: Cow::Owned(params),

@@ -146,7 +146,9 @@ fn form_decode(text: &str) -> Vec<u8> {
 /// Locks on the `n`-th segment of the URI path (0-based, after the leading `/`), percent-decoded.
 ///
 /// `PathSegment::new(1)` on `/accounts/42/deposit` locks on `42`. The path is the URI the layer
-/// sees: under axum's `Router::nest` it lacks the nest prefix. Prefer [`PathParam`], which reads
+/// sees, normalized as [`LockRoutes`](crate::LockRoutes) normalizes it (no empty, `.` or `..`
+/// segments: `//accounts/42` and `/x/../accounts/42` give `42` too); under axum's
+/// `Router::nest` it lacks the nest prefix. Prefer [`PathParam`], which reads
 /// the router's match.
 #[derive(Clone, Copy, Debug)]
 pub struct PathSegment {
@@ -162,7 +164,8 @@ impl PathSegment {
 
 impl KeyExtractor for PathSegment {
     fn extract(&self, parts: &Parts) -> Result<Option<LockKey>, KeyRejection> {
-        let path = parts.uri.path();
+        let path = super::normalize::normalize(parts.uri.path());
+        let path = path.as_ref();
         match path
             .strip_prefix('/')
             .unwrap_or(path)
