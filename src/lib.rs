@@ -77,6 +77,7 @@ pub mod routes;
 mod service;
 mod settings;
 mod telemetry;
+mod wait;
 
 pub use crate::backend::{
     LockBackend, MemoryBackend, RedisBackend, RedisClusterBackend, RedlockBackend,

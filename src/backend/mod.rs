@@ -29,6 +29,8 @@ mod contract;
 mod memory;
 mod redis;
 mod redlock;
+mod subscriber;
+mod wakeups;
 
 pub use self::cluster::RedisClusterBackend;
 pub(crate) use self::contract::Label;
@@ -39,3 +41,5 @@ pub use self::contract::{
 pub use self::memory::MemoryBackend;
 pub use self::redis::RedisBackend;
 pub use self::redlock::RedlockBackend;
+pub use self::wakeups::Wakeups;
+pub(crate) use self::wakeups::Watch;
