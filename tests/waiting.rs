@@ -480,3 +480,67 @@ mod redis_subscriber {
         );
     }
 }
+
+/// A lock taken after waiting is held through the body, and its loss under `Abort` is answered
+/// 503 and releases nothing of another holder's, as a lock taken at once.
+mod after_waiting {
+    use super::*;
+    use common::{Memory, Redis, body_text, streaming};
+    use tower::ServiceBuilder;
+    use tower_lock::LeaseLostPolicy;
+
+    async fn holds_through_the_body_and_aborts_on_loss<F: Fixture>() {
+        let fixture = F::start().await;
+        // Hold-through-body: the waiter's streamed body keeps the lock until it is read.
+        let service = ServiceBuilder::new()
+            .layer(
+                layer(&fixture)
+                    .wait(Duration::from_secs(10))
+                    .hold_through_body(true),
+            )
+            .service(streaming(3, Duration::from_millis(100)));
+        let first = tokio::spawn(send(&service, common::request("b")));
+        let first = first.await.unwrap();
+        let second = tokio::spawn(send(&service, common::request("b")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !second.is_finished(),
+            "the waiter got the lock while a body held it"
+        );
+        body_text(first).await;
+        let second = second.await.unwrap();
+        assert_eq!(second.status(), StatusCode::OK);
+        assert_eq!(fixture.held().await, 1, "the waiter's body holds the lock");
+        body_text(second).await;
+        until_held(&fixture, 0).await;
+
+        // Abort: the waiter's lock is deleted behind its back while its handler runs.
+        let service = holder_behind(
+            layer(&fixture)
+                .wait(Duration::from_secs(10))
+                .ttl(Duration::from_millis(300))
+                .on_lease_lost(LeaseLostPolicy::Abort),
+        );
+        let first = tokio::spawn(send(&service, holding("a", 200)));
+        until_held(&fixture, 1).await;
+        let second = tokio::spawn(send(&service, holding("a", 5000)));
+        assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fixture.delete(&common::lock_name("a")).await;
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the lease loss was not noticed")
+            .unwrap();
+        assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_redis() {
+        holds_through_the_body_and_aborts_on_loss::<Redis>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_memory() {
+        holds_through_the_body_and_aborts_on_loss::<Memory>().await;
+    }
+}

@@ -41,8 +41,8 @@ impl HoldTimes {
     }
 
     /// When the lock is likely free for a client refused now: the average hold time for the
-    /// holder and for each of `queued` local waiters ahead, bounded by the holder's
-    /// `remaining` lease when known and no renewal can extend it... never below 1 ms. Without
+    /// holder and for each of `queued` local waiters ahead; when leases are not `renewed`, the
+    /// holder's turn ends with its `remaining` lease at the latest. Never below 1 ms. Without
     /// observations, the holder's remaining lease (`None` if unknown).
     pub(crate) fn estimate(
         &self,
