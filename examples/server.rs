@@ -20,6 +20,7 @@
 //! ```text
 //! curl -i -X POST 'localhost:3000/accounts/42/deposit?amount=5&hold_ms=2000' &
 //! curl -i -X POST 'localhost:3000/accounts/42/deposit?amount=5'   # 409 while the first holds it
+//! curl -i -X POST 'localhost:3000/queued/accounts/42/deposit?amount=5' # waits its turn (≤ 10 s)
 //! curl -i localhost:3000/accounts/42
 //! curl -N 'localhost:3000/stream/42?ms=2000'
 //! ```

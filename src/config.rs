@@ -10,6 +10,7 @@ use http::Response;
 
 use crate::core::Core;
 use crate::response::Rejection;
+use crate::wait::estimate::HoldTimes;
 
 /// What the handler's request does when its lease is lost while it runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,13 +27,29 @@ pub enum LeaseLostPolicy {
 pub(crate) type RejectionHandler = Arc<dyn Fn(Rejection) -> Response<Bytes> + Send + Sync>;
 
 /// The HTTP settings of a layer.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub(crate) struct HttpConfig {
     pub(crate) fail_open: bool,
     pub(crate) release_in_background: bool,
     pub(crate) on_rejection: Option<RejectionHandler>,
     pub(crate) lease_lost: LeaseLostPolicy,
     pub(crate) hold_through_body: bool,
+    /// The hold times this layer observed, for `Retry-After`. Not settings: a layer
+    /// reconfigured into another (a route's policy over a table's defaults) starts its own.
+    pub(crate) hold_times: Arc<HoldTimes>,
+}
+
+impl Clone for HttpConfig {
+    fn clone(&self) -> Self {
+        Self {
+            fail_open: self.fail_open,
+            release_in_background: self.release_in_background,
+            on_rejection: self.on_rejection.clone(),
+            lease_lost: self.lease_lost,
+            hold_through_body: self.hold_through_body,
+            hold_times: Arc::default(),
+        }
+    }
 }
 
 impl HttpConfig {

@@ -19,6 +19,8 @@ pub(crate) struct Core<B> {
     pub(crate) backend: B,
     pub(crate) settings: Settings,
     renewer: Arc<Renewer<B>>,
+    /// The local queues of waiters, shared as the renewal task is.
+    pub(crate) queues: Arc<crate::wait::queue::Queues>,
 }
 
 impl<B: LockBackend> Core<B> {
@@ -27,6 +29,7 @@ impl<B: LockBackend> Core<B> {
             renewer: Arc::new(Renewer::new(backend.clone())),
             backend,
             settings: Settings::default(),
+            queues: Arc::default(),
         }
     }
 
@@ -67,6 +70,7 @@ impl<B: LockBackend> Core<B> {
             backend: self.backend.clone(),
             settings,
             renewer: self.renewer.clone(),
+            queues: self.queues.clone(),
         }
     }
 }

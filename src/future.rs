@@ -8,17 +8,21 @@ use std::task::{Context, Poll, ready};
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::runtime::Handle;
+use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_service::Service;
 
 use crate::acquire::{Attempt, Attempted};
-use crate::backend::{BackendError, BackendErrorKind, BackendFuture, LockBackend, Release};
+use crate::backend::{
+    BackendError, BackendErrorKind, BackendFuture, LockBackend, LockName, Release,
+};
 use crate::body::{BodyLock, LockBody};
 use crate::config::{HttpConfig, LeaseLostPolicy, Shared};
 use crate::deadline::Bounded;
 use crate::guard::{LockGuard, report_release};
 use crate::key::{KeyRejection, LockKey};
 use crate::response::Rejection;
+use crate::wait::Waiting;
 
 pin_project! {
     /// The response future of [`LockService`](crate::LockService).
@@ -75,10 +79,20 @@ pin_project! {
             // The inner service and the request, until the lock is held (always `Some` while
             // in this state).
             pending: Option<(S, Request<ReqB>)>,
+            // Under a wait policy: what a wait needs, if the lock is held.
+            wait: Option<WaitFor>,
+        },
+        // Under a wait policy, in the key's local queue (see `crate::wait`).
+        Waiting {
+            waiting: Waiting<B>,
+            pending: Option<(S, Request<ReqB>)>,
+            name: LockName,
         },
         Calling {
             #[pin]
             future: S::Future,
+            // When the lock was taken: the hold time feeds the layer's `Retry-After` estimate.
+            since: Instant,
             // The lock: `Some` while in this state, taken when it is left.
             guard: Option<LockGuard<B>>,
             // Set under `LeaseLostPolicy::Abort`: completes when the lease is lost.
@@ -97,6 +111,14 @@ pin_project! {
         },
         Done,
     }
+}
+
+/// What a request under a wait policy needs to wait, if its first attempt finds the lock held.
+struct WaitFor {
+    key: LockKey,
+    name: LockName,
+    runtime: Handle,
+    until: Instant,
 }
 
 enum Outcome<R, E> {
@@ -132,9 +154,42 @@ where
                     let core = &shared.core;
                     let name = core.settings.lock_name(&key);
                     span = tracing::debug_span!("tower_lock", lock = %name.label(core.settings.log_keys()));
-                    State::Acquiring {
-                        attempt: core.attempt(key, name, runtime),
-                        pending: Some((inner, request)),
+                    match core.settings.wait() {
+                        None => State::Acquiring {
+                            attempt: core.attempt(key, name, runtime),
+                            pending: Some((inner, request)),
+                            wait: None,
+                        },
+                        Some(max) => {
+                            let until = Instant::now().checked_add(max);
+                            match until {
+                                // Local waiters are ahead: queue behind them.
+                                Some(until) if core.has_waiters(&name) => State::Waiting {
+                                    waiting: core.wait(key, name.clone(), runtime, until, None),
+                                    pending: Some((inner, request)),
+                                    name,
+                                },
+                                Some(until) => State::Acquiring {
+                                    attempt: core.attempt(
+                                        key.clone(),
+                                        name.clone(),
+                                        runtime.clone(),
+                                    ),
+                                    pending: Some((inner, request)),
+                                    wait: Some(WaitFor {
+                                        key,
+                                        name,
+                                        runtime,
+                                        until,
+                                    }),
+                                },
+                                None => State::Acquiring {
+                                    attempt: core.attempt(key, name, runtime),
+                                    pending: Some((inner, request)),
+                                    wait: None,
+                                },
+                            }
+                        }
                     }
                 }
                 Err(_) => unlocked(
@@ -176,32 +231,56 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(output.map(|r| r.map(LockBody::inner)));
                 }
-                StateProj::Acquiring { attempt, pending } => {
+                StateProj::Acquiring {
+                    attempt,
+                    pending,
+                    wait,
+                } => {
                     let attempted = ready!(attempt.poll(cx));
                     let Some((inner, request)) = pending.take() else {
                         unreachable!("the acquiring state always carries its request");
                     };
-                    let next = match attempted {
-                        Attempted::Locked(guard) => locked(http, guard, inner, request),
-                        Attempted::TooLittleValidity(guard, validity) => release(
-                            guard,
-                            Outcome::Rejected(Rejection::InsufficientValidity { validity }),
-                        ),
-                        Attempted::Held(remaining) => State::Rejected {
-                            rejection: Some(Rejection::Conflict { remaining }),
+                    let next = match (attempted, wait.take()) {
+                        (Attempted::Held(remaining), Some(wait)) => State::Waiting {
+                            waiting: this.shared.core.wait(
+                                wait.key,
+                                wait.name.clone(),
+                                wait.runtime,
+                                wait.until,
+                                remaining,
+                            ),
+                            pending: Some((inner, request)),
+                            name: wait.name,
                         },
-                        Attempted::Failed(error) => unlocked(http, error, inner, request),
+                        (attempted, _) => {
+                            attempted_next(this.shared, attempted, None, inner, request)
+                        }
                     };
+                    this.state.set(next);
+                }
+                StateProj::Waiting {
+                    waiting,
+                    pending,
+                    name,
+                } => {
+                    let attempted = ready!(waiting.as_mut().poll(cx));
+                    let Some((inner, request)) = pending.take() else {
+                        unreachable!("the waiting state always carries its request");
+                    };
+                    let name = name.clone();
+                    let next = attempted_next(this.shared, attempted, Some(&name), inner, request);
                     this.state.set(next);
                 }
                 StateProj::Calling {
                     future,
+                    since,
                     guard,
                     lost,
                 } => {
                     if let Some(lost) = lost.as_pin_mut()
                         && lost.poll(cx).is_ready()
                     {
+                        http.hold_times.observe(since.elapsed());
                         // Abort: drop the inner future, release (never touching another
                         // holder's lock), then answer 503.
                         let Some(guard) = guard.take() else {
@@ -212,6 +291,7 @@ where
                         continue;
                     }
                     let output = ready!(future.poll(cx));
+                    http.hold_times.observe(since.elapsed());
                     let Some(guard) = guard.take() else {
                         unreachable!("the calling state always holds its lock");
                     };
@@ -319,8 +399,44 @@ where
     request.extensions_mut().insert(lease.clone());
     State::Calling {
         future: inner.call(request),
+        since: Instant::now(),
         guard: Some(guard),
         lost,
+    }
+}
+
+/// The next state once the lock was taken, refused or could not be asked for. `queued`: the
+/// lock's name, when the request waited (and may have left local waiters behind it).
+fn attempted_next<S, ReqB, B>(
+    shared: &Shared<B>,
+    attempted: Attempted<B>,
+    queued: Option<&LockName>,
+    inner: S,
+    request: Request<ReqB>,
+) -> State<S, ReqB, B>
+where
+    S: Service<Request<ReqB>>,
+    B: LockBackend,
+{
+    let http = &shared.http;
+    match attempted {
+        Attempted::Locked(guard) => locked(http, guard, inner, request),
+        Attempted::TooLittleValidity(guard, validity) => release(
+            guard,
+            Outcome::Rejected(Rejection::InsufficientValidity { validity }),
+        ),
+        Attempted::Held(remaining) => {
+            let core = &shared.core;
+            let ahead = queued.map_or(0, |name| core.waiters(name));
+            let renewed = core.settings.renewal_interval().is_some();
+            State::Rejected {
+                rejection: Some(Rejection::Conflict {
+                    remaining,
+                    retry_after: http.hold_times.estimate(remaining, ahead, renewed),
+                }),
+            }
+        }
+        Attempted::Failed(error) => unlocked(http, error, inner, request),
     }
 }
 

@@ -526,6 +526,7 @@ mod tests {
     fn outstanding_request_gets_the_drafts_title() {
         let response = rejection_response(Rejection::Conflict {
             remaining: Some(std::time::Duration::from_millis(1500)),
+            retry_after: None,
         });
         assert_eq!(response.status(), StatusCode::CONFLICT);
         assert_eq!(response.headers()[http::header::RETRY_AFTER], "2");

@@ -9,7 +9,7 @@
 //! | situation | response |
 //! |---|---|
 //! | lock acquired | inner service called; lock released after its response future completes |
-//! | key held by another request | **409**, `Retry-After` (holder's remaining lease, rounded up, ≥ 1 s), problem+json |
+//! | key held by another request | **409** (at once, or after waiting up to `max` with [`LockLayer::wait`]), `Retry-After` (estimated from the route's observed hold times, else the holder's remaining lease; rounded up, ≥ 1 s), problem+json with `retry_after_ms` |
 //! | extractor rejects the request | **400**, problem+json |
 //! | the key can never be extracted on this route (server misconfiguration) | **500**, problem+json naming the fix, logged once per layer |
 //! | backend unreachable / timed out | **503**, `Retry-After: 1`, problem+json (or the inner service, unlocked, with [`LockLayer::fail_open`]) |
@@ -77,6 +77,7 @@ pub mod routes;
 mod service;
 mod settings;
 mod telemetry;
+mod wait;
 
 pub use crate::backend::{
     LockBackend, MemoryBackend, RedisBackend, RedisClusterBackend, RedlockBackend,

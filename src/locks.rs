@@ -44,7 +44,7 @@ use crate::core::Core;
 use crate::guard::{LockGuard, report_release};
 use crate::key::LockKey;
 use crate::lease::LockLease;
-use crate::settings::{Settings, engine_setters};
+use crate::settings::{MAX_DURATION, Settings, engine_setters};
 
 /// The lock engine: a backend and the settings that are not about HTTP. See the
 /// [module docs](self).
@@ -131,7 +131,85 @@ impl<B: LockBackend> Locks<B> {
         let span =
             tracing::debug_span!("tower_lock", lock = %name.label(self.core.settings.log_keys()));
         let attempt = self.core.attempt(key.clone(), name, runtime);
-        match attempt.instrument(span.clone()).await {
+        let attempted = attempt.instrument(span.clone()).await;
+        self.answer(attempted, &span).await
+    }
+
+    /// Takes the lock on `key`, waiting up to `max_wait` for its holder to release it.
+    ///
+    /// The outcomes are [`try_lock`](Self::try_lock)'s; [`TryLockError::Held`] means the lock
+    /// was still held when `max_wait` had passed (or that `max_waiters` callers of this process
+    /// were already waiting for it: see [`Locks::max_waiters`]). Waiters of one process queue
+    /// per key, first come first served, and only the first of them contends in the backend; a
+    /// release wakes it at once where the backend pushes wake-ups (Redis, memory), and it never
+    /// sleeps past the holder's lease, so a crashed holder's expiry is noticed. Dropping the
+    /// future leaves the queue at once; an acquire in flight then is cleaned up. A zero
+    /// `max_wait` is [`try_lock`](Self::try_lock).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lock::key::LockKey;
+    /// use tower_lock::{Locks, MemoryBackend};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let locks = Locks::new(MemoryBackend::new());
+    /// let key = LockKey::new("nightly-report");
+    /// let first = locks.try_lock(&key).await?;
+    /// let second = tokio::spawn({
+    ///     let (locks, key) = (locks.clone(), key.clone());
+    ///     async move { locks.lock(&key, Duration::from_secs(5)).await.map(|lock| lock.fencing_token()) }
+    /// });
+    /// tokio::time::sleep(Duration::from_millis(20)).await;
+    /// let token = first.fencing_token();
+    /// first.release().await?; // wakes the waiter at once
+    /// assert!(second.await?? > token);
+    /// # Ok(()) }
+    /// ```
+    pub async fn lock(&self, key: &LockKey, max_wait: Duration) -> Result<Lock<B>, TryLockError> {
+        let Ok(runtime) = Handle::try_current() else {
+            return Err(TryLockError::Backend(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "no Tokio runtime to run the lock backend on",
+            )));
+        };
+        let Some(until) = tokio::time::Instant::now().checked_add(max_wait.min(MAX_DURATION))
+        else {
+            return self.try_lock(key).await;
+        };
+        if max_wait.is_zero() {
+            return self.try_lock(key).await;
+        }
+        let name = self.name(key);
+        let span =
+            tracing::debug_span!("tower_lock", lock = %name.label(self.core.settings.log_keys()));
+        let core = &self.core;
+        let attempted = async {
+            if !core.has_waiters(&name) {
+                match core
+                    .attempt(key.clone(), name.clone(), runtime.clone())
+                    .await
+                {
+                    Attempted::Held(remaining) => {
+                        core.wait(key.clone(), name, runtime, until, remaining)
+                            .await
+                    }
+                    other => other,
+                }
+            } else {
+                core.wait(key.clone(), name, runtime, until, None).await
+            }
+        };
+        let attempted = attempted.instrument(span.clone()).await;
+        self.answer(attempted, &span).await
+    }
+
+    /// What [`try_lock`](Self::try_lock) and [`lock`](Self::lock) answer for `attempted`.
+    async fn answer(
+        &self,
+        attempted: Attempted<B>,
+        span: &tracing::Span,
+    ) -> Result<Lock<B>, TryLockError> {
+        match attempted {
             Attempted::Locked(guard) => Ok(Lock { guard }),
             Attempted::TooLittleValidity(guard, validity) => {
                 // Its outcome is traced; the caller learns why it has no lock.

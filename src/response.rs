@@ -19,6 +19,10 @@ pub enum Rejection {
     Conflict {
         /// How long the holder's lease has left, if known.
         remaining: Option<Duration>,
+        /// When the lock is likely free: estimated from the hold times the layer observed on
+        /// this route and the local waiters ahead (see [`Rejection::retry_after`]); `None`
+        /// before any hold time was observed.
+        retry_after: Option<Duration>,
     },
     /// The key extractor rejected the request, which lacks or garbles a part the key needs
     /// ([`KeyRejectionKind::Missing`] or [`KeyRejectionKind::Invalid`]): **400 Bad Request**.
@@ -53,16 +57,46 @@ impl Rejection {
         }
     }
 
-    /// The `Retry-After` the default response carries, in whole seconds.
+    /// When retrying is likely to succeed, as precisely as the layer knows it.
     ///
-    /// For a conflict: the holder's remaining lease rounded up, at least 1. For a backend failure
-    /// or lost lease: 1. For a bad or misconfigured key: none (retrying will not help).
-    pub fn retry_after_secs(&self) -> Option<u64> {
+    /// For a conflict: the layer's estimate of when the lock is free. The layer keeps a moving
+    /// average of how long requests on this route held the lock (from lock to the handler's
+    /// response; 1/8 weight to the newest), and estimates that the holder and each local
+    /// waiter ahead will hold it that long; when the lease is not renewed, the holder's turn
+    /// ends with its remaining lease at the latest. Before any hold time was observed, the
+    /// holder's remaining lease (which renewal keeps near the TTL, so it is an upper bound). For
+    /// a backend failure or lost lease: 1 s. For a bad or misconfigured key: none (retrying
+    /// will not help).
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Conflict {
+                retry_after: Some(estimate),
+                ..
+            } => Some(*estimate),
+            Self::Conflict {
                 remaining: Some(remaining),
-            } => Some(ceil_secs(*remaining).max(1)),
-            Self::Conflict { remaining: None } => Some(1),
+                ..
+            } => Some(*remaining),
+            Self::Conflict {
+                remaining: None, ..
+            } => Some(Duration::from_secs(1)),
+            Self::InvalidKey(_) | Self::MisconfiguredKey(_) => None,
+            Self::BackendUnavailable(_) | Self::InsufficientValidity { .. } | Self::LeaseLost => {
+                Some(Duration::from_secs(1))
+            }
+        }
+    }
+
+    /// The `Retry-After` the default response carries, in whole seconds:
+    /// [`Rejection::retry_after`] rounded up, at least 1 (the response's problem+json body
+    /// carries it in milliseconds too, as `retry_after_ms`).
+    ///
+    /// For a conflict: the layer's estimate of when the lock is free (or the holder's remaining
+    /// lease). For a backend failure or lost lease: 1. For a bad or misconfigured key: none
+    /// (retrying will not help).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::Conflict { .. } => self.retry_after().map(|after| ceil_secs(after).max(1)),
             Self::InvalidKey(_) | Self::MisconfiguredKey(_) => None,
             Self::BackendUnavailable(_) | Self::InsufficientValidity { .. } | Self::LeaseLost => {
                 Some(1)
@@ -118,7 +152,17 @@ impl Rejection {
     pub fn into_response(self) -> Response<Bytes> {
         let status = self.status();
         let (kind, title, detail) = self.problem();
-        problem_response(status, kind, title, &detail, self.retry_after_secs())
+        let retry_after_ms = self
+            .retry_after()
+            .map(|after| u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1));
+        problem(
+            status,
+            kind,
+            title,
+            &detail,
+            self.retry_after_secs(),
+            retry_after_ms,
+        )
     }
 }
 
@@ -142,12 +186,27 @@ pub fn problem_response(
     detail: &str,
     retry_after_secs: Option<u64>,
 ) -> Response<Bytes> {
-    let body = serde_json::json!({
+    problem(status, kind, title, detail, retry_after_secs, None)
+}
+
+/// [`problem_response`], with `retry_after_ms` in the body when given.
+fn problem(
+    status: StatusCode,
+    kind: &str,
+    title: &str,
+    detail: &str,
+    retry_after_secs: Option<u64>,
+    retry_after_ms: Option<u64>,
+) -> Response<Bytes> {
+    let mut body = serde_json::json!({
         "type": kind,
         "title": title,
         "status": status.as_u16(),
         "detail": detail,
     });
+    if let (Some(ms), Some(fields)) = (retry_after_ms, body.as_object_mut()) {
+        fields.insert("retry_after_ms".to_owned(), ms.into());
+    }
     let mut response = Response::new(Bytes::from(body.to_string()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -175,6 +234,7 @@ mod tests {
     fn retry_after_rounds_the_holders_lease_up_and_is_at_least_one() {
         let conflict = |ms| Rejection::Conflict {
             remaining: Some(Duration::from_millis(ms)),
+            retry_after: None,
         };
         assert_eq!(conflict(0).retry_after_secs(), Some(1));
         assert_eq!(conflict(1).retry_after_secs(), Some(1));
@@ -223,6 +283,7 @@ mod tests {
     fn conflict_is_problem_json() {
         let response = Rejection::Conflict {
             remaining: Some(Duration::from_millis(2500)),
+            retry_after: None,
         }
         .into_response();
         assert_eq!(response.status(), StatusCode::CONFLICT);
@@ -235,5 +296,19 @@ mod tests {
         assert_eq!(body["status"], 409);
         assert!(body["title"].is_string() && body["type"].is_string());
         assert!(body["detail"].is_string());
+        assert_eq!(body["retry_after_ms"], 2500);
+    }
+
+    #[test]
+    fn a_conflicts_estimate_wins_over_the_holders_lease() {
+        let rejection = Rejection::Conflict {
+            remaining: Some(Duration::from_secs(10)),
+            retry_after: Some(Duration::from_millis(1200)),
+        };
+        assert_eq!(rejection.retry_after_secs(), Some(2));
+        let response = rejection.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["retry_after_ms"], 1200);
     }
 }

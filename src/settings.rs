@@ -25,6 +25,9 @@ pub(crate) enum Renewal {
 /// computed from a setting can overflow an `Instant` or go past what Tokio's timers accept.
 pub(crate) const MAX_DURATION: Duration = MAX_TTL;
 
+/// The default cap on the local waiters of one key.
+const DEFAULT_MAX_WAITERS: usize = 1000;
+
 /// The shortest renewal interval.
 const MIN_RENEW_EVERY: Duration = Duration::from_millis(1);
 
@@ -48,6 +51,10 @@ pub(crate) struct Settings {
     min_validity: Option<Duration>,
     fencing: bool,
     log_keys: bool,
+    /// How long a contended acquire waits for the lock (`None`: not at all).
+    wait: Option<Duration>,
+    /// The cap on the local waiters of one key.
+    max_waiters: usize,
 }
 
 impl Default for Settings {
@@ -64,6 +71,8 @@ impl Default for Settings {
             min_validity: None,
             fencing: true,
             log_keys: false,
+            wait: None,
+            max_waiters: DEFAULT_MAX_WAITERS,
         }
     }
 }
@@ -119,6 +128,23 @@ impl Settings {
 
     pub(crate) fn set_log_keys(&mut self, log_keys: bool) {
         self.log_keys = log_keys;
+    }
+
+    pub(crate) fn set_wait(&mut self, max: Option<Duration>) {
+        self.wait = max.map(saturate).filter(|max| !max.is_zero());
+    }
+
+    pub(crate) fn set_max_waiters(&mut self, max: usize) {
+        self.max_waiters = max;
+    }
+
+    /// How long a contended acquire waits (`None`: it fails at once).
+    pub(crate) fn wait(&self) -> Option<Duration> {
+        self.wait
+    }
+
+    pub(crate) fn max_waiters(&self) -> usize {
+        self.max_waiters
     }
 
     pub(crate) fn ttl(&self) -> Duration {
@@ -211,7 +237,9 @@ impl Settings {
             .field("max_hold", &self.max_hold)
             .field("fencing", &self.fencing)
             .field("max_key_len", &self.max_key_len)
-            .field("log_keys", &self.log_keys);
+            .field("log_keys", &self.log_keys)
+            .field("wait", &self.wait)
+            .field("max_waiters", &self.max_waiters);
     }
 }
 
@@ -334,6 +362,41 @@ macro_rules! engine_setters {
         pub fn log_keys(self, log_keys: bool) -> Self {
             self.settings("log_keys", format!("{log_keys}"), move |s| {
                 s.set_log_keys(log_keys)
+            })
+        }
+
+        /// Wait up to `max` for a held lock instead of giving up at once (default: no waiting,
+        /// a contended request is answered 409 at once). The wait counts against the request:
+        /// a request still without the lock `max` after it asked is answered 409 (each backend
+        /// call is bounded by the [acquire timeout](Self::acquire_timeout) as usual).
+        /// [`Locks::try_lock`](crate::Locks::try_lock) never waits; use
+        /// [`Locks::lock`](crate::Locks::lock).
+        ///
+        /// Waiters of one process queue per key, first come first served, and only the first
+        /// contends in the backend; a release wakes it at once (Redis pub/sub on
+        /// [`RedisBackend`](crate::RedisBackend), in process on
+        /// [`MemoryBackend`](crate::MemoryBackend)); it never sleeps past the holder's lease,
+        /// and polls every 10–50 ms while wake-ups are not available. See
+        /// [`max_waiters`](Self::max_waiters) for the cap. A zero `max` turns waiting off; at
+        /// most 365 days.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use tower_lock::{LockLayer, MemoryBackend, key::Header};
+        ///
+        /// let layer = LockLayer::new(MemoryBackend::new(), Header::new("idempotency-key"))
+        ///     .wait(Duration::from_secs(10));
+        /// ```
+        pub fn wait(self, max: ::std::time::Duration) -> Self {
+            self.settings("wait", format!("{max:?}"), move |s| s.set_wait(Some(max)))
+        }
+
+        /// The most requests of this process that may wait for one key's lock at once (default
+        /// 1 000); beyond it a contended request is refused at once, as without
+        /// [`wait`](Self::wait), so a hot key cannot pile up unbounded memory.
+        pub fn max_waiters(self, max: usize) -> Self {
+            self.settings("max_waiters", format!("{max}"), move |s| {
+                s.set_max_waiters(max)
             })
         }
     };

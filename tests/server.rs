@@ -482,6 +482,7 @@ suite!(
     stream_holds_the_lock_until_the_body_is_sent,
     orders_follow_the_idempotency_key_preset,
     long_hold_outlives_lock_ttl_safely,
+    queued_deposits_on_one_server,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -568,4 +569,69 @@ mod every_backend {
     async fn redlock() {
         thirty_deposits_on_one_account_admit_one_and_on_thirty_admit_all::<Redlock>().await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 9: `POST /queued/accounts/{id}/deposit` waits for the account's lock (up to 10 s).
+
+/// 60 concurrent deposits of 1 to one account through `/queued/…`, split between `servers`
+/// (each with its own backend: its own connections, local queues and subscriber, as two
+/// processes would have): all answered 200, each saw a different balance (one at a time), and
+/// the final balance is exact.
+async fn queued_deposits_are_all_served_one_at_a_time(bases: &[String]) {
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!(
+                "{}/queued/accounts/q1/deposit?amount=1&hold_ms=10",
+                bases[i % bases.len()]
+            );
+            tokio::spawn(async move { client.post(&url).send().await.unwrap() })
+        })
+        .collect();
+    let mut balances = Vec::new();
+    for task in tasks {
+        let response = task.await.unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        balances.push(body["balance"].as_i64().unwrap());
+    }
+    balances.sort_unstable();
+    assert_eq!(
+        balances,
+        (1..=60).collect::<Vec<_>>(),
+        "two deposits saw the same balance"
+    );
+    assert_eq!(account(&bases[0], "q1").await["balance"], 60);
+}
+
+async fn queued_deposits_on_one_server<F: DemoBackend>() {
+    let fixture = F::start().await;
+    let server = start(&fixture, DemoConfig::default()).await;
+    queued_deposits_are_all_served_one_at_a_time(&[server.url()]).await;
+    if let Some(keys) = fixture.held_lock_keys().await {
+        assert!(keys.is_empty(), "{keys:?}");
+    }
+}
+
+/// Two demo servers on one Redis: waiters queue locally in each, and the release of either
+/// wakes the other's head through Redis pub/sub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_deposits_from_two_servers_on_one_redis_are_all_served_one_at_a_time() {
+    let fixture = Redis::start().await;
+    let first = start(&fixture, DemoConfig::default()).await;
+    let second = start(&fixture, DemoConfig::default()).await;
+    queued_deposits_are_all_served_one_at_a_time(&[first.url(), second.url()]).await;
+    assert!(fixture.held_lock_keys().await.unwrap().is_empty());
+}
+
+/// The same on Redis Cluster, whose waiters poll (no sharded subscriber yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_deposits_from_two_servers_on_one_cluster_are_all_served_one_at_a_time() {
+    let fixture = Cluster::start().await;
+    let first = start(&fixture, DemoConfig::default()).await;
+    let second = start(&fixture, DemoConfig::default()).await;
+    queued_deposits_are_all_served_one_at_a_time(&[first.url(), second.url()]).await;
 }

@@ -31,6 +31,11 @@ const ENGINE: &[&str] = &[
     "renewal.rs",
     "locks.rs",
     "telemetry.rs",
+    "backend/wakeups.rs",
+    "backend/subscriber.rs",
+    "wait/mod.rs",
+    "wait/queue.rs",
+    "wait/estimate.rs",
 ];
 
 /// Crates an engine file must not use.

@@ -6,6 +6,7 @@
 //! | route | lock | what it does |
 //! |---|---|---|
 //! | `POST /accounts/{id}/deposit?amount=A&hold_ms=H` | `account:{id}` | **fenced** read of the balance, sleep `H` ms, **fenced** write of `balance + A` |
+//! | `POST /queued/accounts/{id}/deposit?amount=A&hold_ms=H` | `account:{id}`, waiting up to 10 s for it (`wait`) | the locked deposit; a contended request queues instead of getting 409 at once |
 //! | `POST /unlocked/accounts/{id}/deposit?amount=A&hold_ms=H` | none | the same read–sleep–write, unfenced: loses updates under concurrency |
 //! | `GET /accounts/{id}` | none | `{"account": id, "balance": b}` (0 when unknown) |
 //! | `POST /orders?hold_ms=H` | on the `Idempotency-Key` header (preset) | 400 without the header, 409 while the same key is in flight, else 200 `{"order": key}` |
@@ -49,6 +50,9 @@ use tower_lock::{
     LockLayer, LockLease, MemoryBackend, RedisBackend, RedisClusterBackend, RedlockBackend,
     problem_response,
 };
+
+/// How long `POST /queued/accounts/{id}/deposit` waits for the account's lock.
+pub const QUEUED_WAIT: Duration = Duration::from_secs(10);
 
 /// Default prefix of the lock keys (the layer's default namespace).
 pub const DEFAULT_NAMESPACE: &str = "tower-lock:";
@@ -560,6 +564,10 @@ pub fn with_backend<B: tower_lock::LockBackend>(
     let locked = Router::new()
         .route("/accounts/{id}/deposit", post(deposit))
         .route_layer(layer("/accounts/{id}/deposit"));
+    // The same deposit, same lock, but a contended request waits (up to 10 s) for its turn.
+    let queued = Router::new()
+        .route("/queued/accounts/{id}/deposit", post(deposit))
+        .route_layer(layer("/queued/accounts/{id}/deposit").wait(QUEUED_WAIT));
     let streaming = Router::new()
         .route("/stream/{id}", get(stream))
         .route_layer(layer("/stream/{id}").hold_through_body(true));
@@ -574,6 +582,7 @@ pub fn with_backend<B: tower_lock::LockBackend>(
         .merge(orders)
         .route("/accounts/{id}", get(balance))
         .merge(locked)
+        .merge(queued)
         .merge(streaming)
         .with_state(store.clone());
     Demo { router, store }

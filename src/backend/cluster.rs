@@ -93,7 +93,8 @@ impl RedisClusterBackend {
     /// [`RedisClusterBackend::client_builder`], say, with credentials or TLS added).
     pub fn new(connection: ClusterConnection) -> Self {
         Self {
-            commands: Commands::new(connection, &ACQUIRE),
+            // `SPUBLISH` for sharded pub/sub; nothing subscribes yet (see `wakeups`).
+            commands: Commands::new(connection, &ACQUIRE).publishing("SPUBLISH"),
         }
     }
 

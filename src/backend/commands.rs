@@ -170,7 +170,9 @@ return -3 - redis.call('PTTL', KEYS[1])
 });
 
 /// Compare-and-delete by token (the value's first 32 characters): 1 released, 0 already gone,
-/// -1 held by another token.
+/// -1 held by another token. With ARGV[2] (`PUBLISH` or `SPUBLISH`), a release also publishes
+/// on the lock's wake-up channel, `KEYS[1]:wake` (in the lock's hash slot), to wake waiters;
+/// `pcall`, so that a server without that command (`SPUBLISH` before Redis 7) still releases.
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -178,6 +180,7 @@ local holder = redis.call('GET', KEYS[1])
 if not holder then return 0 end
 if string.sub(holder, 1, 32) == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  if ARGV[2] then redis.pcall(ARGV[2], KEYS[1] .. ':wake', '') end
   return 1
 end
 return -1
@@ -264,6 +267,8 @@ pub(super) struct Commands<C> {
     pub(super) connection: C,
     acquire: &'static Script,
     scripted_acquire: Arc<AtomicBool>,
+    /// How a release announces itself to waiters (`PUBLISH`, `SPUBLISH`), if it does.
+    publish: Option<&'static str>,
 }
 
 impl<C> Commands<C>
@@ -277,7 +282,15 @@ where
             connection,
             acquire,
             scripted_acquire: Arc::default(),
+            publish: None,
         }
+    }
+
+    /// Releases publish on the lock's wake-up channel with `command` (`PUBLISH` on one Redis,
+    /// `SPUBLISH` on a cluster), inside the release script: no extra round trip.
+    pub(super) fn publishing(mut self, command: &'static str) -> Self {
+        self.publish = Some(command);
+        self
     }
 
     pub(super) fn acquire(
@@ -346,6 +359,9 @@ where
         let mut connection = self.connection.clone();
         let mut command = evalsha(&RELEASE, 1);
         command.arg(name.lock_key()).arg(&token.hex()[..]);
+        if let Some(publish) = self.publish {
+            command.arg(publish);
+        }
         Box::pin(async move {
             let outcome: i64 = invoke(&RELEASE, &command, &mut connection)
                 .await

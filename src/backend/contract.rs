@@ -7,6 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Wakeups;
+
 /// The shortest lease a layer takes: a shorter one could not be renewed before it runs out.
 pub const MIN_TTL: Duration = Duration::from_millis(10);
 
@@ -72,6 +74,16 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
     fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
         let _ = name;
         unsupported("force_release")
+    }
+
+    /// How this backend wakes the waiters of this process when a lock is released (see
+    /// [`Wakeups`]): one per backend, shared by its clones. Waiting
+    /// ([`Locks::lock`](crate::Locks::lock), `wait` on layers and policies) works without it, by
+    /// polling bounded by the holder's remaining lease.
+    ///
+    /// The default is `None`: waiters poll.
+    fn wakeups(&self) -> Option<Wakeups> {
+        None
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
-    Release,
+    Release, Wakeups,
 };
 
 /// In-process locks with the same semantics as [`RedisBackend`](super::RedisBackend): random
@@ -36,6 +36,8 @@ use super::{
 #[derive(Clone, Debug, Default)]
 pub struct MemoryBackend {
     state: Arc<Mutex<State>>,
+    /// Wakes this process's waiters at each release (in process, no publish).
+    wakeups: Wakeups,
 }
 
 #[derive(Debug, Default)]
@@ -69,7 +71,11 @@ impl MemoryBackend {
     /// Deletes the lock `name` whoever holds it, as an operator's `DEL` would on Redis; the
     /// holder's lease is then lost at its next renewal. For tests of lease loss.
     pub fn remove(&self, name: &LockName) -> bool {
-        self.with_state(|state| state.locks.remove(name).is_some())
+        let removed = self.with_state(|state| state.locks.remove(name).is_some());
+        if removed {
+            self.wakeups.wake(name.lock_key());
+        }
+        removed
     }
 
     /// How many entries the map stores, expired ones included (for memory-bound tests).
@@ -176,6 +182,9 @@ impl LockBackend for MemoryBackend {
             }
             Slot::Vacant(_) => Release::Expired,
         });
+        if outcome == Release::Released {
+            self.wakeups.wake(name.lock_key());
+        }
         ready(outcome)
     }
 
@@ -209,7 +218,16 @@ impl LockBackend for MemoryBackend {
             state.locks.remove(name);
             held
         });
+        if outcome {
+            self.wakeups.wake(name.lock_key());
+        }
         ready(outcome)
+    }
+
+    /// Releases wake this process's waiters at once (no expiry is announced: waiters sleep no
+    /// longer than the holder's remaining lease).
+    fn wakeups(&self) -> Option<Wakeups> {
+        Some(self.wakeups.clone())
     }
 }
 

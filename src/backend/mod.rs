@@ -20,8 +20,11 @@
 //!
 //! A backend failure is an `Err(BackendError)`, never confused with "held by someone else".
 //!
-//! The trait is designed to grow without breaking implementations: waiting for a release (pub/sub
-//! wake-ups), multi-key and counted (semaphore) locks will arrive as provided methods.
+//! - `wakeups()` tells the engine how this backend wakes waiters when a lock is released
+//!   ([`Wakeups`]); the default, `None`, makes waiters poll (bounded by the holder's lease).
+//!
+//! The trait is designed to grow without breaking implementations: multi-key and counted
+//! (semaphore) locks will arrive as provided methods.
 
 mod cluster;
 mod commands;
@@ -29,6 +32,8 @@ mod contract;
 mod memory;
 mod redis;
 mod redlock;
+mod subscriber;
+mod wakeups;
 
 pub use self::cluster::RedisClusterBackend;
 pub(crate) use self::contract::Label;
@@ -39,3 +44,5 @@ pub use self::contract::{
 pub use self::memory::MemoryBackend;
 pub use self::redis::RedisBackend;
 pub use self::redlock::RedlockBackend;
+pub use self::wakeups::Wakeups;
+pub(crate) use self::wakeups::Watch;

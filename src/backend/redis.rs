@@ -8,7 +8,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::commands::{ACQUIRE, Commands};
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
-    Release,
+    Release, Wakeups,
 };
 
 /// Locks on one Redis primary.
@@ -30,6 +30,8 @@ use super::{
 #[derive(Clone)]
 pub struct RedisBackend {
     commands: Commands<ConnectionManager>,
+    /// Waiters' wake-ups through one shared subscriber connection (`None`: waiters poll).
+    wakeups: Option<Wakeups>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -40,10 +42,32 @@ impl std::fmt::Debug for RedisBackend {
 
 impl RedisBackend {
     /// A backend on an existing connection manager.
+    ///
+    /// Releases publish on the lock's wake-up channel, but without a client to subscribe with
+    /// (see [`RedisBackend::wake_waiters_with`]) waiters of this backend poll.
     pub fn new(connection: ConnectionManager) -> Self {
         Self {
-            commands: Commands::new(connection, &ACQUIRE),
+            commands: Commands::new(connection, &ACQUIRE).publishing("PUBLISH"),
+            wakeups: None,
         }
+    }
+
+    /// Wakes this backend's waiters (see [`Locks::lock`](crate::Locks::lock) and `wait` on
+    /// layers) through one subscriber connection opened with `client` when a lock is first
+    /// waited for, subscribed to the channels of the locks waited for (`SUBSCRIBE
+    /// tower-lock:{key}:wake`), and re-opened when lost (waiters poll meanwhile).
+    /// [`RedisBackend::from_url`] and [`RedisBackend::connect`] do this already.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379/")?;
+    /// let connection = client.get_connection_manager().await?;
+    /// let backend = tower_lock::RedisBackend::new(connection).wake_waiters_with(client);
+    /// # Ok(()) }
+    /// ```
+    pub fn wake_waiters_with(mut self, client: redis::Client) -> Self {
+        self.wakeups = Some(super::subscriber::pushed(client));
+        self
     }
 
     /// A backend for `url` (`redis://host:port/db`). The connection is opened lazily, on the first
@@ -57,7 +81,8 @@ impl RedisBackend {
     /// inside your runtime (in `main` under `#[tokio::main]`, say), as you build the router.
     pub fn from_url(url: &str) -> Result<Self, RedisError> {
         let client = redis::Client::open(url)?;
-        let backend = Self::new(client.get_connection_manager_lazy(Self::config())?);
+        let backend = Self::new(client.get_connection_manager_lazy(Self::config())?)
+            .wake_waiters_with(client);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let mut connection = backend.commands.connection.clone();
             runtime.spawn(async move { warn_if_evicting(&mut connection).await });
@@ -75,7 +100,7 @@ impl RedisBackend {
             .get_connection_manager_with_config(Self::config())
             .await?;
         warn_if_evicting(&mut connection).await;
-        Ok(Self::new(connection))
+        Ok(Self::new(connection).wake_waiters_with(client))
     }
 
     /// The connection settings `from_url` and `connect` use: a short connect timeout and quick,
@@ -156,5 +181,11 @@ impl LockBackend for RedisBackend {
     /// `DEL` of the lock key only: the fencing counter stays, so tokens keep growing.
     fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
         self.commands.force_release(name)
+    }
+
+    /// Pushed through one shared subscriber connection: the release script publishes on the
+    /// lock's channel (`PUBLISH ns{key}:wake`, inside the script: no extra round trip).
+    fn wakeups(&self) -> Option<Wakeups> {
+        self.wakeups.clone()
     }
 }
