@@ -78,6 +78,8 @@ mod service;
 mod settings;
 mod telemetry;
 
+#[cfg(feature = "sentinel")]
+pub use crate::backend::RedisSentinelBackend;
 pub use crate::backend::{
     LockBackend, MemoryBackend, RedisBackend, RedisClusterBackend, RedlockBackend,
 };

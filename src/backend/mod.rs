@@ -5,6 +5,8 @@
 //! - [`RedisClusterBackend`]: a Redis Cluster, one round trip per call to the primary of the
 //!   lock's hash slot.
 //! - [`RedlockBackend`]: N independent Redis primaries, a lock held while a majority holds it.
+//! - `RedisSentinelBackend` (feature `sentinel`): the primary of a replication group that Redis
+//!   Sentinel manages, found through the sentinels and followed across a failover.
 //! - [`MemoryBackend`]: in-process, same semantics; for single-instance apps, demos and tests.
 //!
 //! Every backend implements the same contract:
@@ -29,6 +31,8 @@ mod contract;
 mod memory;
 mod redis;
 mod redlock;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 
 pub use self::cluster::RedisClusterBackend;
 pub(crate) use self::contract::Label;
@@ -39,3 +43,6 @@ pub use self::contract::{
 pub use self::memory::MemoryBackend;
 pub use self::redis::RedisBackend;
 pub use self::redlock::RedlockBackend;
+#[cfg(feature = "sentinel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
+pub use self::sentinel::RedisSentinelBackend;
