@@ -352,3 +352,38 @@ async fn the_sentinel_backend_checks_replication_too() {
     );
     tokio::task::block_in_place(|| drop(group));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Figures.
+
+/// Acquire latency (p50, p99) with and without the replication check, on a primary with one
+/// replica: `cargo test --release --all-features --test sentinel -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn acquire_latency_with_and_without_wait() {
+    let (primary, replica) = tokio::task::block_in_place(replicated_pair);
+    let plain = RedisBackend::connect(&primary.url()).await.unwrap();
+    let checked = plain.clone().wait_for_replicas(1, REPLICA_TIMEOUT);
+    for (label, backend) in [("without WAIT", plain), ("WAIT 1", checked)] {
+        let mut samples = Vec::new();
+        for i in 0..2_000 {
+            let name = lock_name(&format!("latency:{i}"));
+            let token = LockToken::random();
+            let started = Instant::now();
+            let acquired = backend
+                .acquire(&name, token, AcquireOptions::new(Duration::from_secs(10)))
+                .await
+                .unwrap();
+            samples.push(started.elapsed());
+            assert!(matches!(acquired, Acquire::Acquired { .. }));
+            backend.release(&name, token).await.unwrap();
+        }
+        samples.sort();
+        eprintln!(
+            "acquire {label}: p50 {:?}, p99 {:?}",
+            samples[samples.len() / 2],
+            samples[samples.len() * 99 / 100]
+        );
+    }
+    tokio::task::block_in_place(|| drop((primary, replica)));
+}

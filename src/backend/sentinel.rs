@@ -39,7 +39,7 @@ const WATCH_EVERY: Duration = Duration::from_millis(500);
 /// later), the connection is dropped and the next call asks the sentinels again: once they have
 /// promoted a replica, locks are taken on it. Until then calls fail (503), at once for 100 ms
 /// after each failed discovery. With `down-after-milliseconds 1000`, the tests measure locks
-/// again about 2.5 s after the primary is killed.
+/// again 1.4–2.4 s after the primary is killed.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), redis::RedisError> {
