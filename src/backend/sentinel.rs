@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, RedisError};
 use tokio::time::Instant;
 
@@ -108,6 +108,32 @@ impl RedisSentinelBackend {
         sentinels: impl IntoIterator<Item = T>,
         master: &str,
     ) -> Result<Self, RedisError> {
+        Self::from_sentinels_with(sentinels, master, SentinelNodeConnectionInfo::default())
+    }
+
+    /// Like [`RedisSentinelBackend::from_sentinels`], with how to connect to the primary it
+    /// finds: its password, user name, database or TLS mode (the sentinels' own credentials go
+    /// in their URLs).
+    ///
+    /// ```no_run
+    /// # fn demo() -> Result<(), redis::RedisError> {
+    /// use redis::RedisConnectionInfo;
+    /// use redis::sentinel::SentinelNodeConnectionInfo;
+    ///
+    /// let primary = SentinelNodeConnectionInfo::default()
+    ///     .set_redis_connection_info(RedisConnectionInfo::default().set_password("secret"));
+    /// let backend = tower_lock::RedisSentinelBackend::from_sentinels_with(
+    ///     ["redis://10.0.0.1:26379/"],
+    ///     "mymaster",
+    ///     primary,
+    /// )?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_sentinels_with<T: IntoConnectionInfo>(
+        sentinels: impl IntoIterator<Item = T>,
+        master: &str,
+        primary: SentinelNodeConnectionInfo,
+    ) -> Result<Self, RedisError> {
         let sentinels = sentinels
             .into_iter()
             .map(IntoConnectionInfo::into_connection_info)
@@ -118,7 +144,7 @@ impl RedisSentinelBackend {
         let client = SentinelClient::build(
             sentinels.clone(),
             master.to_owned(),
-            None,
+            Some(primary),
             SentinelServerType::Master,
         )?;
         Ok(Self {
