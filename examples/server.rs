@@ -8,7 +8,9 @@
 //!
 //! Environment: `PORT` (default 3000), `REDIS_URL`, `REDIS_CLUSTER_NODES=redis://h:p,redis://h:p,…`
 //! (Redis Cluster: locks and balances in the cluster), `REDLOCK_NODES=redis://…,…` (Redlock over
-//! independent primaries: balances in process), at most one of those three, `LOCK_TTL_MS` (lock lease in ms, default
+//! independent primaries: balances in process), `REDIS_SENTINELS=redis://h:p,…` with
+//! `REDIS_SENTINEL_MASTER=name` (the primary the sentinels name, followed across a failover:
+//! balances in process; needs `--features sentinel`), at most one of those four, `LOCK_TTL_MS` (lock lease in ms, default
 //! 10000), `LOCK_NO_RENEWAL=1` (leases are not renewed, so a deposit held longer than the lease
 //! is refused by the fence once a newer holder has read the account), `RUST_LOG` (default
 //! `info`).

@@ -79,6 +79,8 @@ mod settings;
 mod telemetry;
 mod wait;
 
+#[cfg(feature = "sentinel")]
+pub use crate::backend::RedisSentinelBackend;
 pub use crate::backend::{
     LockBackend, MemoryBackend, RedisBackend, RedisClusterBackend, RedlockBackend,
 };

@@ -80,6 +80,20 @@ impl DemoBackend for Redlock {
     }
 }
 
+#[cfg(feature = "sentinel")]
+impl DemoBackend for common::sentinel::Sentinel {
+    fn configure(&self, config: DemoConfig) -> DemoConfig {
+        DemoConfig {
+            sentinels: self.group.sentinel_urls(),
+            sentinel_master: Some(common::sentinel::MASTER.to_owned()),
+            ..config
+        }
+    }
+    async fn held_lock_keys(&self) -> Option<Vec<String>> {
+        Some(self.group.lock_keys(demo::DEFAULT_NAMESPACE).await)
+    }
+}
+
 async fn start<F: DemoBackend>(fixture: &F, config: DemoConfig) -> Running {
     spawn(fixture.configure(config)).await.expect("demo server")
 }
@@ -569,6 +583,37 @@ mod every_backend {
     async fn redlock() {
         thirty_deposits_on_one_account_admit_one_and_on_thirty_admit_all::<Redlock>().await;
     }
+
+    #[cfg(feature = "sentinel")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sentinel() {
+        thirty_deposits_on_one_account_admit_one_and_on_thirty_admit_all::<
+            common::sentinel::Sentinel,
+        >()
+        .await;
+    }
+}
+
+/// The first log line names the Sentinel backend, its primary's name and its sentinels (with any
+/// password masked).
+#[test]
+fn the_first_line_names_the_sentinel_backend() {
+    let config = DemoConfig {
+        sentinels: vec![
+            "redis://127.0.0.1:26379/".to_owned(),
+            "redis://:secret@127.0.0.1:26380/".to_owned(),
+        ],
+        sentinel_master: Some("mymaster".to_owned()),
+        ..DemoConfig::default()
+    };
+    let line = config.describe_backend();
+    assert!(
+        line.starts_with(
+            "backend=redis-sentinel master=mymaster sentinels=redis://127.0.0.1:26379/,"
+        ),
+        "{line}"
+    );
+    assert!(!line.contains("secret"), "{line}");
 }
 
 // ---------------------------------------------------------------------------------------------

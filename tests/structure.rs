@@ -20,6 +20,7 @@ const ENGINE: &[&str] = &[
     "backend/memory.rs",
     "backend/redis.rs",
     "backend/redlock.rs",
+    "backend/sentinel.rs",
     "key/error.rs",
     "key/lock_key.rs",
     "settings.rs",

@@ -8,6 +8,7 @@
 //! | `contention` | 1 000 concurrent requests on one held key through the layer on Redis: p50/p99 of the 409s |
 //! | `http` | an axum server with locked routes and identical unlocked twins under `wrk` (an empty handler, and one that reads Redis): throughput, p99, ratios |
 //! | `memory` | RSS of a fresh process after 100 k and 1 M requests through the layer (`MemoryBackend`) |
+//! | `backends` | opt-in (`scripts/bench backends`, not in a run without sections): acquire + release pairs per second and acquire p50/p99 on one Redis, Cluster, Redlock 3 and 5 (and 5 with one node paused), Sentinel (with `--features sentinel`), in the same run; `BENCH_BACKEND_OPS` (default 5000) pairs per cell per round |
 //!
 //! Name sections to run only those: `cargo bench --bench concurrency -- redis http`. Every Redis
 //! figure comes from `redis-server` processes the bench starts on free loopback ports (never the
@@ -36,6 +37,7 @@
 mod common;
 
 mod alloc;
+mod backends;
 mod contention;
 mod http;
 mod inproc;
@@ -52,6 +54,8 @@ use std::time::Instant;
 static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
 
 pub const SECTIONS: [&str; 5] = ["redis", "inproc", "contention", "http", "memory"];
+/// Sections that run only when named.
+pub const OPT_IN_SECTIONS: [&str; 1] = ["backends"];
 
 pub struct Config {
     pub smoke: bool,
@@ -105,8 +109,9 @@ impl Config {
             .collect();
         for section in &sections {
             assert!(
-                SECTIONS.contains(&section.as_str()),
-                "unknown section {section:?}; the sections are {SECTIONS:?}"
+                SECTIONS.contains(&section.as_str()) || OPT_IN_SECTIONS.contains(&section.as_str()),
+                "unknown section {section:?}; the sections are {SECTIONS:?} and, when named, \
+                 {OPT_IN_SECTIONS:?}"
             );
         }
         if sections.is_empty() {
@@ -286,6 +291,7 @@ pub struct Results {
     /// Why the HTTP section did not run, when it did not.
     pub http_skipped: Option<String>,
     pub memory: Option<memory::MemorySection>,
+    pub backends: Option<backends::BackendsResult>,
 }
 
 fn main() {
@@ -330,6 +336,7 @@ fn main() {
         http: None,
         http_skipped: None,
         memory: None,
+        backends: None,
     };
     if wants("redis") {
         results.redis = Some(redis_path::run(&config, &runtime));
@@ -353,10 +360,17 @@ fn main() {
     if wants("memory") {
         results.memory = Some(memory::run(&config));
     }
+    if wants("backends") {
+        results.backends = Some(backends::run(&config, &runtime));
+    }
     drop(runtime);
     results.seconds = started.elapsed().as_secs_f64();
 
-    let markdown = report::markdown(&results);
+    let mut markdown = report::markdown(&results);
+    if let Some(backends) = &results.backends {
+        markdown.push('\n');
+        markdown.push_str(&backends::markdown(backends));
+    }
     println!();
     println!("{markdown}");
     std::fs::create_dir_all(&config.out).expect("create the output directory");

@@ -81,6 +81,11 @@ pub struct DemoConfig {
     /// Not empty: [`RedlockBackend`] over these independent primaries, and balances in process
     /// (no single node holds them).
     pub redlock_nodes: Vec<String>,
+    /// Not empty: `RedisSentinelBackend` (feature `sentinel`) on the primary these sentinels
+    /// name for `sentinel_master`, and balances in process.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under (`REDIS_SENTINEL_MASTER`).
+    pub sentinel_master: Option<String>,
     /// The lock lease (TTL); `None` keeps the layer's default (10 s).
     pub lock_ttl: Option<Duration>,
     /// Prefix of the lock keys (default `tower-lock:`).
@@ -98,6 +103,8 @@ impl Default for DemoConfig {
             redis_url: None,
             cluster_nodes: Vec::new(),
             redlock_nodes: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: None,
             lock_ttl: None,
             namespace: DEFAULT_NAMESPACE.to_owned(),
             balance_prefix: DEFAULT_BALANCE_PREFIX.to_owned(),
@@ -109,8 +116,9 @@ impl Default for DemoConfig {
 impl DemoConfig {
     /// From the environment: `REDIS_URL` (set and non-empty → Redis), `REDIS_CLUSTER_NODES`
     /// (`redis://h:p,redis://h:p,…` → Redis Cluster), `REDLOCK_NODES` (`redis://…,…` → Redlock;
-    /// at most one of the three), `LOCK_TTL_MS` (lease in milliseconds), `LOCK_NO_RENEWAL=1`
-    /// (do not renew leases).
+    /// `REDIS_SENTINELS` (`redis://h:p,…` of sentinels, with `REDIS_SENTINEL_MASTER=name` →
+    /// Sentinel; at most one of the four), `LOCK_TTL_MS` (lease in milliseconds),
+    /// `LOCK_NO_RENEWAL=1` (do not renew leases).
     pub fn from_env() -> Result<Self, String> {
         let nodes = |name: &str| -> Vec<String> {
             std::env::var(name)
@@ -127,15 +135,35 @@ impl DemoConfig {
                 .filter(|url| !url.is_empty()),
             cluster_nodes: nodes("REDIS_CLUSTER_NODES"),
             redlock_nodes: nodes("REDLOCK_NODES"),
+            sentinels: nodes("REDIS_SENTINELS"),
+            sentinel_master: std::env::var("REDIS_SENTINEL_MASTER")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty()),
             ..Self::default()
         };
         let chosen = usize::from(config.redis_url.is_some())
             + usize::from(!config.cluster_nodes.is_empty())
-            + usize::from(!config.redlock_nodes.is_empty());
+            + usize::from(!config.redlock_nodes.is_empty())
+            + usize::from(!config.sentinels.is_empty());
         if chosen > 1 {
             return Err(
-                "set at most one of REDIS_URL, REDIS_CLUSTER_NODES and REDLOCK_NODES".to_owned(),
+                "set at most one of REDIS_URL, REDIS_CLUSTER_NODES, REDLOCK_NODES and \
+                        REDIS_SENTINELS"
+                    .to_owned(),
             );
+        }
+        if config.sentinels.is_empty() != config.sentinel_master.is_none() {
+            return Err(
+                "REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: the sentinels, and the \
+                 name they monitor the primary under"
+                    .to_owned(),
+            );
+        }
+        if !config.sentinels.is_empty() && !cfg!(feature = "sentinel") {
+            return Err("REDIS_SENTINELS needs the `sentinel` feature: \
+                        cargo run --features sentinel --example server"
+                .to_owned());
         }
         if let Some(ms) = std::env::var("LOCK_TTL_MS").ok().filter(|v| !v.is_empty()) {
             let ms: u64 = ms
@@ -167,6 +195,13 @@ impl DemoConfig {
             return format!(
                 "backend=redlock nodes={} (balances in process)",
                 nodes(&self.redlock_nodes)
+            );
+        }
+        if !self.sentinels.is_empty() {
+            return format!(
+                "backend=redis-sentinel master={} sentinels={} (balances in process)",
+                self.sentinel_master.as_deref().unwrap_or_default(),
+                nodes(&self.sentinels)
             );
         }
         match &self.redis_url {
@@ -524,6 +559,16 @@ pub async fn build(config: DemoConfig) -> redis::RedisResult<Demo> {
     }
     if !config.redlock_nodes.is_empty() {
         let backend = RedlockBackend::connect(config.redlock_nodes.iter()).await?;
+        return Ok(with_backend(backend, Store::memory(), &config));
+    }
+    #[cfg(feature = "sentinel")]
+    if let (false, Some(master)) = (config.sentinels.is_empty(), &config.sentinel_master) {
+        // Balances in process: the store's connection does not follow a failover.
+        let backend = tower_lock::RedisSentinelBackend::connect(
+            config.sentinels.iter().map(String::as_str),
+            master,
+        )
+        .await?;
         return Ok(with_backend(backend, Store::memory(), &config));
     }
     match &config.redis_url {

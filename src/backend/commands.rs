@@ -260,8 +260,27 @@ pub(super) fn unavailable(error: RedisError) -> BackendError {
     BackendError::new(kind, format_args!("redis: {error}"))
 }
 
-/// The commands of one backend: its connection, its acquire script, and whether Redis has
-/// refused `SET … NX … GET` (before 7.0), after which acquires go through the script.
+/// The replication check after an acquire: `WAIT replicas timeout` (see
+/// [`RedisBackend::wait_for_replicas`](super::RedisBackend::wait_for_replicas)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Replication {
+    pub(super) replicas: u32,
+    pub(super) timeout: Duration,
+}
+
+/// How an acquire that fewer replicas acknowledged than asked for fails: its message starts so.
+const REPLICATION_SHORTFALL: &str = "redis: replication check failed";
+
+/// Whether `error` is an acquire refused by the replication check (the primary answered: it is
+/// not a reason to look for another one).
+#[cfg_attr(not(feature = "sentinel"), allow(dead_code))]
+pub(super) fn is_replication_shortfall(error: &BackendError) -> bool {
+    error.to_string().starts_with(REPLICATION_SHORTFALL)
+}
+
+/// The commands of one backend: its connection, its acquire script, whether Redis has refused
+/// `SET … NX … GET` (before 7.0), after which acquires go through the script, and the
+/// replication check after an acquire, if any.
 #[derive(Clone)]
 pub(super) struct Commands<C> {
     pub(super) connection: C,
@@ -269,6 +288,7 @@ pub(super) struct Commands<C> {
     scripted_acquire: Arc<AtomicBool>,
     /// How a release announces itself to waiters (`PUBLISH`, `SPUBLISH`), if it does.
     publish: Option<&'static str>,
+    replication: Option<Replication>,
 }
 
 impl<C> Commands<C>
@@ -283,6 +303,7 @@ where
             acquire,
             scripted_acquire: Arc::default(),
             publish: None,
+            replication: None,
         }
     }
 
@@ -293,7 +314,60 @@ where
         self
     }
 
+    /// The same commands, with `WAIT` after every acquire (`None`: without).
+    pub(super) fn with_replication(mut self, replication: Option<Replication>) -> Self {
+        self.replication = replication;
+        self
+    }
+
+    /// The acquire, then, if it took the lock and a replication check is set, `WAIT replicas
+    /// timeout` on the same connection (it waits for this connection's writes, ours included).
+    /// Fewer acknowledgements, or an error: the lock is released (compare-and-delete) and the
+    /// acquire fails as unavailable.
     pub(super) fn acquire(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
+        let acquire = self.acquire_unchecked(name, token, options);
+        let Some(Replication { replicas, timeout }) = self.replication else {
+            return acquire;
+        };
+        let mut connection = self.connection.clone();
+        let release = self.release(name, token);
+        Box::pin(async move {
+            let outcome = acquire.await?;
+            if !matches!(outcome, Acquire::Acquired { .. }) {
+                return Ok(outcome);
+            }
+            let acknowledged = redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(millis(timeout))
+                .query_async::<i64>(&mut connection)
+                .await;
+            let failure = match acknowledged {
+                Ok(count) if count >= i64::from(replicas) => return Ok(outcome),
+                Ok(count) => {
+                    format!("{count} of {replicas} replicas acknowledged within {timeout:?}")
+                }
+                Err(error) => format!("WAIT: {error}"),
+            };
+            // Fail closed: the lock is not ours unless enough replicas have it. If this release
+            // fails too, the key expires with its TTL.
+            let released = release.await;
+            tracing::warn!(
+                released = ?released,
+                "lock refused: {failure}"
+            );
+            Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                format_args!("{REPLICATION_SHORTFALL}: {failure}"),
+            ))
+        })
+    }
+
+    fn acquire_unchecked(
         &self,
         name: &LockName,
         token: LockToken,

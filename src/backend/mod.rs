@@ -5,6 +5,8 @@
 //! - [`RedisClusterBackend`]: a Redis Cluster, one round trip per call to the primary of the
 //!   lock's hash slot.
 //! - [`RedlockBackend`]: N independent Redis primaries, a lock held while a majority holds it.
+//! - `RedisSentinelBackend` (feature `sentinel`): the primary of a replication group that Redis
+//!   Sentinel manages, found through the sentinels and followed across a failover.
 //! - [`MemoryBackend`]: in-process, same semantics; for single-instance apps, demos and tests.
 //!
 //! Every backend implements the same contract:
@@ -34,6 +36,8 @@ mod redis;
 mod redlock;
 mod subscriber;
 mod wakeups;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 
 pub use self::cluster::RedisClusterBackend;
 pub(crate) use self::contract::Label;
@@ -46,3 +50,6 @@ pub use self::redis::RedisBackend;
 pub use self::redlock::RedlockBackend;
 pub use self::wakeups::Wakeups;
 pub(crate) use self::wakeups::Watch;
+#[cfg(feature = "sentinel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
+pub use self::sentinel::RedisSentinelBackend;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::commands::{ACQUIRE, Commands};
+use super::commands::{ACQUIRE, Commands, Replication};
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
     Release, Wakeups,
@@ -117,6 +117,37 @@ impl RedisBackend {
     /// The shared connection, for backends built on this one (Redlock's fencing write-back).
     pub(super) fn connection(&self) -> ConnectionManager {
         self.commands.connection.clone()
+    }
+
+    /// Checks replication after every acquire: `WAIT replicas timeout` on the same connection.
+    /// When fewer than `replicas` replicas acknowledge the lock within `timeout`, the lock is
+    /// released again and the acquisition fails as unavailable (the layer answers 503:
+    /// fail-closed). Costs one more round trip per acquire, and as long as the replicas take to
+    /// acknowledge (`timeout` when they are missing).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// use std::time::Duration;
+    ///
+    /// let backend = tower_lock::RedisBackend::connect("redis://10.0.0.1:6379/")
+    ///     .await?
+    ///     .wait_for_replicas(1, Duration::from_millis(100));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// What `WAIT` buys: a lock acknowledged by `replicas` replicas survives the loss of the
+    /// primary if one of those replicas is promoted, which Sentinel prefers (the most up-to-date
+    /// replica) but does not promise. What it does not: Redis replication stays asynchronous, so
+    /// `WAIT` is not consistency. A replica that acknowledged can still lose the lock (it
+    /// restarts without persistence, or another replica is promoted), and a primary cut off from
+    /// the sentinels keeps granting locks until it is demoted. Renewals are not checked. `WAIT`
+    /// blocks the connection it runs on, which all requests share: keep `timeout` short (tens of
+    /// milliseconds), since while replicas are missing every acquire waits for it.
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.commands = self
+            .commands
+            .with_replication(Some(Replication { replicas, timeout }));
+        self
     }
 }
 

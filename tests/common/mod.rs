@@ -13,6 +13,8 @@ pub mod cluster;
 pub mod logs;
 pub mod redlock;
 pub mod requests;
+#[cfg(feature = "sentinel")]
+pub mod sentinel;
 
 // Not every suite (nor the benches, which include this file) uses them.
 #[allow(unused_imports)]
@@ -377,8 +379,9 @@ pub async fn until_held<F: Fixture>(fixture: &F, n: usize) {
 }
 
 /// Runs each behaviour once per backend: `suite!(test_a, test_b)` makes the tests
-/// `redis_backend::test_a`, `memory_backend::test_a`, `cluster_backend::test_a` and
-/// `redlock_backend::test_a` (on a two-worker runtime), calling the including file's
+/// `redis_backend::test_a`, `memory_backend::test_a`, `cluster_backend::test_a`,
+/// `redlock_backend::test_a` and, with the `sentinel` feature, `sentinel_backend::test_a` (on a
+/// two-worker runtime), calling the including file's
 /// `async fn test_a<F: Fixture>()` with each backend's fixture. `suite!(redis_and_memory: …)`
 /// runs them on one Redis and in process only.
 macro_rules! suite {
@@ -394,6 +397,11 @@ macro_rules! suite {
             memory_backend: crate::common::Memory;
             cluster_backend: crate::common::cluster::Cluster;
             redlock_backend: crate::common::redlock::Redlock;
+        } $($test),*);
+        // With the `sentinel` feature, on a Sentinel-managed primary too.
+        #[cfg(feature = "sentinel")]
+        suite!(@on {
+            sentinel_backend: crate::common::sentinel::Sentinel;
         } $($test),*);
     };
     (@on { } $($test:ident),*) => {};
@@ -436,6 +444,12 @@ macro_rules! blocking_suite {
                 #[test]
                 fn redlock_backend() {
                     super::$case::<crate::common::redlock::Redlock>();
+                }
+
+                #[cfg(feature = "sentinel")]
+                #[test]
+                fn sentinel_backend() {
+                    super::$case::<crate::common::sentinel::Sentinel>();
                 }
             }
         )*
