@@ -20,6 +20,8 @@ const ENGINE: &[&str] = &[
     "backend/memory.rs",
     "backend/redis.rs",
     "backend/redlock.rs",
+    "backend/failure.rs",
+    "backend/tls.rs",
     "key/error.rs",
     "key/lock_key.rs",
     "settings.rs",

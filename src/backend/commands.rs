@@ -126,6 +126,7 @@ pub(super) fn unavailable(error: RedisError) -> BackendError {
         BackendErrorKind::Unavailable
     };
     BackendError::new(kind, format_args!("redis: {error}"))
+        .with_reason(super::failure::reason(&error))
 }
 
 /// The commands of one backend: its connection, its acquire script, and whether Redis has

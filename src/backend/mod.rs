@@ -26,16 +26,20 @@
 mod cluster;
 mod commands;
 mod contract;
+mod failure;
 mod memory;
 mod redis;
 mod redlock;
+mod tls;
 
 pub use self::cluster::RedisClusterBackend;
 pub(crate) use self::contract::Label;
 pub use self::contract::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
-    LockBackend, LockName, LockToken, MAX_TTL, MIN_TTL, Release,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, FailureReason,
+    Inspect, LockBackend, LockName, LockToken, MAX_TTL, MIN_TTL, Release,
 };
 pub use self::memory::MemoryBackend;
-pub use self::redis::RedisBackend;
+pub use self::redis::{RedisBackend, RedisBackendBuilder};
 pub use self::redlock::RedlockBackend;
+#[cfg(feature = "tls-rustls")]
+pub use self::tls::install_crypto_provider;
