@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod logs;
 pub mod redlock;
 pub mod requests;
+pub mod tls;
 
 // Not every suite (nor the benches, which include this file) uses them.
 #[allow(unused_imports)]
