@@ -230,6 +230,23 @@ async fn a_lock_outside_the_acl_prefix_is_a_503_that_says_denied() {
     assert_eq!(error.reason(), FailureReason::Denied, "{error}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_the_acl_forbids_inside_a_script_is_a_503_that_says_denied() {
+    let redis = TlsRedis::start(&[]);
+    create_lock_user(&redis.server).await;
+    // The fencing counter's `INCR` runs inside the acquire script.
+    let mut admin = redis.server.connection().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "tower-lock", "-incr"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let backend = backend_for(&redis, &lock_user_url(&redis, PASSWORD));
+    let problem = backend_unavailable(backend).await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("denied access"), "{detail}");
+}
+
 #[test]
 fn a_wrong_password_is_a_503_that_says_denied_and_leaks_no_password() {
     let redis = TlsRedis::start(&[]);
@@ -257,6 +274,21 @@ async fn a_stopped_redis_is_a_503_that_says_refused() {
     let backend = RedisBackend::connect(&server.url()).await.unwrap();
     server.stop();
     let problem = backend_unavailable(backend).await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("refused or closed the connection"),
+        "{detail}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redlock_whose_nodes_all_refuse_is_a_503_that_says_refused() {
+    use common::Fixture;
+    let mut redlock = common::redlock::Redlock::start().await;
+    for server in &mut redlock.servers {
+        server.stop();
+    }
+    let problem = backend_unavailable(redlock.backend()).await;
     let detail = problem["detail"].as_str().unwrap();
     assert!(
         detail.contains("refused or closed the connection"),

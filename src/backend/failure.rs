@@ -23,14 +23,20 @@ pub(super) fn reason(error: &RedisError) -> FailureReason {
     }
 }
 
-/// A refused password or user (`WRONGPASS`, `NOAUTH`) or an ACL refusal (`NOPERM`, also inside a
-/// script, where Redis reports it in the script error's text).
+/// A refused password or user (`WRONGPASS`, `NOAUTH`) or an ACL refusal: `NOPERM`, or inside a
+/// script, an `ERR` that says "The user executing the script can't …".
 fn is_denied(error: &RedisError) -> bool {
+    const SAYS_DENIED: [&str; 4] = [
+        "WRONGPASS",
+        "NOAUTH",
+        "NOPERM",
+        "user executing the script can't",
+    ];
     error.kind() == ErrorKind::AuthenticationFailed
         || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
-        || ["WRONGPASS", "NOAUTH", "NOPERM"]
-            .iter()
-            .any(|code| error.detail().is_some_and(|detail| detail.contains(code)))
+        || error
+            .detail()
+            .is_some_and(|detail| SAYS_DENIED.iter().any(|says| detail.contains(says)))
 }
 
 /// A failed TLS handshake: the I/O error redis-rs wraps carries a `rustls::Error`.
@@ -85,6 +91,15 @@ mod tests {
         let error = RedisError::from((
             ErrorKind::AuthenticationFailed,
             "Password authentication failed",
+        ));
+        assert_eq!(reason(&error), FailureReason::Denied);
+        // What Redis 7 answers when a script calls a command the user may not run.
+        let error = RedisError::from((
+            ErrorKind::Extension,
+            "An error was signalled by the server",
+            "The user executing the script can't run this command or subcommand script: 6163, \
+             on @user_script:1."
+                .to_owned(),
         ));
         assert_eq!(reason(&error), FailureReason::Denied);
         let error = RedisError::from((ErrorKind::Client, "other"));
