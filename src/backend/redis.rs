@@ -163,7 +163,25 @@ impl RedisBackendBuilder {
         tls::client(&self.url, self.certificates.as_ref())
     }
 
-    /// The backend, connecting lazily, as [`RedisBackend::from_url`].
+    /// The backend, connecting lazily, as [`RedisBackend::from_url`]: it is built while Redis
+    /// refuses it, and its calls fail (saying why) until Redis accepts it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lock::backend::{AcquireOptions, FailureReason, LockBackend, LockToken};
+    /// use tower_lock::{LockLayer, RedisBackend, key::Header};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // Nothing listens on port 1 of the loopback interface.
+    /// let backend = RedisBackend::builder("redis://127.0.0.1:1/").build().unwrap();
+    /// let layer = LockLayer::new(backend.clone(), Header::new("x-key"));
+    /// let name = layer.lock_name(&tower_lock::key::LockKey::new("k"));
+    /// let options = AcquireOptions::new(Duration::from_secs(1));
+    /// let error = backend.acquire(&name, LockToken::random(), options).await.unwrap_err();
+    /// assert_eq!(error.reason(), FailureReason::Refused);
+    /// # }
+    /// ```
     ///
     /// # Panics
     ///
