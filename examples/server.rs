@@ -6,7 +6,11 @@
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example server # locks and balances in Redis
 //! ```
 //!
-//! Environment: `PORT` (default 3000), `REDIS_URL`, `REDIS_CLUSTER_NODES=redis://h:p,redis://h:p,…`
+//! Environment: `PORT` (default 3000), `HOST` (the IP address to listen on, default
+//! `127.0.0.1`; `HOST=0.0.0.0` for every interface), `REDIS_URL` (`rediss://…` for TLS, with
+//! `--features tls-rustls`; the demo starts while Redis refuses it and answers 503 until Redis
+//! accepts it), `REDIS_TLS_CA=path.pem` (CA certificates to trust for `rediss://` instead of
+//! the platform's), `REDIS_CLUSTER_NODES=redis://h:p,redis://h:p,…`
 //! (Redis Cluster: locks and balances in the cluster), `REDLOCK_NODES=redis://…,…` (Redlock over
 //! independent primaries: balances in process), `REDIS_SENTINELS=redis://h:p,…` with
 //! `REDIS_SENTINEL_MASTER=name` (the primary the sentinels name, followed across a failover:
@@ -41,7 +45,6 @@
 mod demo;
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 
 use tracing_subscriber::EnvFilter;
 
@@ -64,15 +67,14 @@ async fn main() {
         .with_ansi(std::io::stdout().is_terminal())
         .init();
 
-    let port: u16 = match std::env::var("PORT") {
-        Err(_) => 3000,
-        Ok(port) => match port.trim().parse() {
-            Ok(port) => port,
-            Err(_) => {
-                eprintln!("tower-lock demo: PORT must be a port number, got {port:?}");
-                std::process::exit(2);
-            }
-        },
+    let host = std::env::var("HOST").ok();
+    let port = std::env::var("PORT").ok();
+    let addr = match demo::listen_addr(host.as_deref(), port.as_deref()) {
+        Ok(addr) => addr,
+        Err(error) => {
+            eprintln!("tower-lock demo: {error}");
+            std::process::exit(2);
+        }
     };
     println!("tower-lock demo: {}", config.describe_lease());
 
@@ -84,7 +86,6 @@ async fn main() {
         }
     };
 
-    let addr = SocketAddr::from(([0, 0, 0, 0], port));
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => listener,
         Err(error) => {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, FailureReason};
 use crate::key::{KeyRejection, KeyRejectionKind};
 
 /// Why the layer answered instead of the inner service.
@@ -122,12 +122,11 @@ impl Rejection {
                 "The lock key of this route is misconfigured",
                 rejection.detail().to_owned(),
             ),
-            Self::BackendUnavailable(_) => (
+            Self::BackendUnavailable(error) => (
                 "urn:tower-lock:backend-unavailable",
                 "The lock service is unavailable",
-                // The backend error itself goes to the logs, not to clients.
-                "The lock could not be acquired because the lock store did not answer in time."
-                    .to_owned(),
+                // The backend error itself goes to the logs, not to clients: only its reason.
+                backend_detail(error).to_owned(),
             ),
             Self::InsufficientValidity { validity } => (
                 "urn:tower-lock:insufficient-validity",
@@ -163,6 +162,28 @@ impl Rejection {
             self.retry_after_secs(),
             retry_after_ms,
         )
+    }
+}
+
+/// The 503 detail for a backend failure: what happened, never the error's own message (which
+/// may name hosts or keys).
+fn backend_detail(error: &BackendError) -> &'static str {
+    match error.reason() {
+        FailureReason::TimedOut => {
+            "The lock could not be acquired because the lock store did not answer in time."
+        }
+        FailureReason::Refused => {
+            "The lock could not be acquired because the lock store refused or closed the \
+             connection."
+        }
+        FailureReason::Denied => {
+            "The lock could not be acquired because the lock store denied access (credentials or \
+             permissions)."
+        }
+        FailureReason::Tls => {
+            "The lock could not be acquired because the TLS connection to the lock store failed."
+        }
+        _ => "The lock could not be acquired because the lock store failed.",
     }
 }
 
@@ -277,6 +298,40 @@ mod tests {
             assert_eq!(body["status"], status.as_u16());
             assert_eq!(body["detail"], detail);
         }
+    }
+
+    #[test]
+    fn a_backend_failures_detail_says_what_happened_and_nothing_else() {
+        use crate::backend::BackendErrorKind;
+        for (reason, says) in [
+            (FailureReason::TimedOut, "did not answer in time"),
+            (FailureReason::Refused, "refused or closed the connection"),
+            (FailureReason::Denied, "denied access"),
+            (
+                FailureReason::Tls,
+                "TLS connection to the lock store failed",
+            ),
+            (FailureReason::Other, "the lock store failed"),
+        ] {
+            let error = BackendError::new(BackendErrorKind::Unavailable, "redis: secret-host:6380")
+                .with_reason(reason);
+            let response = Rejection::BackendUnavailable(error).into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+            let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+            assert_eq!(body["type"], "urn:tower-lock:backend-unavailable");
+            let detail = body["detail"].as_str().unwrap();
+            assert!(detail.contains(says), "{reason:?}: {detail}");
+            assert!(!response_text(&response).contains("secret-host"));
+        }
+        // A layer timeout is a timeout.
+        let error = BackendError::new(BackendErrorKind::Timeout, "acquire timed out");
+        let body = Rejection::BackendUnavailable(error).into_response();
+        assert!(response_text(&body).contains("did not answer in time"));
+    }
+
+    fn response_text(response: &Response<Bytes>) -> String {
+        String::from_utf8_lossy(response.body()).into_owned()
     }
 
     #[test]

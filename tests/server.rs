@@ -680,3 +680,80 @@ async fn queued_deposits_from_two_servers_on_one_cluster_are_all_served_one_at_a
     let second = start(&fixture, DemoConfig::default()).await;
     queued_deposits_are_all_served_one_at_a_time(&[first.url(), second.url()]).await;
 }
+
+/// Issue 12: the demo starts while Redis refuses it (it connects lazily), answers 503 saying the
+/// store refused the connection, and 200 once Redis accepts it, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_while_redis_refuses_it_and_answers_200_once_redis_is_up() {
+    let mut redis = common::RedisServer::start();
+    redis.stop();
+    let config = DemoConfig {
+        redis_url: Some(redis.url()),
+        ..DemoConfig::default()
+    };
+    let server = spawn(config).await.expect("the demo starts without Redis");
+    let deposit = format!("{}/accounts/lazy/deposit?amount=1", server.url());
+    let response = post(deposit.clone()).await;
+    let problem = problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(problem["type"], "urn:tower-lock:backend-unavailable");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("refused"), "{detail}");
+
+    redis.restart();
+    let admitted = async || post(deposit.clone()).await.status() == StatusCode::OK;
+    assert!(
+        common::eventually(Duration::from_secs(10), admitted).await,
+        "still refused 10 s after Redis came up"
+    );
+    assert_eq!(account(&server.url(), "lazy").await["balance"], 1);
+}
+
+#[test]
+fn the_demo_listens_on_loopback_unless_told_otherwise() {
+    use std::net::SocketAddr;
+    let addr = |host, port| demo::listen_addr(host, port);
+    assert_eq!(
+        addr(None, None),
+        Ok("127.0.0.1:3000".parse::<SocketAddr>().unwrap())
+    );
+    assert_eq!(
+        addr(Some("0.0.0.0"), Some("8080")),
+        Ok("0.0.0.0:8080".parse().unwrap())
+    );
+    assert_eq!(addr(Some("::1"), Some("1")), Ok("[::1]:1".parse().unwrap()));
+    assert_eq!(addr(Some(""), None), Ok("127.0.0.1:3000".parse().unwrap()));
+    assert!(
+        addr(Some("example.com"), None)
+            .unwrap_err()
+            .contains("HOST")
+    );
+    assert!(addr(None, Some("http")).unwrap_err().contains("PORT"));
+}
+
+/// `REDIS_URL=rediss://…` with `REDIS_TLS_CA=path.pem`: the demo's locks and balances over TLS,
+/// trusting the test's own CA.
+#[cfg(feature = "tls-rustls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_over_tls_to_redis_trusting_the_ca_in_redis_tls_ca() {
+    let redis = common::tls::TlsRedis::start(&[]);
+    let config = DemoConfig {
+        redis_url: Some(redis.url(None)),
+        redis_tls_ca: Some(redis.pki.ca_file()),
+        ..DemoConfig::default()
+    };
+    let server = spawn(config).await.expect("demo server");
+    let deposit = format!("{}/accounts/tls/deposit?amount=3", server.url());
+    answered(post(deposit).await, StatusCode::OK).await;
+    assert_eq!(account(&server.url(), "tls").await["balance"], 3);
+
+    let missing = DemoConfig {
+        redis_url: Some(redis.url(None)),
+        redis_tls_ca: Some("/nonexistent/ca.pem".into()),
+        ..DemoConfig::default()
+    };
+    let error = spawn(missing)
+        .await
+        .err()
+        .expect("a CA file that cannot be read");
+    assert!(error.to_string().contains("REDIS_TLS_CA"), "{error}");
+}

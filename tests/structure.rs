@@ -21,6 +21,8 @@ const ENGINE: &[&str] = &[
     "backend/redis.rs",
     "backend/redlock.rs",
     "backend/sentinel.rs",
+    "backend/failure.rs",
+    "backend/tls.rs",
     "key/error.rs",
     "key/lock_key.rs",
     "settings.rs",

@@ -95,6 +95,9 @@ pub struct DemoConfig {
     /// Renew leases while requests run (default `true`). With `false` a lock lasts one TTL at
     /// most, so a slow deposit can outlive its lease and be refused by the fence.
     pub renew_lease: bool,
+    /// A PEM file of CA certificates to trust for a `rediss://` `redis_url`, instead of the
+    /// platform's roots (`REDIS_TLS_CA`; needs the crate's `tls-rustls` feature).
+    pub redis_tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for DemoConfig {
@@ -109,6 +112,7 @@ impl Default for DemoConfig {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             balance_prefix: DEFAULT_BALANCE_PREFIX.to_owned(),
             renew_lease: true,
+            redis_tls_ca: None,
         }
     }
 }
@@ -172,6 +176,9 @@ impl DemoConfig {
                 .map_err(|_| format!("LOCK_TTL_MS must be a number of milliseconds, got {ms:?}"))?;
             config.lock_ttl = Some(Duration::from_millis(ms));
         }
+        config.redis_tls_ca = std::env::var_os("REDIS_TLS_CA")
+            .filter(|path| !path.is_empty())
+            .map(std::path::PathBuf::from);
         if let Ok(value) = std::env::var("LOCK_NO_RENEWAL") {
             config.renew_lease = !matches!(value.trim(), "1" | "true" | "yes");
         }
@@ -390,6 +397,17 @@ impl Store {
         })
     }
 
+    /// A store in the Redis `client` reaches; connects lazily, on the first request, and
+    /// reconnects after failures, so this succeeds while Redis is down.
+    pub fn redis_lazy(client: &redis::Client, prefix: &str) -> redis::RedisResult<Self> {
+        Ok(Self::Redis {
+            connection: StoreConnection::Single(
+                client.get_connection_manager_lazy(RedisBackend::config())?,
+            ),
+            prefix: prefix.into(),
+        })
+    }
+
     /// A store in the Redis Cluster `nodes` belong to; connects now.
     pub async fn cluster(nodes: &[String], prefix: &str) -> redis::RedisResult<Self> {
         let connection = RedisClusterBackend::client_builder(nodes.iter().map(String::as_str))
@@ -544,7 +562,9 @@ pub struct Demo {
     pub store: Store,
 }
 
-/// The demo router. Fails only when `redis_url` is set and the balance store cannot connect.
+/// The demo router. With `redis_url` it connects lazily: it starts while Redis refuses it, and
+/// answers 503 until Redis accepts it. Fails on a Cluster or Redlock it cannot reach, a URL that
+/// does not parse, or a `redis_tls_ca` it cannot read.
 pub async fn app(config: DemoConfig) -> redis::RedisResult<Router> {
     Ok(build(config).await?.router)
 }
@@ -574,11 +594,60 @@ pub async fn build(config: DemoConfig) -> redis::RedisResult<Demo> {
     match &config.redis_url {
         None => Ok(with_backend(MemoryBackend::new(), Store::memory(), &config)),
         Some(url) => {
-            let backend = RedisBackend::from_url(url)?;
-            let store = Store::redis(url, &config.balance_prefix).await?;
-            Ok(with_backend(backend, store, &config))
+            let redis = redis_builder(url, config.redis_tls_ca.as_deref())?;
+            let store = Store::redis_lazy(&redis.client()?, &config.balance_prefix)?;
+            Ok(with_backend(redis.build()?, store, &config))
         }
     }
+}
+
+/// The settings of the demo's Redis: `url`, trusting the CA certificates in the PEM file
+/// `tls_ca` when given.
+fn redis_builder(
+    url: &str,
+    tls_ca: Option<&std::path::Path>,
+) -> redis::RedisResult<tower_lock::backend::RedisBackendBuilder> {
+    let builder = RedisBackend::builder(url);
+    let Some(path) = tls_ca else {
+        return Ok(builder);
+    };
+    #[cfg(feature = "tls-rustls")]
+    {
+        let pem = std::fs::read(path).map_err(|error| {
+            redis::RedisError::from(std::io::Error::new(
+                error.kind(),
+                format!("REDIS_TLS_CA={}: {error}", path.display()),
+            ))
+        })?;
+        Ok(builder.trust_ca_pem(pem))
+    }
+    #[cfg(not(feature = "tls-rustls"))]
+    {
+        let _ = (builder, path);
+        Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "REDIS_TLS_CA needs TLS: run with `--features tls-rustls`",
+        )))
+    }
+}
+
+/// Where the demo listens: `HOST` (an IP address, default `127.0.0.1`, so the demo is not
+/// reachable from other machines unless asked, e.g. `HOST=0.0.0.0`) and `PORT` (default 3000).
+pub fn listen_addr(host: Option<&str>, port: Option<&str>) -> Result<SocketAddr, String> {
+    let ip = match host.map(str::trim).filter(|host| !host.is_empty()) {
+        None => std::net::IpAddr::from([127, 0, 0, 1]),
+        Some(host) => host
+            .parse()
+            .map_err(|_| format!("HOST must be an IP address, got {host:?}"))?,
+    };
+    let port = match port {
+        None => 3000,
+        Some(port) => port
+            .trim()
+            .parse()
+            .map_err(|_| format!("PORT must be a port number, got {port:?}"))?,
+    };
+    Ok(SocketAddr::new(ip, port))
 }
 
 /// The demo router on any lock backend and store.

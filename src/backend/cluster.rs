@@ -146,6 +146,9 @@ impl RedisClusterBackend {
     pub fn client_builder<T: IntoConnectionInfo>(
         nodes: impl IntoIterator<Item = T>,
     ) -> ClusterClientBuilder {
+        // For `rediss://` nodes: rustls needs a crypto provider before the first handshake.
+        #[cfg(feature = "tls-rustls")]
+        super::tls::install_crypto_provider();
         ClusterClientBuilder::new(nodes)
             .connection_timeout(CONNECTION_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)

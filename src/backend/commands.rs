@@ -258,6 +258,7 @@ pub(super) fn unavailable(error: RedisError) -> BackendError {
         BackendErrorKind::Unavailable
     };
     BackendError::new(kind, format_args!("redis: {error}"))
+        .with_reason(super::failure::reason(&error))
 }
 
 /// The replication check after an acquire: `WAIT replicas timeout` (see

@@ -331,9 +331,14 @@ impl fmt::Debug for LockToken {
 }
 
 /// A backend failure: unreachable, timed out, or an unexpected reply. Distinct from "held".
+///
+/// Its [`kind`](BackendError::kind) says how the operation failed, its
+/// [`reason`](BackendError::reason) what happened on the way to the store (refused, timed out,
+/// denied, TLS), which the default 503 tells clients without the message itself.
 #[derive(Debug, Clone)]
 pub struct BackendError {
     kind: BackendErrorKind,
+    reason: FailureReason,
     message: Arc<str>,
 }
 
@@ -352,13 +357,55 @@ pub enum BackendErrorKind {
     Unsupported,
 }
 
+/// What happened on the way to the store, as far as the backend can tell: for operators (and the
+/// 503's `detail`) to tell a stopped Redis from a wrong password or an untrusted certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// Nothing more specific is known.
+    Other,
+    /// The connection was refused, reset or closed: nothing listens at the address, or the
+    /// server went away.
+    Refused,
+    /// The store did not answer in time: connecting, answering, or within the lock's own
+    /// timeout.
+    TimedOut,
+    /// The store refused the credentials (`WRONGPASS`, `NOAUTH`) or an ACL forbids a command or
+    /// key (`NOPERM`).
+    Denied,
+    /// The TLS handshake failed: a certificate that is not trusted, expired or for another name,
+    /// or TLS spoken to a port that does not speak it.
+    Tls,
+}
+
 impl BackendError {
-    /// A new error of `kind`.
+    /// A new error of `kind`; its reason is [`FailureReason::TimedOut`] for a
+    /// [`BackendErrorKind::Timeout`], else [`FailureReason::Other`] (see
+    /// [`BackendError::with_reason`]).
     pub fn new(kind: BackendErrorKind, message: impl fmt::Display) -> Self {
         Self {
             kind,
+            reason: match kind {
+                BackendErrorKind::Timeout => FailureReason::TimedOut,
+                _ => FailureReason::Other,
+            },
             message: message.to_string().into(),
         }
+    }
+
+    /// The same error with `reason`.
+    ///
+    /// ```
+    /// use tower_lock::backend::{BackendError, BackendErrorKind, FailureReason};
+    ///
+    /// let error = BackendError::new(BackendErrorKind::Unavailable, "connection refused")
+    ///     .with_reason(FailureReason::Refused);
+    /// assert_eq!(error.reason(), FailureReason::Refused);
+    /// assert_eq!(error.kind(), BackendErrorKind::Unavailable);
+    /// ```
+    pub fn with_reason(mut self, reason: FailureReason) -> Self {
+        self.reason = reason;
+        self
     }
 
     pub(crate) fn timeout(what: &str, after: Duration) -> Self {
@@ -371,6 +418,11 @@ impl BackendError {
     /// The kind of failure.
     pub fn kind(&self) -> BackendErrorKind {
         self.kind
+    }
+
+    /// What happened on the way to the store.
+    pub fn reason(&self) -> FailureReason {
+        self.reason
     }
 }
 

@@ -31,6 +31,7 @@
 mod cluster;
 mod commands;
 mod contract;
+mod failure;
 mod memory;
 mod redis;
 mod redlock;
@@ -38,18 +39,21 @@ mod subscriber;
 mod wakeups;
 #[cfg(feature = "sentinel")]
 mod sentinel;
+mod tls;
 
 pub use self::cluster::RedisClusterBackend;
 pub(crate) use self::contract::Label;
 pub use self::contract::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
-    LockBackend, LockName, LockToken, MAX_TTL, MIN_TTL, Release,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, FailureReason,
+    Inspect, LockBackend, LockName, LockToken, MAX_TTL, MIN_TTL, Release,
 };
 pub use self::memory::MemoryBackend;
-pub use self::redis::RedisBackend;
+pub use self::redis::{RedisBackend, RedisBackendBuilder};
 pub use self::redlock::RedlockBackend;
 pub use self::wakeups::Wakeups;
 pub(crate) use self::wakeups::Watch;
 #[cfg(feature = "sentinel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
 pub use self::sentinel::RedisSentinelBackend;
+#[cfg(feature = "tls-rustls")]
+pub use self::tls::install_crypto_provider;

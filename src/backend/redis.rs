@@ -6,6 +6,7 @@ use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::commands::{ACQUIRE, Commands, Replication};
+use super::tls::{self, Certificates};
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
     Release, Wakeups,
@@ -70,24 +71,19 @@ impl RedisBackend {
         self
     }
 
-    /// A backend for `url` (`redis://host:port/db`). The connection is opened lazily, on the first
-    /// lock, and re-opened after failures, so this succeeds even while Redis is down.
+    /// A backend for `url` (`redis://host:port/db`, or `rediss://` for TLS with the
+    /// `tls-rustls` feature). The connection is opened lazily, on the first lock, and re-opened
+    /// after failures, so this succeeds even while Redis is down.
     ///
     /// It also checks the eviction policy in the background, as [`RedisBackend::connect`] does.
+    /// [`RedisBackend::builder`] adds a CA of your own for TLS.
     ///
     /// # Panics
     ///
     /// Outside a Tokio runtime: redis-rs starts the connection's task here. Build the backend
     /// inside your runtime (in `main` under `#[tokio::main]`, say), as you build the router.
     pub fn from_url(url: &str) -> Result<Self, RedisError> {
-        let client = redis::Client::open(url)?;
-        let backend = Self::new(client.get_connection_manager_lazy(Self::config())?)
-            .wake_waiters_with(client);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let mut connection = backend.commands.connection.clone();
-            runtime.spawn(async move { warn_if_evicting(&mut connection).await });
-        }
-        Ok(backend)
+        Self::builder(url).build()
     }
 
     /// Like [`RedisBackend::from_url`], but connects now and fails if Redis cannot be reached.
@@ -95,12 +91,28 @@ impl RedisBackend {
     /// Warns (through `tracing`) if Redis runs with a `maxmemory-policy` that evicts: `allkeys-*`
     /// may evict fencing counters (handing out a token again) and locks, `volatile-*` locks.
     pub async fn connect(url: &str) -> Result<Self, RedisError> {
-        let client = redis::Client::open(url)?;
-        let mut connection = client
-            .get_connection_manager_with_config(Self::config())
-            .await?;
-        warn_if_evicting(&mut connection).await;
-        Ok(Self::new(connection).wake_waiters_with(client))
+        Self::builder(url).connect().await
+    }
+
+    /// A backend for `url` with more settings than [`RedisBackend::from_url`] takes: a CA of
+    /// your own for `rediss://`, a client certificate, connection settings.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tls-rustls")]
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ca = std::fs::read("/etc/redis/ca.pem")?;
+    /// let backend = tower_lock::RedisBackend::builder("rediss://locks:secret@redis.internal:6380/")
+    ///     .trust_ca_pem(ca)
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder(url: &str) -> RedisBackendBuilder {
+        RedisBackendBuilder {
+            url: url.to_owned(),
+            config: Self::config(),
+            certificates: None,
+        }
     }
 
     /// The connection settings `from_url` and `connect` use: a short connect timeout and quick,
@@ -148,6 +160,107 @@ impl RedisBackend {
             .commands
             .with_replication(Some(Replication { replicas, timeout }));
         self
+    }
+}
+
+/// Settings for a [`RedisBackend`] beyond its URL: from [`RedisBackend::builder`].
+///
+/// A Redlock over TLS nodes is built from such backends with
+/// [`RedlockBackend::new`](super::RedlockBackend::new).
+#[derive(Clone)]
+pub struct RedisBackendBuilder {
+    /// May carry a password: never printed.
+    url: String,
+    config: ConnectionManagerConfig,
+    certificates: Option<Certificates>,
+}
+
+impl std::fmt::Debug for RedisBackendBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackendBuilder")
+            .field("certificates", &self.certificates)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackendBuilder {
+    /// Trusts the CA certificates in `pem` (one or more PEM blocks) for `rediss://`, instead of
+    /// the platform's roots: for a Redis whose certificate your own CA signed.
+    #[cfg(feature = "tls-rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls-rustls")))]
+    pub fn trust_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.certificates.get_or_insert_default().root_cert = Some(pem.into());
+        self
+    }
+
+    /// Presents the client certificate chain `cert` with its private key `key` (both PEM), for
+    /// a Redis that requires mutual TLS (`tls-auth-clients yes`).
+    #[cfg(feature = "tls-rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls-rustls")))]
+    pub fn client_certificate_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.certificates.get_or_insert_default().client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Replaces the connection settings (default: [`RedisBackend::config`]).
+    pub fn connection_config(mut self, config: ConnectionManagerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The redis-rs client these settings describe: for the application's own connections to
+    /// the same Redis, with the same TLS trust.
+    pub fn client(&self) -> Result<redis::Client, RedisError> {
+        tls::client(&self.url, self.certificates.as_ref())
+    }
+
+    /// The backend, connecting lazily, as [`RedisBackend::from_url`]: it is built while Redis
+    /// refuses it, and its calls fail (saying why) until Redis accepts it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lock::backend::{AcquireOptions, FailureReason, LockBackend, LockToken};
+    /// use tower_lock::{LockLayer, RedisBackend, key::Header};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // Nothing listens on port 1 of the loopback interface.
+    /// let backend = RedisBackend::builder("redis://127.0.0.1:1/").build().unwrap();
+    /// let layer = LockLayer::new(backend.clone(), Header::new("x-key"));
+    /// let name = layer.lock_name(&tower_lock::key::LockKey::new("k"));
+    /// let options = AcquireOptions::new(Duration::from_secs(1));
+    /// let error = backend.acquire(&name, LockToken::random(), options).await.unwrap_err();
+    /// assert_eq!(error.reason(), FailureReason::Refused);
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, as [`RedisBackend::from_url`].
+    pub fn build(self) -> Result<RedisBackend, RedisError> {
+        let client = self.client()?;
+        let backend = RedisBackend::new(client.get_connection_manager_lazy(self.config)?)
+            .wake_waiters_with(client);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut connection = backend.commands.connection.clone();
+            runtime.spawn(async move { warn_if_evicting(&mut connection).await });
+        }
+        Ok(backend)
+    }
+
+    /// The backend, connected now, as [`RedisBackend::connect`]: fails if Redis cannot be
+    /// reached, refuses the credentials, or (`rediss://`) its certificate is not trusted.
+    pub async fn connect(self) -> Result<RedisBackend, RedisError> {
+        let client = self.client()?;
+        let mut connection = client
+            .get_connection_manager_with_config(self.config)
+            .await?;
+        warn_if_evicting(&mut connection).await;
+        Ok(RedisBackend::new(connection).wake_waiters_with(client))
     }
 }
 

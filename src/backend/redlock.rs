@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use super::commands::{ACQUIRE, EXTEND, RELEASE, millis, unavailable, with_fence};
 use super::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
-    LockBackend, LockName, LockToken, MAX_TTL, RedisBackend, Release,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, FailureReason,
+    Inspect, LockBackend, LockName, LockToken, MAX_TTL, RedisBackend, Release,
 };
 
 /// Raises a lock's fencing counter to ARGV[2] if it is lower, only while the lock holds our
@@ -333,7 +333,8 @@ impl RedlockBackend {
                 answered(&answers),
                 self.nodes.len(),
                 self.quorum(),
-            ));
+            )
+            .with_reason(shared_reason(&answers)));
         }
         Ok(answers)
     }
@@ -344,6 +345,21 @@ fn no_quorum(operation: &str, answered: usize, nodes: usize, quorum: usize) -> B
         BackendErrorKind::Unavailable,
         format_args!("redlock {operation}: {answered} of {nodes} nodes answered, {quorum} needed"),
     )
+}
+
+/// The reason every failed node gave, when they agree (all refused, say); else
+/// [`FailureReason::Other`].
+fn shared_reason<T>(answers: &[Answer<T>]) -> FailureReason {
+    let mut reasons = answers.iter().filter_map(|answer| match answer {
+        Some(Err(error)) => Some(error.reason()),
+        _ => None,
+    });
+    let first = reasons.next().unwrap_or(FailureReason::Other);
+    if reasons.all(|reason| reason == first) {
+        first
+    } else {
+        FailureReason::Other
+    }
 }
 
 /// When a lock held on the nodes whose remaining leases are `held` (`None`: no expiry) leaves
@@ -451,7 +467,8 @@ impl RedlockBackend {
                 remaining: majority_free_in(held, reachable - quorum),
             })
         } else {
-            Err(no_quorum("acquire", answered, self.nodes.len(), quorum))
+            Err(no_quorum("acquire", answered, self.nodes.len(), quorum)
+                .with_reason(shared_reason(&answers)))
         }
     }
 
@@ -550,12 +567,10 @@ impl RedlockBackend {
         if count(&answers, |release| *release == Release::Released) >= quorum {
             Ok(Release::Released)
         } else if answered(&answers) < quorum {
-            Err(no_quorum(
-                "release",
-                answered(&answers),
-                self.nodes.len(),
-                quorum,
-            ))
+            Err(
+                no_quorum("release", answered(&answers), self.nodes.len(), quorum)
+                    .with_reason(shared_reason(&answers)),
+            )
         } else if count(&answers, |release| *release == Release::HeldByOther) >= quorum {
             Ok(Release::HeldByOther)
         } else {
@@ -594,7 +609,8 @@ impl RedlockBackend {
                 count(&answers, |extend| *extend == Extend::Extended),
                 self.nodes.len(),
                 quorum,
-            ))
+            )
+            .with_reason(shared_reason(&answers)))
         }
     }
 }
@@ -673,6 +689,29 @@ impl LockBackend for RedlockBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_fails_for_the_reason_its_failed_nodes_agree_on() {
+        let failed = |reason| {
+            Some(Err(
+                BackendError::new(BackendErrorKind::Unavailable, "x").with_reason(reason)
+            ))
+        };
+        let refused: Vec<Answer<()>> = vec![
+            failed(FailureReason::Refused),
+            None,
+            failed(FailureReason::Refused),
+            Some(Ok(())),
+        ];
+        assert_eq!(shared_reason(&refused), FailureReason::Refused);
+        let mixed: Vec<Answer<()>> =
+            vec![failed(FailureReason::Refused), failed(FailureReason::Tls)];
+        assert_eq!(shared_reason(&mixed), FailureReason::Other);
+        assert_eq!(
+            shared_reason::<()>(&[None, Some(Ok(()))]),
+            FailureReason::Other
+        );
+    }
 
     const MS: Duration = Duration::from_millis(1);
 

@@ -15,6 +15,7 @@ pub mod redlock;
 pub mod requests;
 #[cfg(feature = "sentinel")]
 pub mod sentinel;
+pub mod tls;
 
 // Not every suite (nor the benches, which include this file) uses them.
 #[allow(unused_imports)]
