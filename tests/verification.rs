@@ -233,12 +233,40 @@ async fn one_server_blackholed_from_redis_longer_than_the_lease() {
     row.assert_safe();
 }
 
+/// Starts a request to `server` on a key of its own that holds `hold_ms`, and waits until its
+/// lock is in Redis; the request's task, and the lock key.
+async fn holding(
+    world: &World,
+    server: usize,
+    hold_ms: u64,
+) -> (tokio::task::JoinHandle<verify::load::Record>, String) {
+    let key = format!("victim-{}", rand::rng().random::<u32>());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let url = world.servers[server].url(&format!("/incr/{key}?hold_ms={hold_ms}"));
+    let start = world.start;
+    let request =
+        tokio::spawn(async move { verify::load::post(&client, server, &url, start).await });
+    let lock = format!("{}{{counter:{key}}}", verify::server::NAMESPACE);
+    assert!(
+        common::eventually(Duration::from_secs(5), async || {
+            world.lock_keys().await.contains(&lock)
+        })
+        .await,
+        "server {server} never took {lock}"
+    );
+    (request, key)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sigkilled_mid_request_its_locks_free_at_ttl() {
     let world = World::start(Setup::default()).await;
+    let ttl = world.setup.ttl;
     let requests = target_requests(CI_REQUESTS);
     let mut load = default_load();
-    // Longer holds, so that the victim surely dies inside critical sections.
+    // Longer holds, so that the victim dies inside critical sections of the hot keys too.
     load.hold_ms = 20;
     let row = world
         .run(
@@ -251,23 +279,41 @@ async fn server_sigkilled_mid_request_its_locks_free_at_ttl() {
                 let alive: Vec<usize> = (0..world.servers.len())
                     .filter(|&i| !world.servers[i].is_killed())
                     .collect();
-                if alive.len() > 1 {
-                    let victim = alive[rand::rng().random_range(0..alive.len())];
-                    world.victims.push(victim);
-                    world.servers[victim].kill();
-                    world.killed_at.insert(victim, verify::server::now_ns());
+                if alive.len() < 2 {
+                    return pause(1000).await;
                 }
-                // Its locks free at their TTL: the others take the keys again after it.
-                pause(2500).await;
+                let victim = alive[rand::rng().random_range(0..alive.len())];
+                let (request, key) = holding(world, victim, 10_000).await;
+                world.victims.push(victim);
+                world.servers[victim].kill();
+                world.killed_at.insert(victim, verify::server::now_ns());
+                let killed = tokio::time::Instant::now();
+                world.extra.push(request.await.unwrap());
+                // Its lock stays until its TTL (nobody renews it any more), then frees.
+                let lock = format!("{}{{counter:{key}}}", verify::server::NAMESPACE);
+                assert!(
+                    common::eventually(ttl + Duration::from_secs(3), async || {
+                        !world.lock_keys().await.contains(&lock)
+                    })
+                    .await,
+                    "the killed server's lock outlived its TTL"
+                );
+                let freed = killed.elapsed();
+                println!(
+                    "the killed server's lock freed {} ms after the kill (TTL {} ms)",
+                    freed.as_millis(),
+                    ttl.as_millis()
+                );
+                assert!(
+                    freed + Duration::from_millis(50) >= ttl / 2,
+                    "freed long before its TTL: {freed:?}"
+                );
+                pause(500).await;
             },
         )
         .await;
     row.assert_safe();
-    assert!(
-        row.victim_failures > 0 || row.requests > 0,
-        "{}",
-        row.markdown()
-    );
+    assert!(row.victim_failures > 0, "{}", row.markdown());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,25 +329,12 @@ async fn server_sigstopped_past_its_lease_is_fenced_off() {
                 pause(500).await;
                 // The victim takes a key of its own (no contention: admitted), and holds it.
                 let victim = 2;
-                let key = format!("frozen-{}", rand::rng().random::<u32>());
+                let (held, key) = holding(world, victim, 1500).await;
+                let start = world.start;
                 let client = reqwest::Client::builder()
                     .timeout(Duration::from_secs(20))
                     .build()
                     .unwrap();
-                let url = world.servers[victim].url(&format!("/incr/{key}?hold_ms=1500"));
-                let start = world.start;
-                let held = tokio::spawn({
-                    let client = client.clone();
-                    async move { verify::load::post(&client, victim, &url, start).await }
-                });
-                let lock = format!("{}{{counter:{key}}}", verify::server::NAMESPACE);
-                assert!(
-                    common::eventually(Duration::from_secs(5), async || {
-                        world.lock_keys().await.contains(&lock)
-                    })
-                    .await,
-                    "the victim never took {lock}"
-                );
                 world.servers[victim].pause();
                 // Others take the key after the lease and use the counter.
                 let contender = world.servers[0].url(&format!("/incr/{key}?hold_ms=1"));
@@ -368,7 +401,12 @@ async fn client_disconnect_storm_releases_every_lock_promptly() {
                     let holding = world.lock_keys().await.len();
                     inflight.abort_all();
                     while inflight.join_next().await.is_some() {}
-                    assert!(held, "only {holding} of 500 storm requests held their lock");
+                    // On a loaded machine not all may hold yet: those still acquiring are
+                    // cancelled mid-acquire, which must leave no lock either.
+                    assert!(
+                        held || holding >= 50,
+                        "only {holding} of 500 storm requests held their lock"
+                    );
                     let cancelled = tokio::time::Instant::now();
                     let gone = common::eventually(Duration::from_secs(5), async || {
                         world

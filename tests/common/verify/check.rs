@@ -120,8 +120,8 @@ pub fn overlaps(sections: &[Section], killed_at: &HashMap<usize, u128>) -> Overl
 pub struct Updates {
     /// Writes the histories report as accepted.
     pub written: u64,
-    /// Writes whose effect is unknown (the store failed on the write, or the process died
-    /// inside the section).
+    /// Writes whose effect is unknown (the store failed on the write, the handler was
+    /// cancelled, or the process died inside the section).
     pub indeterminate: u64,
     /// Writes refused by the fence (stale reads and stale writes).
     pub refused_stale: u64,
@@ -142,7 +142,7 @@ pub fn updates(sections: &[Section], counters: &HashMap<String, u64>) -> Updates
                 entry.0 += 1;
                 total.written += 1;
             }
-            "write-failed" | "unfinished" => {
+            "write-failed" | "cancelled" | "unfinished" => {
                 entry.1 += 1;
                 total.indeterminate += 1;
             }

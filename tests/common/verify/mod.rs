@@ -174,11 +174,13 @@ impl World {
             .expect("redis operation");
     }
 
-    /// An admin connection to the harness Redis (direct, not through a proxy).
+    /// An admin connection to the harness Redis (direct, not through a proxy), without a
+    /// response timeout (`DEBUG SLEEP` answers when it is over).
     pub async fn admin(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         redis::Client::open(self.redis_url.as_str())
             .expect("url")
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .expect("admin connection")
     }

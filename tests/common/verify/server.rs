@@ -19,7 +19,9 @@
 //! ```
 //!
 //! `outcome` is `written`, `stale-read`, `stale-write` (the fence refused it), `read-failed`
-//! (nothing written) or `write-failed` (the write's effect is unknown). Times are the system
+//! (nothing written), `write-failed` (the write's effect is unknown) or `cancelled` (the
+//! handler's future was dropped, the client having gone away: the effect of a write in flight
+//! is unknown). Times are the system
 //! clock in nanoseconds, which all processes of one machine share. After a refused write the
 //! handler waits (at most two leases) for the lease-lost signal before recording it.
 //!
@@ -105,6 +107,32 @@ pub fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos())
+}
+
+/// An entered section: its X line is written when it finishes, or as `cancelled` (the effect
+/// of a write in flight unknown) when the handler's future is dropped (the client went away).
+struct Section {
+    history: Arc<History>,
+    /// `X pid seq key token enter`.
+    head: String,
+    done: bool,
+}
+
+impl Section {
+    fn finish(&mut self, exit: u128, outcome: &str, lost: bool) {
+        self.done = true;
+        let head = &self.head;
+        self.history
+            .line(format!("{head} {exit} {outcome} {}\n", u8::from(lost)));
+    }
+}
+
+impl Drop for Section {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(now_ns(), "cancelled", false);
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -196,6 +224,11 @@ async fn incr(
     let enter = now_ns();
     app.history
         .line(format!("E {pid} {seq} {key} {token} {enter}\n"));
+    let mut section = Section {
+        history: app.history.clone(),
+        head: format!("X {pid} {seq} {key} {token} {enter}"),
+        done: false,
+    };
 
     let hash = format!("{DATA_PREFIX}{key}");
     let mut store = app.store.clone();
@@ -237,10 +270,7 @@ async fn incr(
             lease.is_lost()
         }
     };
-    app.history.line(format!(
-        "X {pid} {seq} {key} {token} {enter} {exit} {outcome} {}\n",
-        u8::from(lost)
-    ));
+    section.finish(exit, outcome, lost);
     (
         status,
         format!("{{\"token\":{token},\"outcome\":\"{outcome}\"}}"),
