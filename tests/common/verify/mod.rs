@@ -93,6 +93,8 @@ pub struct World {
     pub victims: Vec<usize>,
     /// Extra requests the scenario made itself (the storm's), and their records.
     pub extra: Vec<Record>,
+    /// Requests the scenario sent and cancelled itself (the storm's), which have no record.
+    pub cancelled: u64,
     /// Lease-lost and stale-write figures a scenario requires at least.
     pub require_refused_stale: u64,
 }
@@ -149,6 +151,7 @@ impl World {
             killed_at: HashMap::new(),
             victims: Vec::new(),
             extra: Vec::new(),
+            cancelled: 0,
             require_refused_stale: 0,
         }
     }
@@ -267,7 +270,7 @@ impl World {
 
         let mut row = Row {
             name: name.to_owned(),
-            requests: records.len() as u64,
+            requests: records.len() as u64 + self.cancelled,
             admitted: sections.len() as u64,
             leaked: leaked.len() as u64,
             leaked_keys: leaked,
@@ -354,6 +357,7 @@ fn recovery(
 #[derive(Clone, Debug, Default)]
 pub struct Row {
     pub name: String,
+    /// Requests sent (the load's, the scenario's own, and those it cancelled).
     pub requests: u64,
     /// Requests that entered the handler (held the lock).
     pub admitted: u64,
