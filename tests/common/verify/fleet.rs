@@ -49,7 +49,8 @@ impl ServerProcess {
             .env("VERIFY_HISTORY", &history)
             .env("VERIFY_TTL_MS", config.ttl.as_millis().to_string())
             .env("VERIFY_UNLOCKED", if config.unlocked { "1" } else { "0" })
-            .stdin(Stdio::null())
+            // Its end of the pipe closes when this process exits, however it exits.
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

@@ -144,8 +144,14 @@ fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("verify-server: {name} is not set"))
 }
 
-/// Runs the server until the process is killed.
+/// Runs the server until the process is killed, or its standard input closes (the test that
+/// started it is gone: no orphan keeps serving).
 pub fn run_from_env() {
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        while matches!(std::io::Read::read(&mut std::io::stdin(), &mut sink), Ok(n) if n > 0) {}
+        std::process::exit(0);
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
