@@ -118,7 +118,7 @@ impl World {
         for _ in 0..setup.servers {
             proxies.push(Proxy::start(redis.port()).await);
         }
-        let servers = tokio::task::spawn_blocking({
+        let servers: Vec<ServerProcess> = tokio::task::spawn_blocking({
             let (dir, setup, redis_url) = (dir.clone(), setup.clone(), redis_url.clone());
             let lock_urls: Vec<String> = proxies.iter().map(Proxy::url).collect();
             move || {
@@ -139,6 +139,7 @@ impl World {
         })
         .await
         .expect("start servers");
+        warm_up(&servers).await;
         Self {
             setup,
             redis: Arc::new(Mutex::new(redis)),
@@ -239,7 +240,9 @@ impl World {
                 break;
             }
             if !soak() {
-                while running.sent() < requests {
+                // The rest of the requests without faults; bounded, should the load stall.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while running.sent() < requests && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 break;
@@ -287,6 +290,11 @@ impl World {
                 Outcome::Status(409) => row.conflict += 1,
                 Outcome::Status(503) => {
                     row.unavailable += 1;
+                    row.first_503 = Some(
+                        row.first_503
+                            .map_or(record.sent, |t: Duration| t.min(record.sent)),
+                    );
+                    row.last_503 = row.last_503.max(record.finished);
                     row.max_503_latency = row.max_503_latency.max(latency);
                 }
                 Outcome::Status(other) => {
@@ -328,6 +336,26 @@ impl Drop for World {
                 "verification: histories and server logs kept in {}",
                 self.dir.display()
             );
+        }
+    }
+}
+
+/// Waits until every server has answered one request other than 503 (their Redis connections
+/// are opened lazily, by the first request), at most 20 s.
+async fn warm_up(servers: &[ServerProcess]) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    for server in servers {
+        let url = server.url(&format!("/incr/warm-up-{}", server.index));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let answered = client.post(&url).send().await;
+            if answered.is_ok_and(|r| r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -378,6 +406,9 @@ pub struct Row {
     pub unrecovered: bool,
     pub max_latency: Duration,
     pub max_503_latency: Duration,
+    /// When the first 503'd request was sent and the last one answered, from the start.
+    pub first_503: Option<Duration>,
+    pub last_503: Duration,
     pub require_refused_stale: u64,
 }
 
