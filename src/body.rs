@@ -122,7 +122,11 @@ impl<B> LockBody<B> {
 
     pub(crate) fn rejection(data: Bytes) -> Self {
         Self {
-            kind: Kind::Rejection { data: Some(data) },
+            // An empty body (a gRPC Trailers-Only response) is over before it starts, so hyper
+            // sends its headers as the whole response.
+            kind: Kind::Rejection {
+                data: (!data.is_empty()).then_some(data),
+            },
         }
     }
 }

@@ -64,6 +64,7 @@ mod deadline;
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
 mod future;
+pub mod grpc;
 mod guard;
 pub mod idempotency;
 pub mod key;

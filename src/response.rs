@@ -70,7 +70,7 @@ impl Rejection {
         }
     }
 
-    fn problem(&self) -> (&'static str, &'static str, String) {
+    pub(crate) fn problem(&self) -> (&'static str, &'static str, String) {
         match self {
             Self::Conflict { .. } => (
                 "urn:tower-lock:lock-held",
@@ -119,6 +119,16 @@ impl Rejection {
         let status = self.status();
         let (kind, title, detail) = self.problem();
         problem_response(status, kind, title, &detail, self.retry_after_secs())
+    }
+
+    /// The default response to a request: a gRPC status ([`Rejection::into_grpc_response`]) for a
+    /// [gRPC call](crate::grpc::is_grpc), problem+json ([`Rejection::into_response`]) otherwise.
+    pub(crate) fn into_response_for(self, grpc: bool) -> Response<Bytes> {
+        if grpc {
+            self.into_grpc_response()
+        } else {
+            self.into_response()
+        }
     }
 }
 
