@@ -232,7 +232,8 @@ where
                                 lost,
                                 http.release_in_background,
                                 declared_length(&response),
-                            );
+                            )
+                            .grpc(*this.grpc);
                             let response = response.map(|body| LockBody::holding(body, lock));
                             return Poll::Ready(Ok(response));
                         }

@@ -17,7 +17,9 @@ use tonic::service::Routes;
 use tonic::{Code, Status};
 use tower::{Layer, ServiceExt};
 use tower_lock::key::{Header, KeyTemplate, LockKey};
-use tower_lock::{LockBackend, LockPolicy, LockRoutes, MemoryBackend, Rejection};
+use tower_lock::{
+    LeaseLostPolicy, LockBackend, LockLayer, LockPolicy, LockRoutes, MemoryBackend, Rejection,
+};
 
 use common::{Fixture, NS, RedisServer, eventually, until_held};
 use jobs::{JobsClient, JobsServer, job_request};
@@ -394,5 +396,66 @@ async fn a_real_client_sees_each_rejection_as_a_status() {
     assert_eq!(
         [held.code(), missing.code(), down.code()],
         [Code::Aborted, Code::InvalidArgument, Code::Unavailable]
+    );
+}
+
+/// A server whose job locks have a 300 ms lease (renewed every 100 ms) and are aborted when lost;
+/// the memory backend, to take a lock away; and the name of job `id`'s lock.
+async fn abort_on_lost_lease(
+    hold_through_body: bool,
+) -> (
+    Server,
+    MemoryBackend,
+    impl Fn(&str) -> tower_lock::backend::LockName,
+) {
+    let backend = MemoryBackend::new();
+    let layer = LockLayer::new(backend.clone(), KeyTemplate::parse(jobs::JOB_KEY).unwrap())
+        .ttl(Duration::from_millis(300))
+        .on_lease_lost(LeaseLostPolicy::Abort)
+        .hold_through_body(hold_through_body);
+    let server = Server::start(Routes::new(layer.layer(JobsServer))).await;
+    let name = |id: &str| {
+        LockLayer::new(MemoryBackend::new(), ())
+            .lock_name(&LockKey::literal(&format!("job:{id}")).build().unwrap())
+    };
+    (server, backend, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_under_abort_is_unavailable() {
+    let (server, backend, name) = abort_on_lost_lease(false).await;
+    let mut client = server.client().await;
+    let call = tokio::spawn(async move { client.run(job_request(Some("2"), "a", 30_000)).await });
+    assert!(eventually(Duration::from_secs(5), async || backend.held() == 1).await);
+    // Another process takes the lock away: the renewal finds it gone.
+    assert!(backend.remove(&name("2")));
+    let status = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call was not aborted")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(pushback_ms(&status), Some(1000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_under_abort_while_streaming_ends_the_stream_with_unavailable() {
+    let (server, backend, name) = abort_on_lost_lease(true).await;
+    let mut client = server.client().await;
+    let mut stream = client
+        .watch(job_request(Some("2"), "w", 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("a first reply");
+    assert!(backend.remove(&name("2")));
+    let status = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream was not aborted")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("expired or was taken over"),
+        "{status:?}"
     );
 }

@@ -15,7 +15,7 @@
 //! | key missing or invalid ([`InvalidKey`](Rejection::InvalidKey)) | 400 | `INVALID_ARGUMENT` (3) | none |
 //! | backend unavailable or too slow ([`BackendUnavailable`](Rejection::BackendUnavailable)) | 503 | `UNAVAILABLE` (14) | 1000 |
 //! | acquired with too little validity ([`InsufficientValidity`](Rejection::InsufficientValidity)) | 503 | `UNAVAILABLE` (14) | 1000 |
-//! | lease lost under [`LeaseLostPolicy::Abort`](crate::LeaseLostPolicy::Abort) ([`LeaseLost`](Rejection::LeaseLost)) | 503 | `UNAVAILABLE` (14) | 1000 |
+//! | lease lost under [`LeaseLostPolicy::Abort`](crate::LeaseLostPolicy::Abort) ([`LeaseLost`](Rejection::LeaseLost)); while a held-through body streams, in its trailers | 503 (an HTTP body ends with an error) | `UNAVAILABLE` (14) | 1000 |
 //! | misconfigured key ([`MisconfiguredKey`](Rejection::MisconfiguredKey)) | 500 | `INTERNAL` (13) | none |
 //!
 //! `grpc-retry-pushback-ms` (the gRPC retry design's "retry after N ms") is sent where HTTP sends
@@ -215,6 +215,12 @@ impl Rejection {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
+        self.insert_grpc_status(headers);
+        response
+    }
+
+    /// `grpc-status`, `grpc-message` and `grpc-retry-pushback-ms`, in headers or trailers.
+    fn insert_grpc_status(&self, headers: &mut HeaderMap) {
         headers.insert("grpc-status", HeaderValue::from(self.grpc_code()));
         let message = utf8_percent_encode(&self.grpc_message(), GRPC_MESSAGE).to_string();
         // Percent-encoded text is visible ASCII: always a valid header value.
@@ -224,8 +230,16 @@ impl Rejection {
         if let Some(ms) = self.grpc_retry_pushback_ms() {
             headers.insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
         }
-        response
     }
+}
+
+/// The trailers that end a gRPC response held through its body whose lease is lost under
+/// [`LeaseLostPolicy::Abort`](crate::LeaseLostPolicy::Abort): `UNAVAILABLE`, as for a lease lost
+/// before the handler answered, instead of a reset stream the client would report as `INTERNAL`.
+pub(crate) fn lease_lost_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    Rejection::LeaseLost.insert_grpc_status(&mut trailers);
+    trailers
 }
 
 fn ceil_millis(duration: Duration) -> u64 {
