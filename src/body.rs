@@ -26,6 +26,8 @@ pub(crate) struct BodyLock {
     /// Bytes of the declared `Content-Length` not sent yet: a client that has them all stops
     /// reading, so the frame that completes them is the last.
     remaining: Option<u64>,
+    /// The response of a gRPC call: a lost lease ends it with `UNAVAILABLE` trailers.
+    grpc: bool,
 }
 
 impl BodyLock {
@@ -40,7 +42,14 @@ impl BodyLock {
             lost: lost.map(Box::pin),
             background,
             remaining: declared_length,
+            grpc: false,
         }
+    }
+
+    /// Marks the response as a gRPC call's (see [`crate::grpc`]).
+    pub(crate) fn grpc(mut self, grpc: bool) -> Self {
+        self.grpc = grpc;
+        self
     }
 }
 
@@ -67,7 +76,8 @@ pin_project! {
     /// client that reads the whole body and sends its next same-key request never meets its own
     /// lock (unless [`release_in_background`](crate::LockLayer::release_in_background) is set).
     /// Under [`LeaseLostPolicy::Abort`](crate::LeaseLostPolicy::Abort), a lease lost while the
-    /// body streams ends the body with an error, never with a clean (truncated) end.
+    /// body streams ends the body with an error, never with a clean (truncated) end (a gRPC
+    /// call's body ends with trailers saying `UNAVAILABLE`: see [`crate::grpc`]).
     ///
     /// Its `Data` is the inner body's, which must be constructible from [`Bytes`] — true for
     /// axum's `Body`, `String`, hyper's `Full<Bytes>`, the `http-body-util` bodies over `Bytes`
@@ -122,7 +132,11 @@ impl<B> LockBody<B> {
 
     pub(crate) fn rejection(data: Bytes) -> Self {
         Self {
-            kind: Kind::Rejection { data: Some(data) },
+            // An empty body (a gRPC Trailers-Only response) is over before it starts, so hyper
+            // sends its headers as the whole response.
+            kind: Kind::Rejection {
+                data: (!data.is_empty()).then_some(data),
+            },
         }
     }
 }
@@ -182,11 +196,17 @@ where
                     && lost.as_mut().poll(cx).is_ready()
                 {
                     // Abort: the lease is gone. Release (compare-and-delete never touches a new
-                    // holder's lock) in the background and fail the body.
+                    // holder's lock) in the background and fail the body (a gRPC call: end it
+                    // with an `UNAVAILABLE` status).
+                    let grpc = held.grpc;
                     if let Some(held) = lock.take() {
                         drop(held.held.release());
                     }
                     *failed = true;
+                    if grpc {
+                        let trailers = crate::grpc::lease_lost_trailers();
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
                     return Poll::Ready(Some(Err(Box::new(LeaseLostMidBody))));
                 }
                 let frame = ready!(body.as_mut().poll_frame(cx));

@@ -53,11 +53,12 @@ impl Clone for HttpConfig {
 }
 
 impl HttpConfig {
-    /// The response for `rejection`: the layer's handler's, or problem+json.
-    pub(crate) fn respond(&self, rejection: Rejection) -> Response<Bytes> {
+    /// The response for `rejection`: the layer's handler's, or the default one (a gRPC status
+    /// to a `grpc` call, else problem+json).
+    pub(crate) fn respond(&self, rejection: Rejection, grpc: bool) -> Response<Bytes> {
         match &self.on_rejection {
             Some(handler) => handler(rejection),
-            None => rejection.into_response(),
+            None => rejection.into_response_for(grpc),
         }
     }
 }

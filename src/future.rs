@@ -56,6 +56,8 @@ pin_project! {
         span: tracing::Span,
         // A HEAD request: its response has no body to hold the lock through.
         head: bool,
+        // A gRPC call: rejections are answered with a gRPC status.
+        grpc: bool,
         #[pin]
         state: State<S, ReqB, B>,
     }
@@ -138,6 +140,7 @@ where
         request: Request<ReqB>,
     ) -> Self {
         let head = request.method() == http::Method::HEAD;
+        let grpc = crate::grpc::is_grpc(request.headers());
         let mut span = tracing::Span::none();
         let state = match key {
             Ok(None) => State::PassThrough {
@@ -207,6 +210,7 @@ where
             shared,
             span,
             head,
+            grpc,
             state,
         }
     }
@@ -308,7 +312,8 @@ where
                                 lost,
                                 http.release_in_background,
                                 declared_length(&response),
-                            );
+                            )
+                            .grpc(*this.grpc);
                             let response = response.map(|body| LockBody::holding(body, lock));
                             return Poll::Ready(Ok(response));
                         }
@@ -340,7 +345,9 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(match output {
                         Some(Outcome::Inner(output)) => output.map(|r| r.map(LockBody::inner)),
-                        Some(Outcome::Rejected(rejection)) => Ok(respond(http, rejection)),
+                        Some(Outcome::Rejected(rejection)) => {
+                            Ok(respond(http, *this.grpc, rejection))
+                        }
                         None => unreachable!("the releasing state always carries its output"),
                     });
                 }
@@ -350,7 +357,7 @@ where
                     let Some(rejection) = rejection else {
                         unreachable!("the rejected state always carries its rejection");
                     };
-                    return Poll::Ready(Ok(respond(http, rejection)));
+                    return Poll::Ready(Ok(respond(http, *this.grpc, rejection)));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -480,9 +487,9 @@ fn declared_length<ResB>(response: &Response<ResB>) -> Option<u64> {
         .ok()
 }
 
-fn respond<ResB>(http: &HttpConfig, rejection: Rejection) -> Response<LockBody<ResB>> {
+fn respond<ResB>(http: &HttpConfig, grpc: bool, rejection: Rejection) -> Response<LockBody<ResB>> {
     crate::telemetry::rejected(metric_reason(&rejection));
-    http.respond(rejection).map(LockBody::rejection)
+    http.respond(rejection, grpc).map(LockBody::rejection)
 }
 
 /// The `reason` label of `tower_lock_rejected_total` for `rejection`.

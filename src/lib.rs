@@ -13,6 +13,7 @@
 //! | extractor rejects the request | **400**, problem+json |
 //! | the key can never be extracted on this route (server misconfiguration) | **500**, problem+json naming the fix, logged once per layer |
 //! | backend unreachable / timed out | **503**, `Retry-After: 1`, problem+json (or the inner service, unlocked, with [`LockLayer::fail_open`]) |
+//! | a gRPC call (`content-type: application/grpc…`) | the same rejections as gRPC statuses in a Trailers-Only response: see [`grpc`] |
 //! | custom rejection | [`LockLayer::on_rejection`] overrides any of the above |
 //!
 //! Rejections are responses, never errors: `Error` stays the inner service's, so axum's
@@ -64,6 +65,7 @@ mod deadline;
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
 mod future;
+pub mod grpc;
 mod guard;
 pub mod idempotency;
 pub mod key;
@@ -94,8 +96,11 @@ pub use crate::policy::LockPolicy;
 pub use crate::response::{Rejection, problem_response};
 pub use crate::routes::{LockRoutes, LockRoutesService, RouteError};
 pub use crate::service::LockService;
+/// The redis-rs this crate is built on, so that `RedisBackend::new(ConnectionManager)` and
+/// friends need no version of your own to match.
+pub use redis;
 
 /// The README's examples, compiled as doctests.
-#[cfg(all(doctest, feature = "axum"))]
+#[cfg(all(doctest, feature = "axum", feature = "tonic"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
