@@ -153,7 +153,7 @@ impl Rejection {
     /// ```
     /// use tower_lock::Rejection;
     ///
-    /// assert_eq!(Rejection::Conflict { remaining: None }.grpc_code(), 10);
+    /// assert_eq!(Rejection::Conflict { remaining: None, retry_after: None }.grpc_code(), 10);
     /// ```
     pub fn grpc_code(&self) -> i32 {
         match self {
@@ -167,22 +167,23 @@ impl Rejection {
     }
 
     /// The `grpc-retry-pushback-ms` of the gRPC response: where HTTP sends `Retry-After`, in
-    /// milliseconds. For a conflict: the holder's remaining lease rounded up, at least 1 (1000
-    /// when unknown); for a backend failure or lost lease: 1000; for a bad or misconfigured key:
+    /// milliseconds. For a conflict: [`Rejection::retry_after`] rounded up to whole milliseconds, at least 1 (the layer's
+    /// estimate, else the holder's remaining lease, 1000 when unknown); for a backend failure or lost lease: 1000; for a bad or misconfigured key:
     /// none.
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_lock::Rejection;
     ///
-    /// let held = Rejection::Conflict { remaining: Some(Duration::from_micros(2_500_100)) };
+    /// let held = Rejection::Conflict {
+    ///     remaining: Some(Duration::from_micros(2_500_100)),
+    ///     retry_after: None,
+    /// };
     /// assert_eq!(held.grpc_retry_pushback_ms(), Some(2501));
     /// ```
     pub fn grpc_retry_pushback_ms(&self) -> Option<u64> {
         match self {
-            Self::Conflict {
-                remaining: Some(remaining),
-            } => Some(ceil_millis(*remaining).max(1)),
+            Self::Conflict { .. } => self.retry_after().map(|after| ceil_millis(after).max(1)),
             _ => self.retry_after_secs().map(|_| DEFAULT_PUSHBACK_MS),
         }
     }
@@ -201,7 +202,7 @@ impl Rejection {
     /// ```
     /// use tower_lock::Rejection;
     ///
-    /// let response = Rejection::Conflict { remaining: None }.into_grpc_response();
+    /// let response = Rejection::Conflict { remaining: None, retry_after: None }.into_grpc_response();
     /// assert_eq!(response.status(), 200);
     /// assert_eq!(response.headers()["grpc-status"], "10");
     /// assert_eq!(response.headers()["grpc-retry-pushback-ms"], "1000");
@@ -299,14 +300,23 @@ mod tests {
             (
                 Rejection::Conflict {
                     remaining: Some(Duration::from_millis(1500)),
+                    retry_after: None,
                 },
                 10,
                 Some(1500),
             ),
-            (Rejection::Conflict { remaining: None }, 10, Some(1000)),
+            (
+                Rejection::Conflict {
+                    remaining: None,
+                    retry_after: None,
+                },
+                10,
+                Some(1000),
+            ),
             (
                 Rejection::Conflict {
                     remaining: Some(Duration::ZERO),
+                    retry_after: None,
                 },
                 10,
                 Some(1),
