@@ -516,6 +516,7 @@ async fn tokens_grow_with_every_holder_whichever_majority_it_takes() {
         highest = fencing_token;
         backend.release(&name, token).await.unwrap();
         fixture.delete_on(&name, blocked).await;
+        fixture.until_released(&name).await;
     }
 }
 

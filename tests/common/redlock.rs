@@ -105,6 +105,23 @@ impl Redlock {
         holding
     }
 
+    /// Waits (up to 5 s) until no node holds `name`: a release returns once a majority has
+    /// released, and the other nodes' releases finish in the background.
+    pub async fn until_released(&self, name: &LockName) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let holding = self.nodes_holding(name).await;
+            if holding.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nodes {holding:?} still hold {name:?} 5 s after its release"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Deletes `name`'s lock on the nodes `nodes` (behind its holder's back).
     pub async fn delete_on(&self, name: &LockName, nodes: impl IntoIterator<Item = usize>) {
         for i in nodes {
