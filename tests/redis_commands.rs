@@ -105,19 +105,28 @@ async fn commands_per_request(fencing: bool) {
 
     if fencing {
         // Two scripts: acquire (SET NX PX, then the counter's TIME, GET, SET PX) and release
-        // (GET, DEL); the 409 is one script (SET refused, PTTL).
+        // (GET, DEL, and the PUBLISH that wakes waiters, issue 9); the 409 is one script (SET
+        // refused, PTTL).
         let expected = counts(&[
             ("evalsha", 2),
             ("set", 2),
             ("time", 1),
             ("get", 2),
             ("del", 1),
+            ("publish", 1),
         ]);
         assert_eq!(uncontended, expected, "uncontended, fencing on");
         assert_eq!(conflict, counts(&[("evalsha", 1), ("set", 1), ("pttl", 1)]));
     } else {
-        // A plain SET, then the release script (GET, DEL inside it); the 409 is one SET.
-        let expected = counts(&[("set", 1), ("evalsha", 1), ("get", 1), ("del", 1)]);
+        // A plain SET, then the release script (GET, DEL and PUBLISH inside it); the 409 is one
+        // SET.
+        let expected = counts(&[
+            ("set", 1),
+            ("evalsha", 1),
+            ("get", 1),
+            ("del", 1),
+            ("publish", 1),
+        ]);
         assert_eq!(uncontended, expected, "uncontended, fencing off");
         assert_eq!(conflict, counts(&[("set", 1)]), "refused, fencing off");
     }
