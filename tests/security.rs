@@ -6,7 +6,8 @@
 //! - a wrong password is a 503 that says "denied", with the password in neither the body nor
 //!   the logs;
 //! - with the `tls-rustls` feature, `rediss://` with a trusted CA locks, and a certificate that
-//!   is not trusted is a 503 that says "TLS", leaking nothing;
+//!   is not trusted is a 503 that says "TLS", leaking nothing; a Redis that requires client
+//!   certificates takes the one `client_certificate_pem` presents, and refuses a client without;
 //! - a stopped Redis is a 503 that says "refused", a frozen one "did not answer in time".
 
 #[macro_use]
@@ -364,6 +365,38 @@ mod tls {
         }
         assert!(logs.contains("invalid peer certificate"), "{logs}");
         assert_no_secret(&[&logs, &eager_error.to_string(), &format!("{eager_error:?}")]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mutual_tls_presents_the_client_certificate() {
+        let redis = TlsRedis::start(&["--tls-auth-clients", "yes"]);
+        let name = lock_name("mtls");
+        let options = AcquireOptions::new(Duration::from_secs(5));
+        let trusting =
+            || RedisBackend::builder(&redis.url(None)).trust_ca_pem(redis.pki.ca_pem.clone());
+
+        let anonymous = trusting().build().unwrap();
+        let error = anonymous
+            .acquire(&name, LockToken::random(), options)
+            .await
+            .unwrap_err();
+        assert_eq!(error.reason(), FailureReason::Tls, "{error}");
+
+        let presenting = trusting()
+            .client_certificate_pem(
+                redis.pki.client_cert_pem.clone(),
+                redis.pki.client_key_pem.clone(),
+            )
+            .connect()
+            .await
+            .expect("mutual TLS with the test CA's client certificate");
+        assert!(matches!(
+            presenting
+                .acquire(&name, LockToken::random(), options)
+                .await
+                .unwrap(),
+            Acquire::Acquired { .. }
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,10 @@ pub struct Pki {
     dir: PathBuf,
     /// The CA's certificate (PEM): what a client must trust.
     pub ca_pem: String,
+    /// A client certificate the CA signed (PEM), for mutual TLS.
+    pub client_cert_pem: String,
+    /// Its private key (PEM).
+    pub client_key_pem: String,
 }
 
 impl Pki {
@@ -51,9 +55,21 @@ impl Pki {
             .push(DnType::CommonName, "tower-lock test redis");
         let cert = server.signed_by(&key, &ca).expect("server certificate");
 
+        let client_key = KeyPair::generate().expect("client key");
+        let mut client = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "tower-lock test client");
+        client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client
+            .signed_by(&client_key, &ca)
+            .expect("client certificate");
+
         let pki = Self {
             dir,
             ca_pem: ca.pem(),
+            client_cert_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
         };
         std::fs::write(pki.ca_file(), &pki.ca_pem).expect("write ca");
         std::fs::write(pki.cert_file(), cert.pem()).expect("write cert");
