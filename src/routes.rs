@@ -10,11 +10,13 @@
 //!
 //! # Spellings of a path
 //!
-//! A route cannot be bypassed by spelling its path another way. The table matches a
-//! **normalized** path: empty segments (`//`) and `.` segments are dropped, `..` removes the
-//! segment before it (never above `/`), and a trailing `/` is dropped — so `/jobs/7/run/`,
+//! A route cannot be bypassed by spelling its path another way. Each route, in order, is matched
+//! against the path as it comes (as axum matches it, with the same parameters) and, if that
+//! fails, against the path **normalized**: empty segments (`//`) and `.` segments dropped, `..`
+//! removing the segment before it (never above `/`), a trailing `/` dropped — so `/jobs/7/run/`,
 //! `//jobs/7/run`, `/jobs/7/./run` and `/jobs/x/../7/run` take the lock of `/jobs/7/run`, with
-//! the same path parameters. The request goes on to the inner service unchanged.
+//! the same path parameters, and a table locks at least whatever axum routes to the same
+//! pattern. The request goes on to the inner service unchanged.
 //!
 //! Percent-encoded separators (`%2F`, `%5C`, `%2E`, either case) are matched as axum matches
 //! them — as part of a segment, so `/files/{*path}` sees `a%2Fb` as one value — but a path
@@ -263,18 +265,25 @@ impl<S: fmt::Debug, B> fmt::Debug for LockRoutesService<S, B> {
 }
 
 impl<S, B> LockRoutesService<S, B> {
-    /// The first route whose policy applies to `method` and whose pattern matches `path` (a
-    /// normalized path), with the path parameters.
+    /// The first route whose policy applies to `method` and whose pattern matches `path`, as it
+    /// is or else normalized, with the path parameters (of `path` as it is when it matches, as
+    /// axum would give them).
     fn route_for(
         &self,
         method: &http::Method,
         path: &str,
     ) -> Option<(&Route<B>, crate::key::pattern::PathParams)> {
+        let normal = normalize::normalize(path);
+        let normal = (normal != path).then_some(normal);
         self.routes.iter().find_map(|route| {
             if !route.key.applies_to(method) {
                 return None;
             }
-            Some((route, route.matcher.matches(path)?))
+            let params = route
+                .matcher
+                .matches(path)
+                .or_else(|| route.matcher.matches(normal.as_deref()?))?;
+            Some((route, params))
         })
     }
 }
@@ -297,10 +306,10 @@ where
         let inner = take_ready(&mut self.inner);
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path();
-        let matched = self.route_for(&parts.method, &normalize::normalize(path));
+        let matched = self.route_for(&parts.method, path);
         if normalize::has_encoded_separators(path) {
             let decoded = normalize::decode_separators(path);
-            let other = self.route_for(&parts.method, &normalize::normalize(&decoded));
+            let other = self.route_for(&parts.method, &decoded);
             if let Some((other, _)) = other
                 && matched
                     .as_ref()

@@ -199,3 +199,54 @@ async fn path_segment_reads_the_normalized_path() {
         );
     }
 }
+
+/// A route that matches the path as it comes is matched as axum matches it, with axum's
+/// parameters: normalizing never loses a match (`/{*r}` matches `//` with `r` = `/`, which
+/// normalized would be `/`, which it does not match).
+#[tokio::test]
+async fn the_path_as_it_comes_is_matched_first_with_axums_parameters() {
+    let fixture = Memory::start().await;
+    let service = table(&fixture)
+        .route("/{*r}", LockPolicy::template("r:{path.r}").unwrap())
+        .unwrap()
+        .layer(echo(Gate::new()));
+    for (path, key) in [("//", "r:/"), ("/a//b", "r:a//b"), ("/a/./b/", "r:a/./b/")] {
+        assert_eq!(
+            answer(&service, call(Method::POST, path)).await,
+            (StatusCode::OK, format!("{NS}{{{key}}}")),
+            "{path}"
+        );
+    }
+}
+
+/// Routes are tried in order, each on the path as it comes and then normalized: a catch-all
+/// after a route does not take that route's respellings.
+#[tokio::test]
+async fn a_catch_all_after_a_route_does_not_take_its_respellings() {
+    let fixture = Memory::start().await;
+    let service = table(&fixture)
+        .route(
+            "/jobs/{id}/run",
+            LockPolicy::template("job:{path.id}").unwrap(),
+        )
+        .unwrap()
+        .route("/{*rest}", LockPolicy::template("any").unwrap())
+        .unwrap()
+        .layer(echo(Gate::new()));
+    for path in [
+        "/jobs/7/run",
+        "//jobs/7/run",
+        "/jobs/7/run/",
+        "/jobs/x/../7/run",
+    ] {
+        assert_eq!(
+            answer(&service, call(Method::POST, path)).await,
+            (StatusCode::OK, job_7()),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        answer(&service, call(Method::POST, "/other")).await,
+        (StatusCode::OK, format!("{NS}{{any}}"))
+    );
+}

@@ -289,14 +289,22 @@ pub(crate) struct TableMatch {
     pub(crate) params: PathParams,
 }
 
+/// `pattern`'s parameters in `path` as it is (as axum matches it), or else in `path` normalized
+/// (`//`, `.`, `..` and a trailing `/` folded away; see [`normalize`](super::normalize)).
+fn matches_either(pattern: &Pattern, path: &str) -> Option<PathParams> {
+    pattern.matches(path).or_else(|| {
+        let normal = super::normalize::normalize(path);
+        (normal != path).then(|| pattern.matches(&normal)).flatten()
+    })
+}
+
 /// The route pattern of the request: the table's, `own` when it matches the path, axum's
 /// `MatchedPath`, or `own`.
 pub(crate) fn route_pattern<'a>(parts: &'a Parts, own: Option<&'a Pattern>) -> Option<&'a str> {
     if let Some(table) = parts.extensions.get::<TableMatch>() {
         return Some(&table.pattern);
     }
-    let path = super::normalize::normalize(parts.uri.path());
-    if let Some(own) = own.filter(|pattern| pattern.matches(&path).is_some()) {
+    if let Some(own) = own.filter(|pattern| matches_either(pattern, parts.uri.path()).is_some()) {
         return Some(own.as_str());
     }
     #[cfg(feature = "axum")]
@@ -411,7 +419,7 @@ pub(crate) fn path_params<'a>(
     // A pattern given to the extractor is the user's word for this route: it wins over a
     // router around it (axum's `route_service("/api/{*rest}", …)`) whenever it matches.
     if let Some(own) = own
-        && let Some(params) = own.matches(&super::normalize::normalize(parts.uri.path()))
+        && let Some(params) = matches_either(own, parts.uri.path())
     {
         return Ok(ParamSource::Route {
             params: Cow::Owned(params),
