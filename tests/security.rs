@@ -28,7 +28,8 @@ use tower_lock::{LockBackend, LockLayer, Locks, RedisBackend};
 
 /// The README's recommended ACL for the lock user, namespace `tower-lock:`.
 const README_ACL: &str = "ACL SETUSER tower-lock on >CHANGE-ME resetkeys ~tower-lock:* \
-                          resetchannels -@all +set +get +del +pttl +incr +evalsha +script|load +info";
+                          resetchannels &tower-lock:* -@all +set +get +del +pttl +time +publish +subscribe \
+                          +unsubscribe +evalsha +script|load +info";
 
 /// The lock user's password in these tests.
 const PASSWORD: &str = "lock-user-pw-7c1e";
@@ -39,6 +40,7 @@ const WRONG_PASSWORD: &str = "not-the-pw-93ab";
 fn acl_rules() -> Vec<String> {
     README_ACL
         .replace("~tower-lock:*", &format!("~{NS}*"))
+        .replace("&tower-lock:*", &format!("&{NS}*"))
         .replace(">CHANGE-ME", &format!(">{PASSWORD}"))
         .split_whitespace()
         .skip(2)
@@ -195,6 +197,24 @@ async fn an_acl_user_restricted_to_the_lock_prefix_can_lock_renew_release_and_in
     assert!(locks.force_unlock(&LockKey::new("forced")).await.unwrap());
     assert!(held.fencing_token() >= 1);
 
+    // Waiting: the release publishes on the lock's channel, and the waiter's subscriber
+    // connection (the same user) subscribes to it.
+    let waited = LockKey::new("waited");
+    let first = locks.try_lock(&waited).await.unwrap();
+    let waiter = {
+        let (locks, waited) = (locks.clone(), waited.clone());
+        tokio::spawn(async move { locks.lock(&waited, Duration::from_secs(5)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first_token = first.fencing_token();
+    first.release().await.unwrap();
+    let second = waiter
+        .await
+        .unwrap()
+        .expect("the waiter takes the lock after the release");
+    assert!(second.fencing_token() > first_token);
+    second.release().await.unwrap();
+
     assert_eq!(
         acl_denials(&redis.server).await,
         "",
@@ -235,10 +255,10 @@ async fn a_lock_outside_the_acl_prefix_is_a_503_that_says_denied() {
 async fn a_command_the_acl_forbids_inside_a_script_is_a_503_that_says_denied() {
     let redis = TlsRedis::start(&[]);
     create_lock_user(&redis.server).await;
-    // The fencing counter's `INCR` runs inside the acquire script.
+    // The fencing token's clock floor (`TIME`) is read inside the acquire script.
     let mut admin = redis.server.connection().await;
     let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", "tower-lock", "-incr"])
+        .arg(&["SETUSER", "tower-lock", "-time"])
         .query_async(&mut admin)
         .await
         .unwrap();
