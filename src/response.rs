@@ -163,6 +163,16 @@ impl Rejection {
             retry_after_ms,
         )
     }
+
+    /// The default response to a request: a gRPC status ([`Rejection::into_grpc_response`]) for a
+    /// [gRPC call](crate::grpc::is_grpc), problem+json ([`Rejection::into_response`]) otherwise.
+    pub(crate) fn into_response_for(self, grpc: bool) -> Response<Bytes> {
+        if grpc {
+            self.into_grpc_response()
+        } else {
+            self.into_response()
+        }
+    }
 }
 
 /// The 503 detail for a backend failure: what happened, never the error's own message (which
@@ -184,16 +194,6 @@ fn backend_detail(error: &BackendError) -> &'static str {
             "The lock could not be acquired because the TLS connection to the lock store failed."
         }
         _ => "The lock could not be acquired because the lock store failed.",
-    }
-
-    /// The default response to a request: a gRPC status ([`Rejection::into_grpc_response`]) for a
-    /// [gRPC call](crate::grpc::is_grpc), problem+json ([`Rejection::into_response`]) otherwise.
-    pub(crate) fn into_response_for(self, grpc: bool) -> Response<Bytes> {
-        if grpc {
-            self.into_grpc_response()
-        } else {
-            self.into_response()
-        }
     }
 }
 

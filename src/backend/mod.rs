@@ -35,11 +35,11 @@ mod failure;
 mod memory;
 mod redis;
 mod redlock;
-mod subscriber;
-mod wakeups;
 #[cfg(feature = "sentinel")]
 mod sentinel;
+mod subscriber;
 mod tls;
+mod wakeups;
 
 pub use self::cluster::RedisClusterBackend;
 pub(crate) use self::contract::Label;
@@ -50,10 +50,10 @@ pub use self::contract::{
 pub use self::memory::MemoryBackend;
 pub use self::redis::{RedisBackend, RedisBackendBuilder};
 pub use self::redlock::RedlockBackend;
-pub use self::wakeups::Wakeups;
-pub(crate) use self::wakeups::Watch;
 #[cfg(feature = "sentinel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
 pub use self::sentinel::RedisSentinelBackend;
 #[cfg(feature = "tls-rustls")]
 pub use self::tls::install_crypto_provider;
+pub use self::wakeups::Wakeups;
+pub(crate) use self::wakeups::Watch;

@@ -11,7 +11,7 @@
 //!
 //! | rejection | HTTP (problem+json) | gRPC `grpc-status` | `grpc-retry-pushback-ms` |
 //! |---|---|---|---|
-//! | key held by another request ([`Conflict`](Rejection::Conflict)) | 409 | `ABORTED` (10) | the holder's remaining lease in ms (≥ 1), or 1000 when unknown |
+//! | key held by another request ([`Conflict`](Rejection::Conflict)) | 409 | `ABORTED` (10) | [`Rejection::retry_after`] in ms (≥ 1): the layer's estimate of when the lock is free |
 //! | key missing or invalid ([`InvalidKey`](Rejection::InvalidKey)) | 400 | `INVALID_ARGUMENT` (3) | none |
 //! | backend unavailable or too slow ([`BackendUnavailable`](Rejection::BackendUnavailable)) | 503 | `UNAVAILABLE` (14) | 1000 |
 //! | acquired with too little validity ([`InsufficientValidity`](Rejection::InsufficientValidity)) | 503 | `UNAVAILABLE` (14) | 1000 |
@@ -19,7 +19,7 @@
 //! | misconfigured key ([`MisconfiguredKey`](Rejection::MisconfiguredKey)) | 500 | `INTERNAL` (13) | none |
 //!
 //! `grpc-retry-pushback-ms` (the gRPC retry design's "retry after N ms") is sent where HTTP sends
-//! `Retry-After`. `grpc-message` is the problem's `detail` text, percent-encoded as the gRPC
+//! `Retry-After`, with millisecond precision. `grpc-message` is the problem's `detail` text, percent-encoded as the gRPC
 //! protocol requires (every byte outside printable ASCII, and `%`).
 //!
 //! ```
@@ -119,9 +119,6 @@ mod code {
 /// (non-ASCII bytes are always encoded by `percent_encoding`).
 const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
 
-/// The pushback of a rejection that does not know better, as for `Retry-After: 1`.
-const DEFAULT_PUSHBACK_MS: u64 = 1000;
-
 /// Whether a request with these headers is a gRPC call: its `content-type` is
 /// `application/grpc`, or `application/grpc+…` (`+proto`, `+json`), in any case, with or
 /// without parameters. gRPC-Web (`application/grpc-web…`) is not: it keeps problem+json.
@@ -153,7 +150,7 @@ impl Rejection {
     /// ```
     /// use tower_lock::Rejection;
     ///
-    /// assert_eq!(Rejection::Conflict { remaining: None }.grpc_code(), 10);
+    /// assert_eq!(Rejection::Conflict { remaining: None, retry_after: None }.grpc_code(), 10);
     /// ```
     pub fn grpc_code(&self) -> i32 {
         match self {
@@ -166,25 +163,23 @@ impl Rejection {
         }
     }
 
-    /// The `grpc-retry-pushback-ms` of the gRPC response: where HTTP sends `Retry-After`, in
-    /// milliseconds. For a conflict: the holder's remaining lease rounded up, at least 1 (1000
-    /// when unknown); for a backend failure or lost lease: 1000; for a bad or misconfigured key:
-    /// none.
+    /// The `grpc-retry-pushback-ms` of the gRPC response: where HTTP sends `Retry-After`,
+    /// [`Rejection::retry_after`] in milliseconds, rounded up, at least 1. For a conflict: the
+    /// layer's estimate of when the lock is free; for a backend failure or lost lease: 1000; for
+    /// a bad or misconfigured key: none.
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_lock::Rejection;
     ///
-    /// let held = Rejection::Conflict { remaining: Some(Duration::from_micros(2_500_100)) };
+    /// let held = Rejection::Conflict {
+    ///     remaining: Some(Duration::from_secs(9)),
+    ///     retry_after: Some(Duration::from_micros(2_500_100)),
+    /// };
     /// assert_eq!(held.grpc_retry_pushback_ms(), Some(2501));
     /// ```
     pub fn grpc_retry_pushback_ms(&self) -> Option<u64> {
-        match self {
-            Self::Conflict {
-                remaining: Some(remaining),
-            } => Some(ceil_millis(*remaining).max(1)),
-            _ => self.retry_after_secs().map(|_| DEFAULT_PUSHBACK_MS),
-        }
+        self.retry_after().map(|after| ceil_millis(after).max(1))
     }
 
     /// The text of `grpc-message`, before percent-encoding: the problem+json `detail`.
@@ -201,7 +196,7 @@ impl Rejection {
     /// ```
     /// use tower_lock::Rejection;
     ///
-    /// let response = Rejection::Conflict { remaining: None }.into_grpc_response();
+    /// let response = Rejection::Conflict { remaining: None, retry_after: None }.into_grpc_response();
     /// assert_eq!(response.status(), 200);
     /// assert_eq!(response.headers()["grpc-status"], "10");
     /// assert_eq!(response.headers()["grpc-retry-pushback-ms"], "1000");
@@ -299,14 +294,31 @@ mod tests {
             (
                 Rejection::Conflict {
                     remaining: Some(Duration::from_millis(1500)),
+                    retry_after: None,
                 },
                 10,
                 Some(1500),
             ),
-            (Rejection::Conflict { remaining: None }, 10, Some(1000)),
+            (
+                Rejection::Conflict {
+                    remaining: Some(Duration::from_millis(9000)),
+                    retry_after: Some(Duration::from_millis(120)),
+                },
+                10,
+                Some(120),
+            ),
+            (
+                Rejection::Conflict {
+                    remaining: None,
+                    retry_after: None,
+                },
+                10,
+                Some(1000),
+            ),
             (
                 Rejection::Conflict {
                     remaining: Some(Duration::ZERO),
+                    retry_after: None,
                 },
                 10,
                 Some(1),
