@@ -27,7 +27,7 @@ pub(crate) enum Interest {
 pub(crate) type StartSubscriber =
     Arc<dyn Fn(std::sync::Weak<Hub>) -> Option<mpsc::UnboundedSender<Interest>> + Send + Sync>;
 
-/// Wake-ups for a backend's waiters: see the [module docs](self). Cheap to clone; clones share
+/// Wake-ups for a backend's waiters: see this (private) module's docs in the source. Cheap to clone; clones share
 /// their watches.
 ///
 /// A custom backend that releases in process builds one with [`Wakeups::in_process`] and calls

@@ -11,7 +11,7 @@
 //!
 //! | rejection | HTTP (problem+json) | gRPC `grpc-status` | `grpc-retry-pushback-ms` |
 //! |---|---|---|---|
-//! | key held by another request ([`Conflict`](Rejection::Conflict)) | 409 | `ABORTED` (10) | the holder's remaining lease in ms (≥ 1), or 1000 when unknown |
+//! | key held by another request ([`Conflict`](Rejection::Conflict)) | 409 | `ABORTED` (10) | [`Rejection::retry_after`] in ms (≥ 1): the layer's estimate of when the lock is free |
 //! | key missing or invalid ([`InvalidKey`](Rejection::InvalidKey)) | 400 | `INVALID_ARGUMENT` (3) | none |
 //! | backend unavailable or too slow ([`BackendUnavailable`](Rejection::BackendUnavailable)) | 503 | `UNAVAILABLE` (14) | 1000 |
 //! | acquired with too little validity ([`InsufficientValidity`](Rejection::InsufficientValidity)) | 503 | `UNAVAILABLE` (14) | 1000 |
@@ -19,7 +19,7 @@
 //! | misconfigured key ([`MisconfiguredKey`](Rejection::MisconfiguredKey)) | 500 | `INTERNAL` (13) | none |
 //!
 //! `grpc-retry-pushback-ms` (the gRPC retry design's "retry after N ms") is sent where HTTP sends
-//! `Retry-After`. `grpc-message` is the problem's `detail` text, percent-encoded as the gRPC
+//! `Retry-After`, with millisecond precision. `grpc-message` is the problem's `detail` text, percent-encoded as the gRPC
 //! protocol requires (every byte outside printable ASCII, and `%`).
 //!
 //! ```
@@ -118,9 +118,6 @@ mod code {
 /// `grpc-message` percent-encodes every byte outside printable ASCII (0x20–0x7E), and `%`
 /// (non-ASCII bytes are always encoded by `percent_encoding`).
 const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
-
-/// The pushback of a rejection that does not know better, as for `Retry-After: 1`.
-const DEFAULT_PUSHBACK_MS: u64 = 1000;
 
 /// Whether a request with these headers is a gRPC call: its `content-type` is
 /// `application/grpc`, or `application/grpc+…` (`+proto`, `+json`), in any case, with or

@@ -25,7 +25,7 @@ impl<S: NamedService, B> NamedService for LockRoutesService<S, B> {
 /// ```
 /// use tower_lock::Rejection;
 ///
-/// let status = tonic::Status::from(Rejection::Conflict { remaining: None });
+/// let status = tonic::Status::from(Rejection::Conflict { remaining: None, retry_after: None });
 /// assert_eq!(status.code(), tonic::Code::Aborted);
 /// assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "1000");
 /// ```
