@@ -163,26 +163,23 @@ impl Rejection {
         }
     }
 
-    /// The `grpc-retry-pushback-ms` of the gRPC response: where HTTP sends `Retry-After`, in
-    /// milliseconds. For a conflict: [`Rejection::retry_after`] rounded up to whole milliseconds, at least 1 (the layer's
-    /// estimate, else the holder's remaining lease, 1000 when unknown); for a backend failure or lost lease: 1000; for a bad or misconfigured key:
-    /// none.
+    /// The `grpc-retry-pushback-ms` of the gRPC response: where HTTP sends `Retry-After`,
+    /// [`Rejection::retry_after`] in milliseconds, rounded up, at least 1. For a conflict: the
+    /// layer's estimate of when the lock is free; for a backend failure or lost lease: 1000; for
+    /// a bad or misconfigured key: none.
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower_lock::Rejection;
     ///
     /// let held = Rejection::Conflict {
-    ///     remaining: Some(Duration::from_micros(2_500_100)),
-    ///     retry_after: None,
+    ///     remaining: Some(Duration::from_secs(9)),
+    ///     retry_after: Some(Duration::from_micros(2_500_100)),
     /// };
     /// assert_eq!(held.grpc_retry_pushback_ms(), Some(2501));
     /// ```
     pub fn grpc_retry_pushback_ms(&self) -> Option<u64> {
-        match self {
-            Self::Conflict { .. } => self.retry_after().map(|after| ceil_millis(after).max(1)),
-            _ => self.retry_after_secs().map(|_| DEFAULT_PUSHBACK_MS),
-        }
+        self.retry_after().map(|after| ceil_millis(after).max(1))
     }
 
     /// The text of `grpc-message`, before percent-encoding: the problem+json `detail`.
@@ -301,6 +298,14 @@ mod tests {
                 },
                 10,
                 Some(1500),
+            ),
+            (
+                Rejection::Conflict {
+                    remaining: Some(Duration::from_millis(9000)),
+                    retry_after: Some(Duration::from_millis(120)),
+                },
+                10,
+                Some(120),
             ),
             (
                 Rejection::Conflict {
