@@ -459,3 +459,136 @@ async fn a_lease_lost_under_abort_while_streaming_ends_the_stream_with_unavailab
         "{status:?}"
     );
 }
+
+// ---- Red-team checks (attack13): cancellation, deadlines, the example's contract. ----
+
+/// A unary call the client abandons while its handler holds the lock (the client's future is
+/// dropped: tonic resets the HTTP/2 stream) releases the lock at once, not at lease expiry.
+async fn abandoned_unary_call_releases<F: Fixture>() {
+    let fixture = F::start().await;
+    let server = serve(&fixture).await;
+    let mut client = server.client().await;
+    let call = client.run(job_request(Some("11"), "abandoned", 60_000));
+    let abandoned = tokio::time::timeout(Duration::from_millis(500), call).await;
+    assert!(abandoned.is_err(), "the call should still be running");
+    until_held(&fixture, 0).await;
+    let mut other = server.client().await;
+    let reply = other.run(job_request(Some("11"), "next", 0)).await;
+    assert!(reply.is_ok(), "{reply:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_unary_call_releases_its_lock_memory() {
+    abandoned_unary_call_releases::<common::Memory>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_unary_call_releases_its_lock_redis() {
+    abandoned_unary_call_releases::<common::Redis>().await;
+}
+
+/// A call past its gRPC deadline (`grpc-timeout`, which tonic's server enforces) ends with
+/// `DEADLINE_EXCEEDED`/`CANCELLED` and releases its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_grpc_deadline_releases_its_lock() {
+    let fixture = common::Redis::start().await;
+    let server = serve(&fixture).await;
+    let mut client = server.client().await;
+    let mut request = job_request(Some("12"), "late", 60_000);
+    request.set_timeout(Duration::from_millis(300));
+    let status = tokio::time::timeout(Duration::from_secs(20), client.run(request))
+        .await
+        .expect("the deadline was not enforced")
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    until_held(&fixture, 0).await;
+}
+
+/// `content-type` parameters may follow optional whitespace, which is spaces *or tabs*
+/// (RFC 9110 `OWS`): `application/grpc\t;…` is a gRPC call too.
+#[test]
+fn a_grpc_content_type_with_a_tab_before_its_parameters_is_grpc() {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc\t; charset=utf-8"),
+    );
+    assert!(tower_lock::grpc::is_grpc(&headers));
+}
+
+/// The example's contract (issue 13): `Run` "sleeps `hold_ms` while holding the lock". With
+/// a paused clock, a 120 s hold must take 120 s of (virtual) time; the example clamps it to 60 s
+/// (`jobs::MAX_HOLD`), which neither the README, the proto nor `examples/grpc.rs` states.
+#[tokio::test(start_paused = true)]
+async fn the_example_holds_the_lock_for_every_hold_ms_asked() {
+    use http_body_util::BodyExt;
+    use prost::Message;
+
+    let service = jobs::layer(MemoryBackend::new()).layer(JobsServer);
+    let message = jobs::RunRequest {
+        id: "long".into(),
+        hold_ms: 120_000,
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    let request = Request::post(jobs::RUN_PATH)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .header(jobs::JOB_ID, "13")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(frame),
+        )))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let response = service.oneshot(request).await.unwrap();
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("0")
+    );
+    let held = started.elapsed();
+    assert!(held >= Duration::from_secs(120), "held for {held:?}");
+}
+
+/// A key the server cannot build on any call (a `{path.NAME}` with no pattern to read it from)
+/// reaches a real client as `INTERNAL` with the percent-decoded detail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_key_is_internal_to_a_real_client() {
+    let layer = LockLayer::new(
+        MemoryBackend::new(),
+        KeyTemplate::parse("jobs.{path.method}").unwrap(),
+    );
+    let server = Server::start(Routes::new(layer.layer(JobsServer))).await;
+    let mut client = server.client().await;
+    let status = client
+        .run(job_request(Some("1"), "a", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("method"), "{status:?}");
+}
+
+/// `grpc-message` is percent-encoded on the wire and a real client decodes it back to the
+/// detail: non-ASCII, `%`, and control characters survive the round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_client_decodes_the_percent_encoded_message_to_the_detail() {
+    const DETAIL: &str = "job ünïcode 100% wrong: é\tend";
+    let key = |_: &http::request::Parts| -> Result<Option<LockKey>, tower_lock::key::KeyRejection> {
+        Err(tower_lock::key::KeyRejection::new(DETAIL))
+    };
+    let layer = LockLayer::new(MemoryBackend::new(), key);
+    let server = Server::start(Routes::new(layer.layer(JobsServer))).await;
+    let mut client = server.client().await;
+    let status = client
+        .run(job_request(Some("1"), "a", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.message(), DETAIL);
+}
