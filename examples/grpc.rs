@@ -5,7 +5,7 @@
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example grpc --features tonic # locks in Redis
 //! ```
 //!
-//! Environment: `PORT` (default 50051), `REDIS_URL` (unset: locks in process), `RUST_LOG`
+//! Environment: `PORT` (default 50051), `HOST` (default 127.0.0.1), `REDIS_URL` (unset: locks in process), `RUST_LOG`
 //! (default `info`).
 //!
 //! `/tower_lock.demo.Jobs/Run` (`RunRequest { string id = 1; uint64 hold_ms = 2; }` →
@@ -64,7 +64,19 @@ async fn main() {
         }
     };
 
-    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    // Loopback unless told otherwise, as the HTTP demo (`HOST=0.0.0.0` for every interface).
+    let ip: std::net::IpAddr = match std::env::var("HOST") {
+        Err(_) => [127, 0, 0, 1].into(),
+        Ok(host) if host.trim().is_empty() => [127, 0, 0, 1].into(),
+        Ok(host) => match host.trim().parse() {
+            Ok(ip) => ip,
+            Err(_) => {
+                eprintln!("tower-lock grpc demo: HOST must be an IP address, got {host:?}");
+                std::process::exit(2);
+            }
+        },
+    };
+    let addr = SocketAddr::new(ip, port);
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => listener,
         Err(error) => {

@@ -44,8 +44,6 @@ pub const JOB_ID: &str = "x-job-id";
 pub const JOB_KEY: &str = "job:{header.x-job-id}";
 /// How many replies `Watch` streams.
 pub const WATCH_REPLIES: u64 = 5;
-/// The longest hold a call may ask for.
-pub const MAX_HOLD: Duration = Duration::from_secs(60);
 
 /// `message RunRequest { string id = 1; uint64 hold_ms = 2; }`
 #[derive(Clone, PartialEq, prost::Message)]
@@ -84,7 +82,7 @@ fn fencing_token<T>(request: &Request<T>) -> Result<u64, Status> {
 }
 
 fn hold(request: &RunRequest) -> Duration {
-    Duration::from_millis(request.hold_ms).min(MAX_HOLD)
+    Duration::from_millis(request.hold_ms)
 }
 
 async fn run(request: Request<RunRequest>) -> Result<Response<RunReply>, Status> {
