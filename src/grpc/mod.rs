@@ -140,7 +140,10 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     let prefix = b"application/grpc";
     value.len() >= prefix.len()
         && value[..prefix.len()].eq_ignore_ascii_case(prefix)
-        && matches!(value.get(prefix.len()), None | Some(b'+' | b';' | b' ' | b'\t'))
+        && matches!(
+            value.get(prefix.len()),
+            None | Some(b'+' | b';' | b' ' | b'\t')
+        )
 }
 
 impl Rejection {
