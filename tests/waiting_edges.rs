@@ -137,22 +137,32 @@ async fn waiters_are_woken_after_the_subscriber_runtime_shuts_down() {
         let locks = locks.clone();
         move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
-            let refused = runtime.block_on(locks.lock(&key("a"), Duration::from_millis(300)));
+            let refused = runtime.block_on(locks.lock(&key("a"), Duration::from_secs(3)));
             assert!(refused.is_err());
             let _ = stopped.recv();
             drop(runtime);
         }
     });
-    let pubsub_channels = async |fixture: &Redis| {
+    let pubsub_channels = async |fixture: &Redis, name: &str| {
         let mut connection = fixture.server.connection().await;
         redis::cmd("PUBSUB")
             .arg("NUMSUB")
-            .arg(format!("{}:wake", locks.name(&key("b")).lock_key()))
+            .arg(format!("{}:wake", locks.name(&key(name)).lock_key()))
             .query_async::<(String, usize)>(&mut connection)
             .await
             .unwrap()
             .1
     };
+    // The other runtime's subscriber runs (else this runtime's waiter would start its own).
+    assert!(
+        eventually(Duration::from_secs(5), async || pubsub_channels(
+            &fixture, "a"
+        )
+        .await
+            == 1)
+        .await,
+        "a never subscribed"
+    );
     // This runtime's waiter on `b` is served by the other runtime's subscriber.
     let held_b = locks.try_lock(&key("b")).await.unwrap();
     let waiter = tokio::spawn({
@@ -160,8 +170,10 @@ async fn waiters_are_woken_after_the_subscriber_runtime_shuts_down() {
         async move { locks.lock(&key("b"), Duration::from_secs(20)).await }
     });
     assert!(
-        eventually(Duration::from_secs(5), async || pubsub_channels(&fixture)
-            .await
+        eventually(Duration::from_secs(5), async || pubsub_channels(
+            &fixture, "b"
+        )
+        .await
             == 1)
         .await,
         "b never subscribed"
