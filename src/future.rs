@@ -23,6 +23,7 @@ use crate::guard::{LockGuard, report_release};
 use crate::key::{KeyRejection, LockKey};
 use crate::response::Rejection;
 use crate::wait::Waiting;
+use crate::wait::estimate::TimedHold;
 
 pin_project! {
     /// The response future of [`LockService`](crate::LockService).
@@ -93,7 +94,8 @@ pin_project! {
         Calling {
             #[pin]
             future: S::Future,
-            // When the lock was taken: the hold time feeds the layer's `Retry-After` estimate.
+            // When the lock was taken: the hold time (to the response, or under hold-through-body
+            // to the end of the body) feeds the layer's `Retry-After` estimate.
             since: Instant,
             // The lock: `Some` while in this state, taken when it is left.
             guard: Option<LockGuard<B>>,
@@ -295,7 +297,7 @@ where
                         continue;
                     }
                     let output = ready!(future.poll(cx));
-                    http.hold_times.observe(since.elapsed());
+                    let since = *since;
                     let Some(guard) = guard.take() else {
                         unreachable!("the calling state always holds its lock");
                     };
@@ -307,8 +309,11 @@ where
                             this.state.set(State::Done);
                             let lost = (http.lease_lost == LeaseLostPolicy::Abort)
                                 .then(|| guard.lease().lost_owned());
+                            // Held until the body ends: the hold is timed until then.
+                            let held =
+                                TimedHold::new(Box::new(guard), http.hold_times.clone(), since);
                             let lock = BodyLock::new(
-                                Box::new(guard),
+                                Box::new(held),
                                 lost,
                                 http.release_in_background,
                                 declared_length(&response),
@@ -318,11 +323,13 @@ where
                             return Poll::Ready(Ok(response));
                         }
                         output if http.release_in_background => {
+                            http.hold_times.observe(since.elapsed());
                             drop(guard); // spawns the release
                             this.state.set(State::Done);
                             return Poll::Ready(output.map(|r| r.map(LockBody::inner)));
                         }
                         output => {
+                            http.hold_times.observe(since.elapsed());
                             let next = release(guard, Outcome::Inner(output));
                             this.state.set(next);
                         }

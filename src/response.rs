@@ -60,8 +60,10 @@ impl Rejection {
     /// When retrying is likely to succeed, as precisely as the layer knows it.
     ///
     /// For a conflict: the layer's estimate of when the lock is free. The layer keeps a moving
-    /// average of how long requests on this route held the lock (from lock to the handler's
-    /// response; 1/8 weight to the newest), and estimates that the holder and each local
+    /// average of how long requests on this route held the lock (from lock to release: the
+    /// handler's response, or the end of the body under
+    /// [`hold_through_body`](crate::LockLayer::hold_through_body); 1/8 weight to the newest),
+    /// and estimates that the holder and each local
     /// waiter ahead will hold it that long; when the lease is not renewed, the holder's turn
     /// ends with its remaining lease at the latest. Before any hold time was observed, the
     /// holder's remaining lease (which renewal keeps near the TTL, so it is an upper bound). For

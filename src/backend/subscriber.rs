@@ -38,11 +38,12 @@ fn channel(lock_key: &str) -> String {
 
 /// Connects, subscribes to every watched lock, and wakes their waiters until the hub is gone;
 /// reconnects (with back-off) whenever the connection is lost. Waiters poll meanwhile.
-async fn run(
-    client: redis::Client,
-    hub: Weak<Hub>,
-    mut interests: mpsc::UnboundedReceiver<Interest>,
-) {
+async fn run(client: redis::Client, hub: Weak<Hub>, interests: mpsc::UnboundedReceiver<Interest>) {
+    let mut running = Running {
+        hub: hub.clone(),
+        interests,
+    };
+    let interests = &mut running.interests;
     let mut backoff = MIN_BACKOFF;
     loop {
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await;
@@ -60,7 +61,7 @@ async fn run(
             continue;
         };
         let (mut sink, mut stream) = pubsub.split();
-        match listen(&hub, &mut sink, &mut stream, &mut interests, &mut backoff).await {
+        match listen(&hub, &mut sink, &mut stream, interests, &mut backoff).await {
             Ended::HubGone => return,
             Ended::Disconnected => {
                 tracing::debug!(
@@ -69,6 +70,25 @@ async fn run(
                 let Some(hub) = hub.upgrade() else { return };
                 hub.disconnected();
             }
+        }
+    }
+}
+
+/// The subscriber task, seen from its hub: dropped when the task ends, also when its runtime
+/// shuts down mid-task (a backend shared by several runtimes). Then nothing reads the
+/// subscription any more: the hub forgets this subscriber (the next watch starts another) and
+/// every watch becomes unconfirmed, so its waiters retry at once and then poll.
+struct Running {
+    hub: Weak<Hub>,
+    interests: mpsc::UnboundedReceiver<Interest>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Closed first, so that the hub tells this subscriber's sender from a newer one's.
+        self.interests.close();
+        if let Some(hub) = self.hub.upgrade() {
+            hub.subscriber_ended();
         }
     }
 }

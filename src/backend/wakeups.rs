@@ -204,6 +204,25 @@ impl Hub {
         }
     }
 
+    /// The subscriber task ended (its runtime shut down, or it returned): the next watch starts
+    /// another, and meanwhile no watch is confirmed (see [`Hub::disconnected`]).
+    pub(crate) fn subscriber_ended(&self) {
+        if let Some(subscriber) = &self.subscriber {
+            let mut sender = subscriber
+                .sender
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Only the ended task's sender (closed): a newer subscriber may run already.
+            if sender
+                .as_ref()
+                .is_some_and(mpsc::UnboundedSender::is_closed)
+            {
+                *sender = None;
+            }
+        }
+        self.disconnected();
+    }
+
     /// Whether `lock_key` is watched now.
     pub(crate) fn is_watched(&self, lock_key: &str) -> bool {
         self.lock().contains_key(lock_key)

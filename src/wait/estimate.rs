@@ -1,8 +1,14 @@
 //! When a held lock will be free, as told to a refused client (`Retry-After`): estimated from
 //! the hold times a layer observes.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::guard::HeldLock;
 
 /// The weight of the newest observation in the moving average (1/8).
 const SHIFT: u32 = 3;
@@ -60,6 +66,44 @@ impl HoldTimes {
             estimate = estimate.min(remaining.saturating_add(average.saturating_mul(turns - 1)));
         }
         Some(estimate.max(Duration::from_millis(1)))
+    }
+}
+
+/// A held lock whose hold time is recorded in `times` when it is released, or dropped (which
+/// releases it in the background): for a lock held past the handler's response (hold-through-
+/// body), whose hold ends with the body.
+pub(crate) struct TimedHold {
+    held: Box<dyn HeldLock>,
+    clock: HoldClock,
+}
+
+impl TimedHold {
+    /// `held`, taken at `since`, recorded in `times` when released.
+    pub(crate) fn new(held: Box<dyn HeldLock>, times: Arc<HoldTimes>, since: Instant) -> Self {
+        Self {
+            held,
+            clock: HoldClock { times, since },
+        }
+    }
+}
+
+impl HeldLock for TimedHold {
+    fn release(self: Box<Self>) -> JoinHandle<()> {
+        let Self { held, clock } = *self;
+        drop(clock); // records the hold
+        held.release()
+    }
+}
+
+/// Records the time since `since` in `times` when dropped.
+struct HoldClock {
+    times: Arc<HoldTimes>,
+    since: Instant,
+}
+
+impl Drop for HoldClock {
+    fn drop(&mut self) {
+        self.times.observe(self.since.elapsed());
     }
 }
 

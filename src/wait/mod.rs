@@ -10,7 +10,10 @@
 //!   release script publishes on the lock's channel and one shared subscriber connection per
 //!   backend wakes the local waiters; in memory the release wakes them directly;
 //! - the holder's remaining lease (`PTTL`), so a crashed holder's expiry is noticed without
-//!   any publish;
+//!   any publish; without fencing, Redis reads the remaining lease from the holder's deadline
+//!   in the lock value (the holder's clock, not `PTTL`), so a nap is also kept between
+//!   [`POLL_MIN`] and [`UNFENCED_NAP_MAX`]: a holder's clock running ahead (or behind) delays
+//!   noticing its expiry by at most that much (and never spins);
 //! - while the wake-ups are not confirmed (the subscriber is connecting or reconnecting) or the
 //!   backend has none (Redlock), a poll of 10 to 50 ms with jitter;
 //! - the end of the wait (then the caller answers as if it had not waited: 409 or
@@ -41,6 +44,10 @@ pub(crate) type Waiting<B> = Pin<Box<dyn Future<Output = Attempted<B>> + Send>>;
 /// The shortest and longest poll while wake-ups are not confirmed (or absent).
 const POLL_MIN: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_millis(50);
+
+/// The longest nap without fencing, when the holder's remaining lease may come from its own
+/// clock (the deadline in the lock value) rather than from the key's `PTTL`.
+const UNFENCED_NAP_MAX: Duration = Duration::from_millis(250);
 
 /// A waiter wakes this long after the holder's lease would have run out (Redis expires a key
 /// at its deadline, not before).
@@ -120,6 +127,10 @@ async fn wait<B: LockBackend>(
         }
         // The holder's expiry bounds every nap; so does a poll while wake-ups may be missed.
         let mut nap = remaining.map_or(POLL_MAX, |r| r.saturating_add(AFTER_EXPIRY));
+        if !core.settings.fencing() {
+            // The remaining lease may be the holder's clock's: trust it only so far.
+            nap = nap.clamp(POLL_MIN, UNFENCED_NAP_MAX);
+        }
         if !seen.is_some_and(|s| s.confirmed) {
             nap = nap.min(jittered_poll());
         }
