@@ -19,7 +19,7 @@ use crate::backend::{
 use crate::body::{BodyLock, LockBody};
 use crate::config::{HttpConfig, LeaseLostPolicy, Shared};
 use crate::deadline::Bounded;
-use crate::guard::{LockGuard, report_release};
+use crate::guard::LockGuard;
 use crate::key::{KeyRejection, LockKey};
 use crate::response::Rejection;
 use crate::wait::Waiting;
@@ -342,11 +342,8 @@ where
                 } => {
                     let released = ready!(release.poll(cx));
                     if let Some(guard) = guard.take() {
-                        report_release(
-                            &guard.lease().label(),
-                            released.map_err(|_| guard.release_timeout()),
-                        );
-                        guard.disarm();
+                        let timeout = guard.release_timeout();
+                        guard.finish(released.map_err(|_| timeout));
                     }
                     let output = output.take();
                     this.state.set(State::Done);

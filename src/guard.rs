@@ -1,6 +1,7 @@
 //! The guard that owns a held lock and releases it on every way a request can end.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -74,9 +75,21 @@ impl<B: LockBackend> LockGuard<B> {
         }
     }
 
-    /// The release has completed: nothing left to do on drop.
-    pub(crate) fn disarm(mut self) {
+    /// Reports what [`release`](Self::release) came to. A failed or timed-out release is sent
+    /// again in the background until it lands or the lock expires (see [`retried`]); its
+    /// outcome is reported then.
+    pub(crate) fn finish(mut self, outcome: ReleaseOutcome) {
         self.armed = false;
+        report_release(&self.lease.label(), outcome.clone());
+        if settled(&outcome) {
+            return;
+        }
+        let core = self.core.clone();
+        let lease = self.lease.clone();
+        self.runtime.spawn(async move {
+            let last = retried(&core, lease.name(), lease.token(), false, outcome).await;
+            report_retried(&lease.label(), &last);
+        });
     }
 }
 
@@ -172,29 +185,113 @@ enum ReleaseOf {
 /// timeout on the runtime. If the runtime is shutting down, the lock expires with its TTL (the
 /// handle then reports a cancelled task).
 fn spawn_release<B: LockBackend>(
-    core: &Core<B>,
+    core: &Arc<Core<B>>,
     runtime: &Handle,
     name: &LockName,
     token: LockToken,
     of: ReleaseOf,
 ) -> JoinHandle<()> {
     let timeout = core.settings.release_timeout();
-    let release = match of {
-        ReleaseOf::Lease(_) => core.backend.release(name, token),
-        ReleaseOf::AbandonedAcquire(..) => {
-            core.backend
-                .release_abandoned(name, token, core.settings.ttl())
-        }
-    };
+    let abandoned = matches!(of, ReleaseOf::AbandonedAcquire(..));
+    let release = release_call(core, name, token, abandoned);
+    let core = core.clone();
+    let name = name.clone();
     runtime.spawn(async move {
-        let outcome = Bounded::after(release, timeout).await.map_err(|_| timeout);
-        match of {
-            ReleaseOf::Lease(lease) => report_release(&lease.label(), outcome),
+        let first = Bounded::after(release, timeout).await.map_err(|_| timeout);
+        let failed = !settled(&first);
+        match &of {
+            ReleaseOf::Lease(lease) => report_release(&lease.label(), first.clone()),
             ReleaseOf::AbandonedAcquire(name, log_keys) => {
-                report_cleanup(&name.label(log_keys), outcome)
+                report_cleanup(&name.label(*log_keys), first.clone())
+            }
+        }
+        if failed {
+            let last = retried(&core, &name, token, abandoned, first).await;
+            match &of {
+                ReleaseOf::Lease(lease) => report_retried(&lease.label(), &last),
+                ReleaseOf::AbandonedAcquire(name, log_keys) => {
+                    report_retried(&name.label(*log_keys), &last)
+                }
             }
         }
     })
+}
+
+/// The compare-and-delete of `token`'s lock `name`: of a held lock, or of whatever an acquire
+/// whose outcome is unknown may have taken (`abandoned`).
+fn release_call<B: LockBackend>(
+    core: &Core<B>,
+    name: &LockName,
+    token: LockToken,
+    abandoned: bool,
+) -> BackendFuture<Release> {
+    if abandoned {
+        core.backend
+            .release_abandoned(name, token, core.settings.ttl())
+    } else {
+        core.backend.release(name, token)
+    }
+}
+
+/// The first pause before a failed release is sent again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest pause between two attempts of a failed release.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Whether a release's outcome is final: the backend answered (released, expired, held by
+/// another). An error or a timeout (a connection that broke or queued the call behind many
+/// others, a store restarting) is not.
+fn settled(outcome: &ReleaseOutcome) -> bool {
+    matches!(outcome, Ok(Ok(_)))
+}
+
+/// What a release came to: the backend's answer, or how long it waited for none.
+pub(crate) type ReleaseOutcome = Result<Result<Release, BackendError>, Duration>;
+
+/// Sends a release that failed (`outcome`) again, with pauses from [`RETRY_FIRST`] doubling up
+/// to [`RETRY_MAX`], until the backend answers or the lock's TTL has run out since the first
+/// failure (the lease has ended, so nothing renews it: by then it has expired on its own).
+/// Retrying is safe: every attempt is the same compare-and-delete of the same token. Without it,
+/// a release lost to a broken connection or an overloaded one left the lock held until its TTL
+/// (with a 30 s lease, 30 s of 409s), as the verification soak's disconnect storms showed.
+async fn retried<B: LockBackend>(
+    core: &Core<B>,
+    name: &LockName,
+    token: LockToken,
+    abandoned: bool,
+    mut outcome: ReleaseOutcome,
+) -> ReleaseOutcome {
+    if settled(&outcome) {
+        return outcome;
+    }
+    let give_up = Instant::now() + core.settings.ttl();
+    let timeout = core.settings.release_timeout();
+    let mut pause = RETRY_FIRST;
+    while !settled(&outcome) && Instant::now() + pause < give_up {
+        tokio::time::sleep(pause).await;
+        pause = pause.saturating_mul(2).min(RETRY_MAX);
+        let call = release_call(core, name, token, abandoned);
+        outcome = Bounded::after(call, timeout).await.map_err(|_| timeout);
+    }
+    outcome
+}
+
+/// Traces how a release that failed at first and was retried ([`retried`]) ended (its first
+/// failure was reported and counted).
+fn report_retried(lock: &dyn std::fmt::Display, outcome: &ReleaseOutcome) {
+    match outcome {
+        Ok(Ok(release)) => tracing::info!(%lock, ?release, "lock release landed on a retry"),
+        Ok(Err(error)) => tracing::warn!(
+            %lock,
+            %error,
+            "lock release retried until the lock's TTL ran out; it expires with its TTL"
+        ),
+        Err(after) => tracing::warn!(
+            %lock,
+            ?after,
+            "lock release retried until the lock's TTL ran out; it expires with its TTL"
+        ),
+    }
 }
 
 /// Traces (and counts the failures of) the clean-up of an acquire whose outcome is unknown.
@@ -212,7 +309,7 @@ fn report_cleanup(
             tracing::warn!(
                 %lock,
                 %error,
-                "clean-up release after an abandoned acquire failed; a lock it took expires with its TTL"
+                "clean-up release after an abandoned acquire failed; retrying until it lands or the lock expires"
             )
         }
         Err(after) => {
@@ -220,7 +317,7 @@ fn report_cleanup(
             tracing::warn!(
                 %lock,
                 ?after,
-                "clean-up release after an abandoned acquire timed out; a lock it took expires with its TTL"
+                "clean-up release after an abandoned acquire timed out; retrying until it lands or the lock expires"
             )
         }
     }
@@ -242,11 +339,11 @@ pub(crate) fn report_release(
         ),
         Ok(Err(error)) => {
             crate::telemetry::backend_error("release");
-            tracing::warn!(%lock, %error, "lock release failed; it will expire with its TTL")
+            tracing::warn!(%lock, %error, "lock release failed; retrying until it lands or the lock expires")
         }
         Err(after) => {
             crate::telemetry::backend_error("release");
-            tracing::warn!(%lock, ?after, "lock release timed out; it will expire with its TTL")
+            tracing::warn!(%lock, ?after, "lock release timed out; retrying until it lands or the lock expires")
         }
     }
 }

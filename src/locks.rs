@@ -41,7 +41,7 @@ use tracing::Instrument;
 use crate::acquire::Attempted;
 use crate::backend::{BackendError, BackendErrorKind, Inspect, LockBackend, LockName, Release};
 use crate::core::Core;
-use crate::guard::{LockGuard, report_release};
+use crate::guard::LockGuard;
 use crate::key::LockKey;
 use crate::lease::LockLease;
 use crate::settings::{MAX_DURATION, Settings, engine_setters};
@@ -363,14 +363,14 @@ impl<B: LockBackend> Lock<B> {
     /// Stops renewal and releases the lock (compare-and-delete, bounded by the release timeout),
     /// reporting what the backend found: [`Release::Released`], [`Release::Expired`] (the lease
     /// ran out first) or [`Release::HeldByOther`] (it ran out and someone else took the lock,
-    /// which is left alone). On an error the lock expires with its TTL.
+    /// which is left alone). On an error (or no answer within the release timeout) the release
+    /// is sent again in the background until it lands or the lock's TTL has run out.
     pub async fn release(self) -> Result<Release, BackendError> {
         let guard = self.guard;
         let release_timeout = guard.release_timeout();
         // If this future is dropped midway, the guard (still armed) releases in the background.
         let outcome = guard.release().await.map_err(|_| release_timeout);
-        report_release(&guard.lease().label(), outcome.clone());
-        guard.disarm();
+        guard.finish(outcome.clone());
         outcome.unwrap_or_else(|after| Err(BackendError::timeout("lock release", after)))
     }
 }

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tower::ServiceBuilder;
-use tower_lock::backend::{Acquire, AcquireOptions, BackendErrorKind, LockToken, Release};
+use tower_lock::backend::{Acquire, AcquireOptions, BackendErrorKind, Inspect, LockToken, Release};
 use tower_lock::key::Header;
 use tower_lock::{LeaseLostPolicy, LockBackend, LockLayer, MemoryBackend, RedisBackend};
 
@@ -499,6 +499,7 @@ async fn validity_equal_to_min_validity_is_accepted_and_just_under_is_refused() 
 /// Redis-only: the backend's own answers, and connections that break.
 mod redis_only {
     use super::*;
+    use common::{Gate, Sendable};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_release_reports_each_outcome() {
@@ -527,6 +528,81 @@ mod redis_only {
             Release::HeldByOther
         );
         assert_eq!(fixture.held().await, 1, "another holder's lock was touched");
+    }
+
+    /// Denies (or allows again) `EVALSHA` to the server's default user: the release script is
+    /// refused while denied, as a release lost with a broken or overloaded connection fails.
+    async fn evalsha_denied(server: &RedisServer, denied: bool) {
+        let mut connection = server.connection().await;
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg(if denied { "-evalsha" } else { "+evalsha" })
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+
+    /// The lock layer with a 30 s lease and no fencing (its acquire is a plain `SET NX`, which
+    /// the denial leaves alone) around a handler that waits for `gate`.
+    fn gated_service(
+        fixture: &Redis,
+        gate: Gate,
+    ) -> impl Sendable<Response = Response<tower_lock::LockBody<String>>> {
+        ServiceBuilder::new()
+            .layer(
+                layer(fixture)
+                    .ttl(Duration::from_secs(30))
+                    .fencing(false)
+                    .release_timeout(Duration::from_millis(200)),
+            )
+            .service(tower::service_fn(move |_: Request<String>| {
+                let gate = gate.clone();
+                async move {
+                    gate.wait().await;
+                    Ok::<_, Infallible>(Response::new(String::new()))
+                }
+            }))
+    }
+
+    /// A release Redis refuses is sent again until it lands: the lock goes within seconds of
+    /// Redis taking releases again, not when its 30 s lease runs out (the soak's disconnect
+    /// storms left locks behind for the whole lease when releases timed out on a loaded
+    /// machine). Both ways a lock is released: when the response is ready, and in the
+    /// background when the response future is dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_release_is_retried_until_it_lands() {
+        let fixture = Redis::start().await;
+        let name = lock_name("k");
+        for dropped in [false, true] {
+            let gate = Gate::new();
+            let service = gated_service(&fixture, gate.clone());
+            let call = tokio::spawn(send(&service, request("k")));
+            until_held(&fixture, 1).await;
+            evalsha_denied(&fixture.server, true).await;
+            if dropped {
+                call.abort();
+                let _ = call.await;
+            } else {
+                gate.open();
+                assert_eq!(call.await.unwrap().status(), StatusCode::OK);
+            }
+            // Refused (several times by now): still held.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            assert_eq!(fixture.held().await, 1, "dropped: {dropped}");
+            evalsha_denied(&fixture.server, false).await;
+            let allowed = std::time::Instant::now();
+            assert!(
+                eventually(Duration::from_secs(10), async || fixture.held().await == 0).await,
+                "dropped: {dropped}: the lock stayed after Redis took releases again"
+            );
+            assert!(
+                allowed.elapsed() < Duration::from_secs(5),
+                "dropped: {dropped}: released {:?} after Redis took releases again",
+                allowed.elapsed()
+            );
+            assert_eq!(fixture.backend.inspect(&name).await.unwrap(), Inspect::Free);
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
