@@ -429,6 +429,264 @@ async fn after_a_primary_fails_over_the_layer_recovers_and_stays_exclusive() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Waiting: wake-ups pushed through sharded pub/sub.
+
+/// How many acquire commands (`EVALSHA`/`EVAL`/`SET`) `port` has served since its stats were
+/// last reset.
+async fn acquire_calls(cluster: &RedisCluster, port: u16) -> u64 {
+    let mut connection = cluster.node(port).connection().await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .filter(|line| {
+            ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_set:"]
+                .iter()
+                .any(|command| line.starts_with(command))
+        })
+        .filter_map(|line| {
+            let calls = line.split("calls=").nth(1)?.split(',').next()?;
+            calls.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+async fn reset_stats(cluster: &RedisCluster, port: u16) {
+    let mut connection = cluster.node(port).connection().await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
+/// Sharded subscribers of `key`'s wake-up channel on `port` (`PUBSUB SHARDNUMSUB`).
+async fn shard_subscribers(cluster: &RedisCluster, port: u16, key: &str) -> i64 {
+    let Ok(mut connection) = cluster
+        .node(port)
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+    else {
+        return -1;
+    };
+    let channel = format!("{}:wake", lock_name(key).lock_key());
+    let reply: Vec<redis::Value> = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(&channel)
+        .query_async(&mut connection)
+        .await
+        .unwrap_or_default();
+    match reply.get(1) {
+        Some(redis::Value::Int(n)) => *n,
+        _ => -1,
+    }
+}
+
+/// A key whose lock lives on each primary of `cluster`, by port.
+async fn key_per_primary(cluster: &RedisCluster, prefix: &str) -> Vec<(u16, String)> {
+    let primaries = cluster.primaries().await;
+    let mut found = Vec::new();
+    for port in primaries {
+        for i in 0.. {
+            let key = format!("{prefix}:{port}:{i}");
+            let slot = cluster.slot(lock_name(&key).lock_key()).await;
+            if cluster.primary_of_slot(slot).await == port {
+                found.push((port, key));
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// A waiter for `key` (held by `holder`, a 30 s lease) on the primary `port`: it is subscribed
+/// there, sleeps instead of polling, and gets the lock within a second of the release (its
+/// poll, were it not woken, would come at the end of the holder's 30 s lease). Answers how long
+/// the hand-over took.
+async fn woken_by_the_release(
+    cluster: &RedisCluster,
+    locks: &Locks<tower_lock::RedisClusterBackend>,
+    port: u16,
+    key: &str,
+) -> Duration {
+    let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locks = locks.clone();
+        let key = LockKey::new(key);
+        async move { locks.lock(&key, Duration::from_secs(20)).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), async || shard_subscribers(
+            cluster, port, key
+        )
+        .await
+            == 1)
+        .await,
+        "{key}: no sharded subscriber on its primary {port}"
+    );
+    // Once subscribed, the waiter sleeps until the holder's lease ends: a polling waiter (10–50 ms)
+    // would send 20 acquires or more in this second.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    reset_stats(cluster, port).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = acquire_calls(cluster, port).await;
+    assert!(
+        calls <= 3,
+        "{key}: the waiter polled ({calls} acquires in 1 s)"
+    );
+    assert!(!waiter.is_finished(), "{key}: the waiter took a held lock");
+    let released = tokio::time::Instant::now();
+    holder.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was not woken")
+        .unwrap()
+        .expect("the waiter gets the lock");
+    let handover = released.elapsed();
+    assert!(
+        handover < Duration::from_secs(1),
+        "{key}: handed over {handover:?} after the release: not pushed"
+    );
+    second.release().await.unwrap();
+    handover
+}
+
+/// `RedisClusterBackend` pushes wake-ups: the release's `SPUBLISH` wakes a waiter on whichever
+/// primary its lock lives, and the channel is unsubscribed once nobody waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_every_primary_are_woken_by_the_release_spublish() {
+    let fixture = Cluster::start().await;
+    assert!(
+        fixture.backend().wakeups().is_some(),
+        "RedisClusterBackend has no pushed wake-ups: its waiters poll"
+    );
+    let locks = engine(&fixture).ttl(Duration::from_secs(30));
+    let keys = key_per_primary(&fixture.cluster, "woken").await;
+    assert_eq!(keys.len(), 3);
+    let mut handovers = Vec::new();
+    for (port, key) in &keys {
+        handovers.push(woken_by_the_release(&fixture.cluster, &locks, *port, key).await);
+    }
+    eprintln!("cluster waiters woken after the release: {handovers:?}");
+    for (port, key) in &keys {
+        assert!(
+            eventually(Duration::from_secs(5), async || shard_subscribers(
+                &fixture.cluster,
+                *port,
+                key
+            )
+            .await
+                == 0)
+            .await,
+            "{key}: still subscribed on {port} with nobody waiting"
+        );
+    }
+}
+
+/// A waiter across a primary failover is never stuck (woken, or answered unavailable while the
+/// slot has no primary), and afterwards waiters on the promoted primary are pushed again, by
+/// the same backend's subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_primary_failover_waiters_are_pushed_again() {
+    let mut cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 1000));
+    let backend = cluster.backend().await;
+    let locks = Locks::new(backend)
+        .namespace(NS)
+        .ttl(Duration::from_secs(30));
+    let key = "waited";
+    let slot = cluster.slot(lock_name(key).lock_key()).await;
+    let doomed = cluster.primary_of_slot(slot).await;
+    let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locks = locks.clone();
+        async move {
+            locks
+                .lock(&LockKey::new(key), Duration::from_secs(25))
+                .await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), async || shard_subscribers(
+            &cluster, doomed, key
+        )
+        .await
+            == 1)
+        .await,
+        "no sharded subscriber on {doomed}"
+    );
+    // The replica has the lock and its counter (the only keys in this cluster).
+    let replicated = eventually(Duration::from_secs(5), async || {
+        let mut keys = 0;
+        for node in cluster.nodes.iter().filter(|n| n.port() != doomed) {
+            let mut connection = node.connection().await;
+            keys += redis::cmd("DBSIZE")
+                .query_async::<i64>(&mut connection)
+                .await
+                .unwrap_or(0);
+        }
+        keys == 2
+    })
+    .await;
+    assert!(replicated, "the replica never received the lock");
+
+    let killed = tokio::time::Instant::now();
+    cluster.node_mut(doomed).stop();
+    let promoted = loop {
+        let primary = cluster.primary_of_slot(slot).await;
+        if primary != doomed {
+            break primary;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(20), "no promotion");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Release once the promoted primary answers (the lock survived there).
+    let released = loop {
+        match locks.try_lock(&LockKey::new("probe")).await {
+            Ok(probe) => {
+                let _ = probe.release().await;
+            }
+            Err(_) => {
+                assert!(killed.elapsed() < Duration::from_secs(20), "no recovery");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        let _ = holder.release().await;
+        break tokio::time::Instant::now();
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("a waiter across the failover was stranded")
+        .unwrap();
+    eprintln!(
+        "waiter across the cluster failover: {} {:?} after the release ({:?} after the kill)",
+        if outcome.is_ok() {
+            "got the lock"
+        } else {
+            "answered unavailable"
+        },
+        released.elapsed(),
+        killed.elapsed(),
+    );
+    if let Ok(lock) = outcome {
+        lock.release().await.unwrap();
+    }
+
+    // Waiters on the promoted primary and on the others: subscribed and pushed again.
+    let mut handovers = Vec::new();
+    for (port, key) in key_per_primary(&cluster, "after").await {
+        handovers.push(woken_by_the_release(&cluster, &locks, port, &key).await);
+    }
+    handovers.push(woken_by_the_release(&cluster, &locks, promoted, key).await);
+    eprintln!("after the failover, waiters woken after the release: {handovers:?}");
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Figures.
 
 /// Acquire latency (p50, p99) and acquire+release throughput on the cluster and on one Redis, in

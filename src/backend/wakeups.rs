@@ -194,6 +194,16 @@ impl Hub {
         }
     }
 
+    /// The subscription of `lock_key` is gone (its node dropped it, or is unreachable): its
+    /// waiters retry, then poll until it is confirmed again.
+    pub(crate) fn unconfirm(&self, lock_key: &str) {
+        let channel = self.lock().get(lock_key).cloned();
+        if let Some(channel) = channel {
+            channel.confirmed.store(false, Ordering::Release);
+            channel.wake();
+        }
+    }
+
     /// The subscriber connection is gone: no watch is confirmed until it is back, and every
     /// waiter retries (then polls).
     pub(crate) fn disconnected(&self) {
