@@ -587,6 +587,59 @@ async fn waiters_on_every_primary_are_woken_by_the_release_spublish() {
     }
 }
 
+/// The subscriber's connection to a node is killed while a waiter waits: the waiter polls
+/// meanwhile, the subscriber subscribes again, and the next release is pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_survive_the_sharded_subscriber_being_killed() {
+    let fixture = Cluster::start().await;
+    let cluster = &fixture.cluster;
+    let locks = engine(&fixture).ttl(Duration::from_secs(30));
+    let (port, key) = key_per_primary(cluster, "killed").await.remove(0);
+    let holder = locks.try_lock(&LockKey::new(&key)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locks = locks.clone();
+        let key = LockKey::new(&key);
+        async move { locks.lock(&key, Duration::from_secs(20)).await }
+    });
+    let subscribed = async || shard_subscribers(cluster, port, &key).await == 1;
+    assert!(eventually(Duration::from_secs(10), subscribed).await);
+    let mut connection = cluster.node(port).connection().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the sharded subscriber's connection");
+    assert!(
+        eventually(Duration::from_secs(10), subscribed).await,
+        "not subscribed again"
+    );
+    // Confirmed again: the waiter sleeps instead of polling.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reset_stats(cluster, port).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = acquire_calls(cluster, port).await;
+    assert!(
+        calls <= 3,
+        "the waiter still polls ({calls} acquires in 1 s)"
+    );
+    let released = tokio::time::Instant::now();
+    holder.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was stranded")
+        .unwrap()
+        .expect("the lock");
+    assert!(
+        released.elapsed() < Duration::from_secs(1),
+        "handed over {:?} after the release: not pushed",
+        released.elapsed()
+    );
+    second.release().await.unwrap();
+}
+
 /// A waiter across a primary failover is never stuck (woken, or answered unavailable while the
 /// slot has no primary), and afterwards waiters on the promoted primary are pushed again, by
 /// the same backend's subscriber.
