@@ -428,6 +428,112 @@ async fn after_a_primary_fails_over_the_layer_recovers_and_stays_exclusive() {
     tokio::task::block_in_place(|| drop(cluster));
 }
 
+/// The port of the replica of the primary on `port` (`INFO replication`'s `slave0`).
+async fn replica_of(cluster: &RedisCluster, port: u16) -> u16 {
+    let mut connection = cluster.node(port).connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("slave0:"))
+        .and_then(|fields| fields.split(',').find_map(|f| f.strip_prefix("port=")))
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no replica of {port}: {info}"))
+}
+
+/// The failover window, measured: a lock taken on a primary whose replica had not received it
+/// (its replication link cut and the replica frozen just before; on a real cluster, replication
+/// lag) is lost when the primary dies and the replica is promoted. A second holder (another
+/// process) is admitted as soon as the slot has a primary again, while the first still believes
+/// it holds the lock; the first holder's next renewal finds the lock gone and its lease reports
+/// lost (before its validity would have run out), its release leaves the second holder's lock
+/// alone, and the second holder's fencing token is larger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_the_replica_had_not_received_is_lost_in_a_failover_and_its_lease_reports_it() {
+    let mut cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 1000));
+    let ttl = Duration::from_secs(9);
+    let first = Locks::new(cluster.backend().await).namespace(NS).ttl(ttl);
+    let second = Locks::new(cluster.backend().await).namespace(NS).ttl(ttl);
+    let key = LockKey::new("window");
+    let slot = cluster.slot(lock_name("window").lock_key()).await;
+    let doomed = cluster.primary_of_slot(slot).await;
+    let replica = replica_of(&cluster, doomed).await;
+    // Both clients know the doomed primary already.
+    for locks in [&first, &second] {
+        locks.try_lock(&key).await.unwrap().release().await.unwrap();
+    }
+
+    // The replica frozen and its link cut: the acquire below never reaches it.
+    cluster.node(replica).pause();
+    let mut connection = cluster.node(doomed).connection().await;
+    let () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async::<i64>(&mut connection)
+        .await
+        .map(drop)
+        .unwrap();
+    let held = first.try_lock(&key).await.unwrap();
+    let acquired = tokio::time::Instant::now();
+    cluster.node_mut(doomed).stop();
+    cluster.node(replica).resume();
+    let killed = tokio::time::Instant::now();
+
+    // A second holder gets in once the replica is promoted: the lock did not survive.
+    let taken = loop {
+        match second.try_lock(&key).await {
+            Ok(lock) => break lock,
+            Err(TryLockError::Held { .. }) => {
+                panic!("the lock survived the failover: the replica had received it")
+            }
+            Err(_) => {
+                assert!(
+                    killed.elapsed() < Duration::from_secs(20),
+                    "no promotion within 20 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let window = killed.elapsed();
+    let first_lost_then = held.is_lost();
+    assert!(
+        taken.fencing_token() > held.fencing_token(),
+        "{} after {}",
+        taken.fencing_token(),
+        held.fencing_token()
+    );
+
+    // The first holder's renewal (every ttl/3) finds the lock gone: its lease is lost.
+    tokio::time::timeout(ttl, held.lease().lost())
+        .await
+        .expect("the first holder's lease never reported the loss");
+    let lost_after = acquired.elapsed();
+    assert!(
+        lost_after < ttl - Duration::from_secs(1),
+        "lost only when its validity ran out ({lost_after:?}): no renewal noticed it"
+    );
+    assert_eq!(held.release().await.unwrap(), Release::HeldByOther);
+    assert!(!taken.is_lost());
+    assert!(
+        matches!(
+            cluster.backend().await.inspect(&lock_name("window")).await,
+            Ok(tower_lock::backend::Inspect::Held { .. })
+        ),
+        "the first holder's release deleted the second holder's lock"
+    );
+    eprintln!(
+        "cluster failover window: a second holder admitted {window:?} after the kill \
+         (the first lease then lost: {first_lost_then}); the first lease reported lost \
+         {lost_after:?} after its acquire (ttl {ttl:?}, renewal every ttl/3)"
+    );
+    taken.release().await.unwrap();
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Waiting: wake-ups pushed through sharded pub/sub.
 
