@@ -534,6 +534,71 @@ async fn a_lock_the_replica_had_not_received_is_lost_in_a_failover_and_its_lease
     tokio::task::block_in_place(|| drop(cluster));
 }
 
+/// `wait_for_replicas` on a cluster: `WAIT` goes to the lock's primary only (a key on a primary
+/// whose replica is frozen is refused, fail-closed and with no lock left behind, while keys on
+/// the other primaries still lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_replicas_waits_on_the_locks_primary_and_fails_closed() {
+    // A long node timeout: the frozen replica is not replaced meanwhile.
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 5000));
+    let backend = cluster
+        .backend()
+        .await
+        .wait_for_replicas(1, Duration::from_millis(300));
+    let options = AcquireOptions::new(Duration::from_secs(10));
+    let keys = key_per_primary(&cluster, "replicated").await;
+    for (_, key) in &keys {
+        let token = LockToken::random();
+        let name = lock_name(key);
+        let acquired = backend.acquire(&name, token, options).await.unwrap();
+        assert!(matches!(acquired, Acquire::Acquired { .. }), "{key}");
+        backend.release(&name, token).await.unwrap();
+    }
+    let (port, frozen_key) = &keys[0];
+    let replica = replica_of(&cluster, *port).await;
+    cluster.node(replica).pause();
+    let started = tokio::time::Instant::now();
+    let refused = backend
+        .acquire(&lock_name(frozen_key), LockToken::random(), options)
+        .await;
+    let took = started.elapsed();
+    let others: Vec<_> = {
+        let mut outcomes = Vec::new();
+        for (_, key) in &keys[1..] {
+            let token = LockToken::random();
+            let name = lock_name(key);
+            let acquired = backend.acquire(&name, token, options).await;
+            if acquired.is_ok() {
+                backend.release(&name, token).await.unwrap();
+            }
+            outcomes.push(acquired);
+        }
+        outcomes
+    };
+    cluster.node(replica).resume();
+    let error = refused.expect_err("acquired without the replica's acknowledgement");
+    assert_eq!(
+        error.kind(),
+        tower_lock::backend::BackendErrorKind::Unavailable,
+        "{error}"
+    );
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(
+        cluster.lock_keys(NS).await.is_empty(),
+        "a refused lock was left behind"
+    );
+    for outcome in others {
+        assert!(
+            matches!(outcome, Ok(Acquire::Acquired { .. })),
+            "a key on another primary: {outcome:?}"
+        );
+    }
+    eprintln!(
+        "cluster wait_for_replicas(1, 300 ms) with the replica frozen: refused after {took:?}"
+    );
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Waiting: wake-ups pushed through sharded pub/sub.
 

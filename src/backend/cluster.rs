@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{ConnectionInfo, IntoConnectionInfo, RedisError, Script, Value};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisError, Script, Value};
 
-use super::commands::{Commands, with_fence};
+use super::commands::{Commands, Replication, with_fence};
 use super::redis::warn_if_policy_evicts;
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
@@ -74,6 +75,8 @@ return -3 - redis.call('PTTL', KEYS[1])
 #[derive(Clone)]
 pub struct RedisClusterBackend {
     commands: Commands<ClusterConnection>,
+    /// `WAIT` on the lock's primary after every acquire (see `wait_for_replicas`).
+    replication: Option<Replication>,
     /// Waiters' wake-ups through one sharded subscriber (`None`: waiters poll).
     wakeups: Option<Wakeups>,
 }
@@ -101,7 +104,38 @@ impl RedisClusterBackend {
             // `SPUBLISH` for sharded pub/sub, in the lock's slot.
             commands: Commands::new(connection, &ACQUIRE).publishing("SPUBLISH"),
             wakeups: None,
+            replication: None,
         }
+    }
+
+    /// Checks replication after every acquire: `WAIT replicas timeout` on the connection to the
+    /// primary of the lock's slot (the one the acquire went to; not on every primary, as a plain
+    /// `WAIT` through the cluster client would be). When fewer than `replicas` of that primary's
+    /// replicas acknowledge the lock within `timeout`, the lock is released again and the
+    /// acquisition fails as unavailable (the layer answers 503: fail-closed). Costs one more
+    /// round trip per acquire, and as long as the replicas take to acknowledge (`timeout` when
+    /// they are missing).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// use std::time::Duration;
+    ///
+    /// let backend = tower_lock::RedisClusterBackend::connect(["redis://10.0.0.1:7000/"])
+    ///     .await?
+    ///     .wait_for_replicas(1, Duration::from_millis(100));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// It narrows the failover window: a lock acknowledged by a replica survives the loss of
+    /// its primary if that replica is the one promoted (with one replica per primary it is).
+    /// It is not consistency: replication stays asynchronous, a replica that acknowledged can
+    /// still lose the lock (a restart without persistence, another replica promoted), renewals
+    /// are not checked, and `WAIT` blocks the connection to that primary, which all requests to
+    /// it share: keep `timeout` short. See
+    /// [`RedisBackend::wait_for_replicas`](super::RedisBackend::wait_for_replicas).
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replication = Some(Replication { replicas, timeout });
+        self
     }
 
     /// Wakes this backend's waiters (see [`Locks::lock`](crate::Locks::lock) and `wait` on
@@ -254,7 +288,21 @@ impl LockBackend for RedisClusterBackend {
         token: LockToken,
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
-        self.commands.acquire(name, token, options)
+        let acquire = self.commands.acquire(name, token, options);
+        let Some(replication) = self.replication else {
+            return acquire;
+        };
+        let mut connection = self.commands.connection.clone();
+        let route = Route::with_key(name.lock_key(), SlotAddr::Master);
+        self.commands
+            .replication_checked(acquire, name, token, replication, move |wait| {
+                Box::pin(async move {
+                    let routing =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                    let value = connection.route_command(wait, routing).await?;
+                    Ok(i64::from_redis_value(value)?)
+                })
+            })
     }
 
     /// Compare-and-delete. A release resent after its first send landed finds the lock gone and
