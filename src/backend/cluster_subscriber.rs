@@ -237,3 +237,35 @@ async fn listen(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(kind: PushKind, data: Vec<Value>) -> PushInfo {
+        PushInfo { kind, data }
+    }
+
+    #[test]
+    fn the_lock_key_is_read_from_a_wake_up_channel_only() {
+        let message = push(
+            PushKind::SMessage,
+            vec![
+                Value::BulkString(b"tower-lock:{job}:wake".to_vec()),
+                Value::BulkString(Vec::new()),
+            ],
+        );
+        assert_eq!(lock_key(&message).as_deref(), Some("tower-lock:{job}"));
+        let other = push(
+            PushKind::SMessage,
+            vec![Value::BulkString(b"news".to_vec())],
+        );
+        assert_eq!(lock_key(&other), None);
+        assert_eq!(lock_key(&push(PushKind::Disconnection, Vec::new())), None);
+        let unsubscribed = push(
+            PushKind::SUnsubscribe,
+            vec![Value::SimpleString("ns{k}:wake".into()), Value::Int(0)],
+        );
+        assert_eq!(lock_key(&unsubscribed).as_deref(), Some("ns{k}"));
+    }
+}
