@@ -811,6 +811,99 @@ async fn waiters_survive_the_sharded_subscriber_being_killed() {
     second.release().await.unwrap();
 }
 
+/// A manual failover (`CLUSTER FAILOVER` on the replica: the old primary stays up and becomes a
+/// replica) while a waiter waits: the waiter never errs, its subscription stays confirmed in the
+/// slot's shard (on Redis 7.0 it stays on the old primary, now a replica, which receives the
+/// shard's `SPUBLISH`es), and the release on the promoted primary is pushed to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_follows_its_slot_to_the_new_primary_in_a_manual_failover() {
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 5000));
+    let locks = Locks::new(cluster.backend().await)
+        .namespace(NS)
+        .ttl(Duration::from_secs(30));
+    let key = "moved";
+    let slot = cluster.slot(lock_name(key).lock_key()).await;
+    let old = cluster.primary_of_slot(slot).await;
+    let replica = replica_of(&cluster, old).await;
+    let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locks = locks.clone();
+        async move {
+            locks
+                .lock(&LockKey::new(key), Duration::from_secs(25))
+                .await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), async || shard_subscribers(
+            &cluster, old, key
+        )
+        .await
+            == 1)
+        .await
+    );
+    let mut connection = cluster.node(replica).connection().await;
+    let () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), async || cluster
+            .primary_of_slot(slot)
+            .await
+            == replica)
+        .await,
+        "the replica was not promoted"
+    );
+    // Subscribed in the slot's shard: on the promoted primary, or on the old one, now its
+    // replica (a replica serves `SSUBSCRIBE` for its shard's slots and receives its `SPUBLISH`es).
+    assert!(
+        eventually(Duration::from_secs(10), async || shard_subscribers(
+            &cluster, replica, key
+        )
+        .await
+            + shard_subscribers(&cluster, old, key).await
+            >= 1)
+        .await,
+        "not subscribed in the slot's shard"
+    );
+    eprintln!(
+        "manual failover: sharded subscribers on the promoted primary {}, on the old one {}",
+        shard_subscribers(&cluster, replica, key).await,
+        shard_subscribers(&cluster, old, key).await
+    );
+    // Confirmed there: the waiter sleeps instead of polling.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reset_stats(&cluster, replica).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = acquire_calls(&cluster, replica).await;
+    assert!(
+        calls <= 3,
+        "the waiter still polls ({calls} acquires in 1 s)"
+    );
+    assert!(
+        !waiter.is_finished(),
+        "the waiter ended: {:?}",
+        waiter.await
+    );
+    let released = tokio::time::Instant::now();
+    holder.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was stranded")
+        .unwrap()
+        .expect("the lock");
+    let handover = released.elapsed();
+    assert!(
+        handover < Duration::from_secs(1),
+        "handed over {handover:?} after the release: not pushed"
+    );
+    eprintln!("manual failover: the waiter got the lock {handover:?} after the release");
+    second.release().await.unwrap();
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
 /// A waiter across a primary failover is never stuck (woken, or answered unavailable while the
 /// slot has no primary), and afterwards waiters on the promoted primary are pushed again, by
 /// the same backend's subscriber.

@@ -9,9 +9,11 @@
 //! tells us when that is done, so the task subscribes again itself (a repeated `SSUBSCRIBE` is
 //! harmless). Every watch becomes unconfirmed (its waiters retry, then poll) when a node's
 //! connection drops (redis-rs's `Disconnection` push: we do not learn which slots it served), and
-//! a watch whose node drops its subscription (a `sunsubscribe` push, sent when its slot moves
-//! away, a failed-over primary coming back as a replica) becomes unconfirmed on its own; both
-//! are subscribed again, with back-off, until the slot's (new) primary answers.
+//! a watch whose node drops its subscription (a `sunsubscribe` push, which Redis sends when the
+//! slot leaves the node's shard, as in resharding) becomes unconfirmed on its own; both are
+//! subscribed again, with back-off, until a node of the slot's shard answers. (A replica serves
+//! `SSUBSCRIBE` for its shard and receives the shard's `SPUBLISH`es: after a manual failover the
+//! subscription stays, valid, on the old primary, now a replica.)
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
