@@ -428,6 +428,581 @@ async fn after_a_primary_fails_over_the_layer_recovers_and_stays_exclusive() {
     tokio::task::block_in_place(|| drop(cluster));
 }
 
+/// The port of the replica of the primary on `port` (`INFO replication`'s `slave0`).
+async fn replica_of(cluster: &RedisCluster, port: u16) -> u16 {
+    let mut connection = cluster.node(port).connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("slave0:"))
+        .and_then(|fields| fields.split(',').find_map(|f| f.strip_prefix("port=")))
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no replica of {port}: {info}"))
+}
+
+/// The failover window, measured: a lock taken on a primary whose replica had not received it
+/// (its replication link cut and the replica frozen just before; on a real cluster, replication
+/// lag) is lost when the primary dies and the replica is promoted. A second holder (another
+/// process) is admitted as soon as the slot has a primary again, while the first still believes
+/// it holds the lock; the first holder's next renewal finds the lock gone and its lease reports
+/// lost (before its validity would have run out), its release leaves the second holder's lock
+/// alone, and the second holder's fencing token is larger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_the_replica_had_not_received_is_lost_in_a_failover_and_its_lease_reports_it() {
+    let mut cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 1000));
+    let ttl = Duration::from_secs(9);
+    let first = Locks::new(cluster.backend().await).namespace(NS).ttl(ttl);
+    let second = Locks::new(cluster.backend().await).namespace(NS).ttl(ttl);
+    let key = LockKey::new("window");
+    let slot = cluster.slot(lock_name("window").lock_key()).await;
+    let doomed = cluster.primary_of_slot(slot).await;
+    let replica = replica_of(&cluster, doomed).await;
+    // Both clients know the doomed primary already.
+    for locks in [&first, &second] {
+        locks.try_lock(&key).await.unwrap().release().await.unwrap();
+    }
+
+    // The replica frozen and its link cut: the acquire below never reaches it.
+    cluster.node(replica).pause();
+    let mut connection = cluster.node(doomed).connection().await;
+    let () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async::<i64>(&mut connection)
+        .await
+        .map(drop)
+        .unwrap();
+    let held = first.try_lock(&key).await.unwrap();
+    let acquired = tokio::time::Instant::now();
+    cluster.node_mut(doomed).stop();
+    cluster.node(replica).resume();
+    let killed = tokio::time::Instant::now();
+
+    // A second holder gets in once the replica is promoted: the lock did not survive.
+    let taken = loop {
+        match second.try_lock(&key).await {
+            Ok(lock) => break lock,
+            Err(TryLockError::Held { .. }) => {
+                panic!("the lock survived the failover: the replica had received it")
+            }
+            Err(_) => {
+                assert!(
+                    killed.elapsed() < Duration::from_secs(20),
+                    "no promotion within 20 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let window = killed.elapsed();
+    let first_lost_then = held.is_lost();
+    assert!(
+        taken.fencing_token() > held.fencing_token(),
+        "{} after {}",
+        taken.fencing_token(),
+        held.fencing_token()
+    );
+
+    // The first holder's renewal (every ttl/3) finds the lock gone: its lease is lost.
+    tokio::time::timeout(ttl, held.lease().lost())
+        .await
+        .expect("the first holder's lease never reported the loss");
+    let lost_after = acquired.elapsed();
+    assert!(
+        lost_after < ttl - Duration::from_secs(1),
+        "lost only when its validity ran out ({lost_after:?}): no renewal noticed it"
+    );
+    assert_eq!(held.release().await.unwrap(), Release::HeldByOther);
+    assert!(!taken.is_lost());
+    assert!(
+        matches!(
+            cluster.backend().await.inspect(&lock_name("window")).await,
+            Ok(tower_lock::backend::Inspect::Held { .. })
+        ),
+        "the first holder's release deleted the second holder's lock"
+    );
+    eprintln!(
+        "cluster failover window: a second holder admitted {window:?} after the kill \
+         (the first lease then lost: {first_lost_then}); the first lease reported lost \
+         {lost_after:?} after its acquire (ttl {ttl:?}, renewal every ttl/3)"
+    );
+    taken.release().await.unwrap();
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
+/// `wait_for_replicas` on a cluster: `WAIT` goes to the lock's primary only (a key on a primary
+/// whose replica is frozen is refused, fail-closed and with no lock left behind, while keys on
+/// the other primaries still lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_replicas_waits_on_the_locks_primary_and_fails_closed() {
+    // A long node timeout: the frozen replica is not replaced meanwhile.
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 5000));
+    let backend = cluster
+        .backend()
+        .await
+        .wait_for_replicas(1, Duration::from_millis(300));
+    let options = AcquireOptions::new(Duration::from_secs(10));
+    let keys = key_per_primary(&cluster, "replicated").await;
+    for (_, key) in &keys {
+        let token = LockToken::random();
+        let name = lock_name(key);
+        let acquired = backend.acquire(&name, token, options).await.unwrap();
+        assert!(matches!(acquired, Acquire::Acquired { .. }), "{key}");
+        backend.release(&name, token).await.unwrap();
+    }
+    let (port, frozen_key) = &keys[0];
+    let replica = replica_of(&cluster, *port).await;
+    cluster.node(replica).pause();
+    let started = tokio::time::Instant::now();
+    let refused = backend
+        .acquire(&lock_name(frozen_key), LockToken::random(), options)
+        .await;
+    let took = started.elapsed();
+    let others: Vec<_> = {
+        let mut outcomes = Vec::new();
+        for (_, key) in &keys[1..] {
+            let token = LockToken::random();
+            let name = lock_name(key);
+            let acquired = backend.acquire(&name, token, options).await;
+            if acquired.is_ok() {
+                backend.release(&name, token).await.unwrap();
+            }
+            outcomes.push(acquired);
+        }
+        outcomes
+    };
+    cluster.node(replica).resume();
+    let error = refused.expect_err("acquired without the replica's acknowledgement");
+    assert_eq!(
+        error.kind(),
+        tower_lock::backend::BackendErrorKind::Unavailable,
+        "{error}"
+    );
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(
+        cluster.lock_keys(NS).await.is_empty(),
+        "a refused lock was left behind"
+    );
+    for outcome in others {
+        assert!(
+            matches!(outcome, Ok(Acquire::Acquired { .. })),
+            "a key on another primary: {outcome:?}"
+        );
+    }
+    eprintln!(
+        "cluster wait_for_replicas(1, 300 ms) with the replica frozen: refused after {took:?}"
+    );
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting: wake-ups pushed through sharded pub/sub.
+
+/// How many acquire commands (`EVALSHA`/`EVAL`/`SET`) `port` has served since its stats were
+/// last reset.
+async fn acquire_calls(cluster: &RedisCluster, port: u16) -> u64 {
+    let mut connection = cluster.node(port).connection().await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .filter(|line| {
+            ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_set:"]
+                .iter()
+                .any(|command| line.starts_with(command))
+        })
+        .filter_map(|line| {
+            let calls = line.split("calls=").nth(1)?.split(',').next()?;
+            calls.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+async fn reset_stats(cluster: &RedisCluster, port: u16) {
+    let mut connection = cluster.node(port).connection().await;
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
+/// Sharded subscribers of `key`'s wake-up channel on `port` (`PUBSUB SHARDNUMSUB`).
+async fn shard_subscribers(cluster: &RedisCluster, port: u16, key: &str) -> i64 {
+    let Ok(mut connection) = cluster
+        .node(port)
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+    else {
+        return -1;
+    };
+    let channel = format!("{}:wake", lock_name(key).lock_key());
+    let reply: Vec<redis::Value> = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(&channel)
+        .query_async(&mut connection)
+        .await
+        .unwrap_or_default();
+    match reply.get(1) {
+        Some(redis::Value::Int(n)) => *n,
+        _ => -1,
+    }
+}
+
+/// A key whose lock lives on each primary of `cluster`, by port.
+async fn key_per_primary(cluster: &RedisCluster, prefix: &str) -> Vec<(u16, String)> {
+    let primaries = cluster.primaries().await;
+    let mut found = Vec::new();
+    for port in primaries {
+        for i in 0.. {
+            let key = format!("{prefix}:{port}:{i}");
+            let slot = cluster.slot(lock_name(&key).lock_key()).await;
+            if cluster.primary_of_slot(slot).await == port {
+                found.push((port, key));
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// A waiter for `key` (held by `holder`, a 30 s lease) on the primary `port`: it is subscribed
+/// there, sleeps instead of polling, and gets the lock within a second of the release (its
+/// poll, were it not woken, would come at the end of the holder's 30 s lease). Answers how long
+/// the hand-over took.
+async fn woken_by_the_release(
+    cluster: &RedisCluster,
+    locks: &Locks<tower_lock::RedisClusterBackend>,
+    port: u16,
+    key: &str,
+) -> Duration {
+    let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locks = locks.clone();
+        let key = LockKey::new(key);
+        async move { locks.lock(&key, Duration::from_secs(20)).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), async || shard_subscribers(
+            cluster, port, key
+        )
+        .await
+            == 1)
+        .await,
+        "{key}: no sharded subscriber on its primary {port}"
+    );
+    // Once subscribed, the waiter sleeps until the holder's lease ends: a polling waiter (10–50 ms)
+    // would send 20 acquires or more in this second.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    reset_stats(cluster, port).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = acquire_calls(cluster, port).await;
+    assert!(
+        calls <= 3,
+        "{key}: the waiter polled ({calls} acquires in 1 s)"
+    );
+    assert!(!waiter.is_finished(), "{key}: the waiter took a held lock");
+    let released = tokio::time::Instant::now();
+    holder.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was not woken")
+        .unwrap()
+        .expect("the waiter gets the lock");
+    let handover = released.elapsed();
+    assert!(
+        handover < Duration::from_secs(1),
+        "{key}: handed over {handover:?} after the release: not pushed"
+    );
+    second.release().await.unwrap();
+    handover
+}
+
+/// `RedisClusterBackend` pushes wake-ups: the release's `SPUBLISH` wakes a waiter on whichever
+/// primary its lock lives, and the channel is unsubscribed once nobody waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_every_primary_are_woken_by_the_release_spublish() {
+    let fixture = Cluster::start().await;
+    assert!(
+        fixture.backend().wakeups().is_some(),
+        "RedisClusterBackend has no pushed wake-ups: its waiters poll"
+    );
+    let locks = engine(&fixture).ttl(Duration::from_secs(30));
+    let keys = key_per_primary(&fixture.cluster, "woken").await;
+    assert_eq!(keys.len(), 3);
+    let mut handovers = Vec::new();
+    for (port, key) in &keys {
+        handovers.push(woken_by_the_release(&fixture.cluster, &locks, *port, key).await);
+    }
+    eprintln!("cluster waiters woken after the release: {handovers:?}");
+    for (port, key) in &keys {
+        assert!(
+            eventually(Duration::from_secs(5), async || shard_subscribers(
+                &fixture.cluster,
+                *port,
+                key
+            )
+            .await
+                == 0)
+            .await,
+            "{key}: still subscribed on {port} with nobody waiting"
+        );
+    }
+}
+
+/// The subscriber's connection to a node is killed while a waiter waits: the waiter polls
+/// meanwhile, the subscriber subscribes again, and the next release is pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_survive_the_sharded_subscriber_being_killed() {
+    let fixture = Cluster::start().await;
+    let cluster = &fixture.cluster;
+    let locks = engine(&fixture).ttl(Duration::from_secs(30));
+    let (port, key) = key_per_primary(cluster, "killed").await.remove(0);
+    let holder = locks.try_lock(&LockKey::new(&key)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locks = locks.clone();
+        let key = LockKey::new(&key);
+        async move { locks.lock(&key, Duration::from_secs(20)).await }
+    });
+    let subscribed = async || shard_subscribers(cluster, port, &key).await == 1;
+    assert!(eventually(Duration::from_secs(10), subscribed).await);
+    let mut connection = cluster.node(port).connection().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the sharded subscriber's connection");
+    assert!(
+        eventually(Duration::from_secs(10), subscribed).await,
+        "not subscribed again"
+    );
+    // Confirmed again: the waiter sleeps instead of polling.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reset_stats(cluster, port).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = acquire_calls(cluster, port).await;
+    assert!(
+        calls <= 3,
+        "the waiter still polls ({calls} acquires in 1 s)"
+    );
+    let released = tokio::time::Instant::now();
+    holder.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was stranded")
+        .unwrap()
+        .expect("the lock");
+    assert!(
+        released.elapsed() < Duration::from_secs(1),
+        "handed over {:?} after the release: not pushed",
+        released.elapsed()
+    );
+    second.release().await.unwrap();
+}
+
+/// A manual failover (`CLUSTER FAILOVER` on the replica: the old primary stays up and becomes a
+/// replica) while a waiter waits: the waiter never errs, its subscription stays confirmed in the
+/// slot's shard (on Redis 7.0 it stays on the old primary, now a replica, which receives the
+/// shard's `SPUBLISH`es), and the release on the promoted primary is pushed to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_follows_its_slot_to_the_new_primary_in_a_manual_failover() {
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 5000));
+    let locks = Locks::new(cluster.backend().await)
+        .namespace(NS)
+        .ttl(Duration::from_secs(30));
+    let key = "moved";
+    let slot = cluster.slot(lock_name(key).lock_key()).await;
+    let old = cluster.primary_of_slot(slot).await;
+    let replica = replica_of(&cluster, old).await;
+    let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locks = locks.clone();
+        async move {
+            locks
+                .lock(&LockKey::new(key), Duration::from_secs(25))
+                .await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), async || shard_subscribers(
+            &cluster, old, key
+        )
+        .await
+            == 1)
+        .await
+    );
+    let mut connection = cluster.node(replica).connection().await;
+    let () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), async || cluster
+            .primary_of_slot(slot)
+            .await
+            == replica)
+        .await,
+        "the replica was not promoted"
+    );
+    // Subscribed in the slot's shard: on the promoted primary, or on the old one, now its
+    // replica (a replica serves `SSUBSCRIBE` for its shard's slots and receives its `SPUBLISH`es).
+    assert!(
+        eventually(Duration::from_secs(10), async || shard_subscribers(
+            &cluster, replica, key
+        )
+        .await
+            + shard_subscribers(&cluster, old, key).await
+            >= 1)
+        .await,
+        "not subscribed in the slot's shard"
+    );
+    eprintln!(
+        "manual failover: sharded subscribers on the promoted primary {}, on the old one {}",
+        shard_subscribers(&cluster, replica, key).await,
+        shard_subscribers(&cluster, old, key).await
+    );
+    // Confirmed there: the waiter sleeps instead of polling.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reset_stats(&cluster, replica).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = acquire_calls(&cluster, replica).await;
+    assert!(
+        calls <= 3,
+        "the waiter still polls ({calls} acquires in 1 s)"
+    );
+    assert!(
+        !waiter.is_finished(),
+        "the waiter ended: {:?}",
+        waiter.await
+    );
+    let released = tokio::time::Instant::now();
+    holder.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was stranded")
+        .unwrap()
+        .expect("the lock");
+    let handover = released.elapsed();
+    assert!(
+        handover < Duration::from_secs(1),
+        "handed over {handover:?} after the release: not pushed"
+    );
+    eprintln!("manual failover: the waiter got the lock {handover:?} after the release");
+    second.release().await.unwrap();
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
+/// A waiter across a primary failover is never stuck (woken, or answered unavailable while the
+/// slot has no primary), and afterwards waiters on the promoted primary are pushed again, by
+/// the same backend's subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_primary_failover_waiters_are_pushed_again() {
+    let mut cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 1, 1000));
+    let backend = cluster.backend().await;
+    let locks = Locks::new(backend)
+        .namespace(NS)
+        .ttl(Duration::from_secs(30));
+    let key = "waited";
+    let slot = cluster.slot(lock_name(key).lock_key()).await;
+    let doomed = cluster.primary_of_slot(slot).await;
+    let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
+    let waiter = tokio::spawn({
+        let locks = locks.clone();
+        async move {
+            locks
+                .lock(&LockKey::new(key), Duration::from_secs(25))
+                .await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), async || shard_subscribers(
+            &cluster, doomed, key
+        )
+        .await
+            == 1)
+        .await,
+        "no sharded subscriber on {doomed}"
+    );
+    // The replica has the lock and its counter (the only keys in this cluster).
+    let replicated = eventually(Duration::from_secs(5), async || {
+        let mut keys = 0;
+        for node in cluster.nodes.iter().filter(|n| n.port() != doomed) {
+            let mut connection = node.connection().await;
+            keys += redis::cmd("DBSIZE")
+                .query_async::<i64>(&mut connection)
+                .await
+                .unwrap_or(0);
+        }
+        keys == 2
+    })
+    .await;
+    assert!(replicated, "the replica never received the lock");
+
+    let killed = tokio::time::Instant::now();
+    cluster.node_mut(doomed).stop();
+    let promoted = loop {
+        let primary = cluster.primary_of_slot(slot).await;
+        if primary != doomed {
+            break primary;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(20), "no promotion");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Release once the promoted primary answers (the lock survived there).
+    let released = loop {
+        match locks.try_lock(&LockKey::new("probe")).await {
+            Ok(probe) => {
+                let _ = probe.release().await;
+            }
+            Err(_) => {
+                assert!(killed.elapsed() < Duration::from_secs(20), "no recovery");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        }
+        let _ = holder.release().await;
+        break tokio::time::Instant::now();
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("a waiter across the failover was stranded")
+        .unwrap();
+    eprintln!(
+        "waiter across the cluster failover: {} {:?} after the release ({:?} after the kill)",
+        if outcome.is_ok() {
+            "got the lock"
+        } else {
+            "answered unavailable"
+        },
+        released.elapsed(),
+        killed.elapsed(),
+    );
+    if let Ok(lock) = outcome {
+        lock.release().await.unwrap();
+    }
+
+    // Waiters on the promoted primary and on the others: subscribed and pushed again.
+    let mut handovers = Vec::new();
+    for (port, key) in key_per_primary(&cluster, "after").await {
+        handovers.push(woken_by_the_release(&cluster, &locks, port, &key).await);
+    }
+    handovers.push(woken_by_the_release(&cluster, &locks, promoted, key).await);
+    eprintln!("after the failover, waiters woken after the release: {handovers:?}");
+    tokio::task::block_in_place(|| drop(cluster));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Figures.
 

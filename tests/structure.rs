@@ -36,6 +36,7 @@ const ENGINE: &[&str] = &[
     "telemetry.rs",
     "backend/wakeups.rs",
     "backend/subscriber.rs",
+    "backend/cluster_subscriber.rs",
     "wait/mod.rs",
     "wait/queue.rs",
     "wait/estimate.rs",

@@ -2,7 +2,8 @@
 //! queue per key in the process, first come first served; a release wakes the head at once
 //! (Redis pub/sub, or in process); a crashed holder's expiry is noticed without any publish; the
 //! subscriber connection's loss strands nobody; the cap answers 409 at once; `Retry-After`
-//! follows the hold times the layer observed. On one Redis and in process (`suite!`).
+//! follows the hold times the layer observed. On one Redis, in process and on a Redis Cluster
+//! (`suite!(pushed: …)`: the backends that push wake-ups).
 
 #[macro_use]
 mod common;
@@ -29,7 +30,7 @@ fn key(name: &str) -> LockKey {
     LockKey::new(name)
 }
 
-suite!(redis_and_memory:
+suite!(pushed:
     waiter_acquires_after_release,
     waiting_request_is_served_after_the_holder,
     waiter_gives_up_with_409_after_max_wait,
@@ -542,5 +543,10 @@ mod after_waiting {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn in_memory() {
         holds_through_the_body_and_aborts_on_loss::<Memory>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_cluster() {
+        holds_through_the_body_and_aborts_on_loss::<common::cluster::Cluster>().await;
     }
 }

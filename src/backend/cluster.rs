@@ -1,17 +1,18 @@
 //! Redis Cluster, through redis-rs's async cluster client.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{IntoConnectionInfo, RedisError, Script, Value};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisError, Script, Value};
 
-use super::commands::{Commands, with_fence};
+use super::commands::{Commands, Replication, with_fence};
 use super::redis::warn_if_policy_evicts;
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
-    Release,
+    Release, Wakeups,
 };
 
 /// The acquire of [`RedisBackend`](super::RedisBackend)'s script, made idempotent for its token:
@@ -74,6 +75,10 @@ return -3 - redis.call('PTTL', KEYS[1])
 #[derive(Clone)]
 pub struct RedisClusterBackend {
     commands: Commands<ClusterConnection>,
+    /// `WAIT` on the lock's primary after every acquire (see `wait_for_replicas`).
+    replication: Option<Replication>,
+    /// Waiters' wake-ups through one sharded subscriber (`None`: waiters poll).
+    wakeups: Option<Wakeups>,
 }
 
 impl std::fmt::Debug for RedisClusterBackend {
@@ -91,11 +96,91 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 impl RedisClusterBackend {
     /// A backend on an existing cluster connection (one built from
     /// [`RedisClusterBackend::client_builder`], say, with credentials or TLS added).
+    ///
+    /// Releases `SPUBLISH` on the lock's wake-up channel, but without a client to subscribe with
+    /// (see [`RedisClusterBackend::wake_waiters_with`]) waiters of this backend poll.
     pub fn new(connection: ClusterConnection) -> Self {
         Self {
-            // `SPUBLISH` for sharded pub/sub; nothing subscribes yet (see `wakeups`).
+            // `SPUBLISH` for sharded pub/sub, in the lock's slot.
             commands: Commands::new(connection, &ACQUIRE).publishing("SPUBLISH"),
+            wakeups: None,
+            replication: None,
         }
+    }
+
+    /// Checks replication after every acquire: `WAIT replicas timeout` on the connection to the
+    /// primary of the lock's slot (the one the acquire went to; not on every primary, as a plain
+    /// `WAIT` through the cluster client would be). When fewer than `replicas` of that primary's
+    /// replicas acknowledge the lock within `timeout`, the lock is released again and the
+    /// acquisition fails as unavailable (the layer answers 503: fail-closed). Costs one more
+    /// round trip per acquire, and as long as the replicas take to acknowledge (`timeout` when
+    /// they are missing).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// use std::time::Duration;
+    ///
+    /// let backend = tower_lock::RedisClusterBackend::connect(["redis://10.0.0.1:7000/"])
+    ///     .await?
+    ///     .wait_for_replicas(1, Duration::from_millis(100));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// It narrows the failover window: a lock acknowledged by a replica survives the loss of
+    /// its primary if that replica is the one promoted (with one replica per primary it is).
+    /// It is not consistency: replication stays asynchronous, a replica that acknowledged can
+    /// still lose the lock (a restart without persistence, another replica promoted), renewals
+    /// are not checked, and `WAIT` blocks the connection to that primary, which all requests to
+    /// it share: keep `timeout` short. See
+    /// [`RedisBackend::wait_for_replicas`](super::RedisBackend::wait_for_replicas).
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replication = Some(Replication { replicas, timeout });
+        self
+    }
+
+    /// Wakes this backend's waiters (see [`Locks::lock`](crate::Locks::lock) and `wait` on
+    /// layers) through one sharded subscriber: a cluster client of its own, built with
+    /// `client` when a lock is first waited for (RESP3 and a push sender are added to it), which
+    /// sends `SSUBSCRIBE tower-lock:{key}:wake` to the primary of each waited-for lock's slot.
+    /// A watch counts only once its `SSUBSCRIBE` is answered; when a node's connection drops or
+    /// a slot moves, waiters poll (bounded by the holder's lease) until it is subscribed again.
+    /// [`RedisClusterBackend::from_nodes`] and [`RedisClusterBackend::connect`] do this already.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// use tower_lock::RedisClusterBackend;
+    ///
+    /// let nodes = ["redis://10.0.0.1:7000/", "redis://10.0.0.2:7000/"];
+    /// let connection = RedisClusterBackend::client_builder(nodes)
+    ///     .password("secret")
+    ///     .build()?
+    ///     .get_async_connection()
+    ///     .await?;
+    /// let backend = RedisClusterBackend::new(connection).wake_waiters_with(move || {
+    ///     RedisClusterBackend::client_builder(nodes).password("secret")
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub fn wake_waiters_with(
+        mut self,
+        client: impl Fn() -> ClusterClientBuilder + Send + Sync + 'static,
+    ) -> Self {
+        self.wakeups = Some(super::cluster_subscriber::pushed(Arc::new(client)));
+        self
+    }
+
+    /// `wake_waiters_with` the default client settings for `nodes`.
+    fn waking(self, nodes: Vec<ConnectionInfo>) -> Self {
+        self.wake_waiters_with(move || Self::client_builder(nodes.clone()))
+    }
+
+    fn connection_infos<T: IntoConnectionInfo>(
+        nodes: impl IntoIterator<Item = T>,
+    ) -> Result<Vec<ConnectionInfo>, RedisError> {
+        nodes
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect()
     }
 
     /// A backend for the cluster that `nodes` (`redis://host:port/` URLs, one reachable node is
@@ -112,11 +197,13 @@ impl RedisClusterBackend {
     pub fn from_nodes<T: IntoConnectionInfo>(
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<Self, RedisError> {
-        let client = Self::client_builder(nodes).build()?;
+        let nodes = Self::connection_infos(nodes)?;
+        let client = Self::client_builder(nodes.clone()).build()?;
         let config = ClusterConfig::new()
             .set_connection_timeout(CONNECTION_TIMEOUT)
             .set_response_timeout(RESPONSE_TIMEOUT);
-        let backend = Self::new(client.get_pending_async_connection_with_config(config));
+        let backend =
+            Self::new(client.get_pending_async_connection_with_config(config)).waking(nodes);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let mut connection = backend.commands.connection.clone();
             runtime.spawn(async move { warn_if_evicting(&mut connection).await });
@@ -132,12 +219,13 @@ impl RedisClusterBackend {
     pub async fn connect<T: IntoConnectionInfo>(
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<Self, RedisError> {
-        let mut connection = Self::client_builder(nodes)
+        let nodes = Self::connection_infos(nodes)?;
+        let mut connection = Self::client_builder(nodes.clone())
             .build()?
             .get_async_connection()
             .await?;
         warn_if_evicting(&mut connection).await;
-        Ok(Self::new(connection))
+        Ok(Self::new(connection).waking(nodes))
     }
 
     /// The cluster client settings `from_nodes` and `connect` use: short connect and response
@@ -200,7 +288,21 @@ impl LockBackend for RedisClusterBackend {
         token: LockToken,
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
-        self.commands.acquire(name, token, options)
+        let acquire = self.commands.acquire(name, token, options);
+        let Some(replication) = self.replication else {
+            return acquire;
+        };
+        let mut connection = self.commands.connection.clone();
+        let route = Route::with_key(name.lock_key(), SlotAddr::Master);
+        self.commands
+            .replication_checked(acquire, name, token, replication, move |wait| {
+                Box::pin(async move {
+                    let routing =
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                    let value = connection.route_command(wait, routing).await?;
+                    Ok(i64::from_redis_value(value)?)
+                })
+            })
     }
 
     /// Compare-and-delete. A release resent after its first send landed finds the lock gone and
@@ -221,6 +323,12 @@ impl LockBackend for RedisClusterBackend {
     /// `DEL` of the lock key only: the fencing counter stays, so tokens keep growing.
     fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
         self.commands.force_release(name)
+    }
+
+    /// Pushed through one sharded subscriber: the release script `SPUBLISH`es on the lock's
+    /// channel (`ns{key}:wake`, in the lock's slot, inside the script: no extra round trip).
+    fn wakeups(&self) -> Option<Wakeups> {
+        self.wakeups.clone()
     }
 }
 

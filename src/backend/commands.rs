@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionLike;
 use redis::{
-    Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, ServerErrorKind, Value,
+    Cmd, ErrorKind, FromRedisValue, RedisError, RedisFuture, RedisResult, Script, ServerErrorKind,
+    Value,
 };
 
 use super::{
@@ -332,21 +333,36 @@ where
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
         let acquire = self.acquire_unchecked(name, token, options);
-        let Some(Replication { replicas, timeout }) = self.replication else {
+        let Some(replication) = self.replication else {
             return acquire;
         };
-        let mut connection = self.connection.clone();
+        let connection = self.connection.clone();
+        self.replication_checked(acquire, name, token, replication, move |wait| {
+            let mut connection = connection;
+            Box::pin(async move { wait.query_async::<i64>(&mut connection).await })
+        })
+    }
+
+    /// `acquire`, then, if it took the lock, the `WAIT` command that `send` sends (on the
+    /// connection of the acquire's node): fewer acknowledgements than `replication` asks, or an
+    /// error, release the lock (compare-and-delete) and fail the acquire as unavailable.
+    pub(super) fn replication_checked(
+        &self,
+        acquire: BackendFuture<Acquire>,
+        name: &LockName,
+        token: LockToken,
+        Replication { replicas, timeout }: Replication,
+        send: impl FnOnce(Cmd) -> RedisFuture<'static, i64> + Send + 'static,
+    ) -> BackendFuture<Acquire> {
         let release = self.release(name, token);
         Box::pin(async move {
             let outcome = acquire.await?;
             if !matches!(outcome, Acquire::Acquired { .. }) {
                 return Ok(outcome);
             }
-            let acknowledged = redis::cmd("WAIT")
-                .arg(replicas)
-                .arg(millis(timeout))
-                .query_async::<i64>(&mut connection)
-                .await;
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(replicas).arg(millis(timeout));
+            let acknowledged = send(wait).await;
             let failure = match acknowledged {
                 Ok(count) if count >= i64::from(replicas) => return Ok(outcome),
                 Ok(count) => {

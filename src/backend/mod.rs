@@ -29,6 +29,7 @@
 //! (semaphore) locks will arrive as provided methods.
 
 mod cluster;
+mod cluster_subscriber;
 mod commands;
 mod contract;
 mod failure;

@@ -16,10 +16,10 @@ use super::wakeups::{Hub, Interest, Wakeups};
 pub(super) const CHANNEL_SUFFIX: &str = ":wake";
 
 /// How long connecting the subscriber may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// The first and the longest pause between reconnection attempts.
-const MIN_BACKOFF: Duration = Duration::from_millis(10);
-const MAX_BACKOFF: Duration = Duration::from_millis(500);
+pub(super) const MIN_BACKOFF: Duration = Duration::from_millis(10);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Wake-ups pushed through one subscriber connection to `client`'s server, opened when a lock
 /// is first waited for (and again after it is lost).
@@ -32,7 +32,7 @@ pub(super) fn pushed(client: redis::Client) -> Wakeups {
     }))
 }
 
-fn channel(lock_key: &str) -> String {
+pub(super) fn channel(lock_key: &str) -> String {
     format!("{lock_key}{CHANNEL_SUFFIX}")
 }
 
@@ -78,9 +78,9 @@ async fn run(client: redis::Client, hub: Weak<Hub>, interests: mpsc::UnboundedRe
 /// shuts down mid-task (a backend shared by several runtimes). Then nothing reads the
 /// subscription any more: the hub forgets this subscriber (the next watch starts another) and
 /// every watch becomes unconfirmed, so its waiters retry at once and then poll.
-struct Running {
-    hub: Weak<Hub>,
-    interests: mpsc::UnboundedReceiver<Interest>,
+pub(super) struct Running {
+    pub(super) hub: Weak<Hub>,
+    pub(super) interests: mpsc::UnboundedReceiver<Interest>,
 }
 
 impl Drop for Running {

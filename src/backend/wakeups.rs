@@ -5,8 +5,10 @@
 //! The engine *watches* a lock while it has local waiters for it; the backend *wakes* the lock
 //! when it learns of a release. A watch is *confirmed* once a wake-up for any later release is
 //! certain to arrive (at once in process; on Redis once the shared subscriber connection's
-//! `SUBSCRIBE` has been answered). While a watch is not confirmed (the subscriber is connecting or
-//! reconnecting), waiters poll, bounded by the holder's remaining lease, with jitter.
+//! `SUBSCRIBE` has been answered; on Cluster once the sharded subscriber's `SSUBSCRIBE` has
+//! been answered by the primary of the lock's slot). While a watch is not confirmed (the
+//! subscriber is connecting or reconnecting), waiters poll, bounded by the holder's remaining
+//! lease, with jitter.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -190,6 +192,16 @@ impl Hub {
         if let Some(channel) = channel {
             channel.confirmed.store(true, Ordering::Release);
             // A release may have happened while unconfirmed: let the waiters try again.
+            channel.wake();
+        }
+    }
+
+    /// The subscription of `lock_key` is gone (its node dropped it, or is unreachable): its
+    /// waiters retry, then poll until it is confirmed again.
+    pub(crate) fn unconfirm(&self, lock_key: &str) {
+        let channel = self.lock().get(lock_key).cloned();
+        if let Some(channel) = channel {
+            channel.confirmed.store(false, Ordering::Release);
             channel.wake();
         }
     }

@@ -8,7 +8,8 @@
 //!
 //! - a wake-up pushed by the backend ([`Wakeups`](crate::backend::Wakeups)): on Redis the
 //!   release script publishes on the lock's channel and one shared subscriber connection per
-//!   backend wakes the local waiters; in memory the release wakes them directly;
+//!   backend wakes the local waiters (on Cluster `SPUBLISH` and one sharded subscriber per
+//!   backend); in memory the release wakes them directly;
 //! - the holder's remaining lease (`PTTL`), so a crashed holder's expiry is noticed without
 //!   any publish; without fencing, Redis reads the remaining lease from the holder's deadline
 //!   in the lock value (the holder's clock, not `PTTL`), so a nap is also kept between

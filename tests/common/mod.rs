@@ -384,12 +384,20 @@ pub async fn until_held<F: Fixture>(fixture: &F, n: usize) {
 /// `redlock_backend::test_a` and, with the `sentinel` feature, `sentinel_backend::test_a` (on a
 /// two-worker runtime), calling the including file's
 /// `async fn test_a<F: Fixture>()` with each backend's fixture. `suite!(redis_and_memory: …)`
-/// runs them on one Redis and in process only.
+/// runs them on one Redis and in process only; `suite!(pushed: …)` on the backends that push
+/// wake-ups to waiters (one Redis, in process, Cluster).
 macro_rules! suite {
     (redis_and_memory: $($test:ident),* $(,)?) => {
         suite!(@on {
             redis_backend: crate::common::Redis;
             memory_backend: crate::common::Memory;
+        } $($test),*);
+    };
+    (pushed: $($test:ident),* $(,)?) => {
+        suite!(@on {
+            redis_backend: crate::common::Redis;
+            memory_backend: crate::common::Memory;
+            cluster_backend: crate::common::cluster::Cluster;
         } $($test),*);
     };
     ($($test:ident),* $(,)?) => {
