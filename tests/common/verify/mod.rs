@@ -456,9 +456,22 @@ impl World {
         let grace = (self.setup.leak_grace).unwrap_or(self.setup.ttl + Duration::from_secs(3));
         let deadline = std::time::Instant::now() + grace;
         let mut leaked = self.lock_keys().await;
+        let mut reported = false;
         while !leaked.is_empty() && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
             leaked = self.lock_keys().await;
+            // Locks still there 3 s after the end: where they are, to tell a minority of nodes
+            // from a majority.
+            if !reported && !leaked.is_empty() && self.start.elapsed() > ended + LINGERING {
+                reported = true;
+                let mut per_node = Vec::new();
+                for i in 0..self.node_urls.len() {
+                    per_node.push(self.lock_keys_on(i).await);
+                }
+                println!(
+                    "locks still held {LINGERING:?} after the requests ended, per node: {per_node:?}"
+                );
+            }
         }
         let locks_gone_after = self.start.elapsed().saturating_sub(ended);
         // Let every section's history line be written (a frozen server is resumed by now).
@@ -584,6 +597,9 @@ async fn spread_keys(cluster: &RedisCluster) -> Vec<String> {
 pub fn lock_key(key: &str) -> String {
     format!("{}{{counter:{key}}}", server::NAMESPACE)
 }
+
+/// How long after the requests end a lock still held is reported, with its nodes.
+const LINGERING: Duration = Duration::from_secs(3);
 
 /// Waits until every server has answered one request other than 503 (their Redis connections
 /// are opened lazily, by the first request), at most 20 s.
