@@ -126,6 +126,11 @@ impl RedisServer {
         self.child.as_ref().expect("server is running").id()
     }
 
+    /// Whether the process runs (it was not stopped, or was restarted since).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Kills the server (SIGKILL, after a SIGCONT in case it is paused). Nothing holds its port
     /// meanwhile: `restart` takes the same one again, retrying while it is not free yet.
     pub fn stop(&mut self) {

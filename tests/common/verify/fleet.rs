@@ -13,6 +13,9 @@ use super::server::{LISTENING, ROLE_VAR};
 /// How a server process is configured.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// `redis`, `redlock` or `cluster` (see [`server`](super::server)).
+    pub lock_backend: &'static str,
+    /// The lock backend's URL, or its nodes' URLs separated by commas.
     pub lock_url: String,
     pub store_url: String,
     pub ttl: Duration,
@@ -44,6 +47,7 @@ impl ServerProcess {
                 "--test-threads=1",
             ])
             .env(ROLE_VAR, "1")
+            .env("VERIFY_LOCK_BACKEND", config.lock_backend)
             .env("VERIFY_LOCK_URL", &config.lock_url)
             .env("VERIFY_STORE_URL", &config.store_url)
             .env("VERIFY_HISTORY", &history)

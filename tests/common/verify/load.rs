@@ -23,6 +23,8 @@ pub enum Outcome {
 #[derive(Clone, Copy, Debug)]
 pub struct Record {
     pub server: usize,
+    /// The load's key (an index into [`Load::keys`]); `None` for a scenario's own requests.
+    pub key: Option<usize>,
     pub sent: Duration,
     pub finished: Duration,
     pub outcome: Outcome,
@@ -92,7 +94,8 @@ pub fn start(load: &Load, bases: Vec<String>, start: Instant) -> Running {
                     };
                     let url = format!("{}/incr/{}?hold_ms={hold_ms}", bases[server], keys[key]);
                     sent.fetch_add(1, Ordering::Relaxed);
-                    let record = post(&client, server, &url, start).await;
+                    let mut record = post(&client, server, &url, start).await;
+                    record.key = Some(key);
                     if record.outcome == Outcome::ConnectionFailed {
                         // A dead server refuses at once: do not spin on it.
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -126,6 +129,7 @@ pub async fn post(client: &reqwest::Client, server: usize, url: &str, start: Ins
     };
     Record {
         server,
+        key: None,
         sent,
         finished: start.elapsed(),
         outcome,

@@ -30,7 +30,11 @@
 //!
 //! Environment: `VERIFY_LOCK_URL`, `VERIFY_STORE_URL`, `VERIFY_HISTORY`, `VERIFY_TTL_MS`
 //! (lease, default 1000), `VERIFY_UNLOCKED=1` (no lock at all, token 0: the checker's own test
-//! that it sees overlaps and lost updates).
+//! that it sees overlaps and lost updates), `VERIFY_LOCK_BACKEND`: `redis` (the default: a
+//! [`RedisBackend`] on `VERIFY_LOCK_URL`), `redlock` (a [`RedlockBackend`] over the
+//! comma-separated `VERIFY_LOCK_URL`s, as the example server reads `REDLOCK_NODES`) or `cluster`
+//! (a [`RedisClusterBackend`] on the cluster the comma-separated `VERIFY_LOCK_URL`s belong to, as
+//! the example reads `REDIS_CLUSTER_NODES`). The store is always one plain Redis.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -46,7 +50,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use tower_lock::key::KeyTemplate;
-use tower_lock::{LockLayer, LockLease, RedisBackend};
+use tower_lock::{LockLayer, LockLease, RedisBackend, RedisClusterBackend, RedlockBackend};
 
 /// The environment variable that turns a run of the test binary into a verification server.
 pub const ROLE_VAR: &str = "TOWER_LOCK_VERIFY_SERVER";
@@ -199,11 +203,30 @@ async fn serve() {
     let route = if unlocked {
         route
     } else {
-        let backend = RedisBackend::from_url(&env("VERIFY_LOCK_URL")).expect("lock url");
         let key = KeyTemplate::parse("counter:{path.key}")
             .and_then(|t| t.with_pattern("/incr/{key}"))
             .expect("template");
-        route.route_layer(LockLayer::new(backend, key).namespace(NAMESPACE).ttl(ttl))
+        let urls = env("VERIFY_LOCK_URL");
+        let urls: Vec<&str> = urls.split(',').filter(|u| !u.is_empty()).collect();
+        // The same layer on whichever backend.
+        macro_rules! locked {
+            ($backend:expr) => {
+                route.route_layer(LockLayer::new($backend, key).namespace(NAMESPACE).ttl(ttl))
+            };
+        }
+        match std::env::var("VERIFY_LOCK_BACKEND").as_deref() {
+            Ok("redlock") => locked!(
+                RedlockBackend::connect(&urls)
+                    .await
+                    .expect("connect to the Redlock nodes")
+            ),
+            Ok("cluster") => locked!(
+                RedisClusterBackend::connect(urls.iter().copied())
+                    .await
+                    .expect("connect to the cluster")
+            ),
+            _ => locked!(RedisBackend::from_url(urls[0]).expect("lock url")),
+        }
     };
     let router = Router::new().route("/incr/{key}", route).with_state(app);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
