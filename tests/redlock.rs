@@ -637,3 +637,111 @@ async fn acquire_latency_figures() {
     }
     five.servers[4].resume();
 }
+
+/// A node that lost its scripts (restarted empty, or `SCRIPT FLUSH`) answers a fenced acquire
+/// `NOSCRIPT`. The round may be over by then (a majority answered) and the lock released on
+/// every node, the release queued behind that acquire on the node's connection. Sent again after
+/// the `NOSCRIPT`, the acquire would land after the release and leave the lock on that node
+/// until its TTL: the verification suite's Redlock scenarios found such leftovers. The node
+/// fails that round instead, and knows the script for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_answered_noscript_is_not_sent_again_after_the_release() {
+    let fixture = Redlock::with_nodes(3).await;
+    let backend = fixture.backend();
+    let ttl = 10 * SECOND; // 500 ms per node: the paused node answers within it
+    // A first round: every node now has (and is known to have) the acquire script.
+    let first = LockToken::random();
+    let name = lock_name("k");
+    backend
+        .acquire(&name, first, options(ttl).fencing(true))
+        .await
+        .unwrap();
+    backend.release(&name, first).await.unwrap();
+    until_no_leftovers(&fixture).await;
+    let slow = 2;
+    let mut node = fixture.node(slow).await.unwrap();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut node)
+        .await
+        .unwrap();
+    // The release script is known again (a release of a lock nobody holds loads it); the
+    // acquire script is not.
+    backend
+        .release(&lock_name("warm-up"), LockToken::random())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let token = LockToken::random();
+    fixture.servers[slow].pause();
+    let acquired = backend
+        .acquire(&name, token, options(ttl).fencing(true))
+        .await
+        .unwrap();
+    assert!(matches!(acquired, Acquire::Acquired { .. }), "{acquired:?}");
+    assert_eq!(
+        backend.release(&name, token).await.unwrap(),
+        Release::Released
+    );
+    fixture.servers[slow].resume();
+    // The paused node now reads the acquire (NOSCRIPT), then the release.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        fixture.nodes_holding(&name).await,
+        Vec::<usize>::new(),
+        "{}",
+        keys(&fixture).await
+    );
+    // The node knows the acquire script again: the next round takes every node.
+    let next = LockToken::random();
+    backend
+        .acquire(&name, next, options(ttl).fencing(true))
+        .await
+        .unwrap();
+    assert!(
+        eventually(2 * SECOND, async || fixture.nodes_holding(&name).await
+            == vec![0, 1, 2])
+        .await,
+        "{}",
+        keys(&fixture).await
+    );
+    backend.release(&name, next).await.unwrap();
+    until_no_leftovers(&fixture).await;
+}
+
+/// A backend made without `connect` has loaded no script, and the nodes may know none (here:
+/// flushed): its first fenced round still takes every node (the script is loaded in the same
+/// send as the acquire), never a `NOSCRIPT` that would fail the round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_fenced_round_on_nodes_without_scripts_takes_every_node() {
+    let fixture = Redlock::with_nodes(3).await;
+    for i in 0..3 {
+        let mut node = fixture.node(i).await.unwrap();
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut node)
+            .await
+            .unwrap();
+    }
+    let backend = RedlockBackend::from_urls(fixture.urls()).unwrap();
+    let name = lock_name("first");
+    let token = LockToken::random();
+    let acquired = backend
+        .acquire(&name, token, options(10 * SECOND).fencing(true))
+        .await
+        .unwrap();
+    assert!(
+        matches!(acquired, Acquire::Acquired { fencing_token } if fencing_token > 0),
+        "{acquired:?}"
+    );
+    assert!(
+        eventually(2 * SECOND, async || fixture.nodes_holding(&name).await
+            == vec![0, 1, 2])
+        .await,
+        "{}",
+        keys(&fixture).await
+    );
+    backend.release(&name, token).await.unwrap();
+    until_no_leftovers(&fixture).await;
+}

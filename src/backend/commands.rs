@@ -99,6 +99,38 @@ async fn invoke<T: FromRedisValue>(
     }
 }
 
+/// Sends `command`, an `EVALSHA` of the script whose Lua is `source`, once: with `SCRIPT LOAD`
+/// of `source` before it, in the same send, until the server is known to have the script
+/// (`loaded`). A `NOSCRIPT` (the server lost its scripts) is answered as it is, and the next
+/// call loads the script again: nothing is sent after an answer (see
+/// [`Commands::acquire_once`]).
+async fn invoke_once<T: FromRedisValue>(
+    source: &str,
+    loaded: &AtomicBool,
+    command: Cmd,
+    connection: &mut impl ConnectionLike,
+) -> RedisResult<T> {
+    let result = if loaded.load(Ordering::Relaxed) {
+        command.query_async(connection).await
+    } else {
+        let mut pipeline = redis::pipe();
+        pipeline.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+        pipeline.add_command(command);
+        pipeline
+            .query_async::<(T,)>(connection)
+            .await
+            .map(|(answer,)| answer)
+    };
+    match &result {
+        Ok(_) => loaded.store(true, Ordering::Relaxed),
+        Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            loaded.store(false, Ordering::Relaxed);
+        }
+        Err(_) => {}
+    }
+    result
+}
+
 /// How long the holder whose lock value is `value` has left, by its deadline and this clock.
 pub(super) fn remaining_from_value(value: &[u8]) -> Option<Duration> {
     let value = std::str::from_utf8(value).ok()?;
@@ -156,8 +188,12 @@ pub(super) fn with_fence(body: &str) -> String {
 /// atomically; on Redis before 7.0 (no `NX` with `GET`), the same without fencing. One scalar
 /// back (a table costs Redis more): the fencing token (≥ 1), 0 for acquired without fencing, or
 /// `-3 - PTTL` for held (≤ -2).
-pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&with_fence(
+pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(&ACQUIRE_SOURCE));
+
+/// The Lua of [`ACQUIRE`], which [`Commands::acquire_once`] loads in the same send as its first
+/// `EVALSHA`.
+pub(super) static ACQUIRE_SOURCE: LazyLock<String> = LazyLock::new(|| {
+    with_fence(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] == '1' then
@@ -167,7 +203,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return -3 - redis.call('PTTL', KEYS[1])
 ",
-    ))
+    )
 });
 
 /// Compare-and-delete by token (the value's first 32 characters): 1 released, 0 already gone,
@@ -288,6 +324,8 @@ pub(super) struct Commands<C> {
     pub(super) connection: C,
     acquire: &'static Script,
     scripted_acquire: Arc<AtomicBool>,
+    /// Whether the server is known to have the acquire script ([`Commands::acquire_once`]).
+    acquire_loaded: Arc<AtomicBool>,
     /// How a release announces itself to waiters (`PUBLISH`, `SPUBLISH`), if it does.
     publish: Option<&'static str>,
     replication: Option<Replication>,
@@ -304,6 +342,7 @@ where
             connection,
             acquire,
             scripted_acquire: Arc::default(),
+            acquire_loaded: Arc::default(),
             publish: None,
             replication: None,
         }
@@ -332,7 +371,16 @@ where
         token: LockToken,
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
-        let acquire = self.acquire_unchecked(name, token, options);
+        self.checked(self.acquire_unchecked(name, token, options), name, token)
+    }
+
+    /// `acquire` with the replication check, if one is set.
+    fn checked(
+        &self,
+        acquire: BackendFuture<Acquire>,
+        name: &LockName,
+        token: LockToken,
+    ) -> BackendFuture<Acquire> {
         let Some(replication) = self.replication else {
             return acquire;
         };
@@ -384,11 +432,46 @@ where
         })
     }
 
+    /// The acquire as one command sent exactly once (then the replication check, if set), for a
+    /// node of a Redlock round. A round may finish before a slow node answers, and its release (of
+    /// a failed round, or the holder's) then follows the acquire on that node's connection:
+    /// that order only holds if nothing is sent after the answer. So the acquire is never sent
+    /// again after a `NOSCRIPT`, as [`acquire`](Self::acquire) does: until the server is known
+    /// to have the script (`source`, the Lua of this backend's acquire script), `SCRIPT LOAD`
+    /// goes out with the `EVALSHA`, in one send; a server that then answers `NOSCRIPT`
+    /// (restarted empty, `SCRIPT FLUSH`) fails this round, and the next round loads the script
+    /// again. Resent, the acquire could land after the release and leave the lock on that node
+    /// until its TTL (the verification suite's Redlock scenarios found it so).
+    pub(super) fn acquire_once(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+        source: &'static str,
+    ) -> BackendFuture<Acquire> {
+        self.checked(
+            self.acquire_sent(name, token, options, Some(source)),
+            name,
+            token,
+        )
+    }
+
     fn acquire_unchecked(
         &self,
         name: &LockName,
         token: LockToken,
         options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
+        self.acquire_sent(name, token, options, None)
+    }
+
+    /// The acquire; `once` (the acquire script's Lua): see [`acquire_once`](Self::acquire_once).
+    fn acquire_sent(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+        once: Option<&'static str>,
     ) -> BackendFuture<Acquire> {
         let mut connection = self.connection.clone();
         let value = lock_value(token, options.ttl);
@@ -396,10 +479,13 @@ where
         let script = self.acquire;
         if options.fencing || self.scripted_acquire.load(Ordering::Relaxed) {
             let command = scripted_acquire(script, name, &value, ttl, options.fencing);
+            let loaded = self.acquire_loaded.clone();
             return Box::pin(async move {
-                let outcome: i64 = invoke(script, &command, &mut connection)
-                    .await
-                    .map_err(unavailable)?;
+                let outcome: i64 = match once {
+                    Some(source) => invoke_once(source, &loaded, command, &mut connection).await,
+                    None => invoke(script, &command, &mut connection).await,
+                }
+                .map_err(unavailable)?;
                 Ok(scripted_outcome(outcome))
             });
         }
@@ -435,6 +521,10 @@ where
                         && error.to_string().contains("syntax error") =>
                 {
                     scripted.store(true, Ordering::Relaxed);
+                    if once.is_some() {
+                        // Nothing was set; the next round goes through the script.
+                        return Err(unavailable(error));
+                    }
                     let command = scripted_acquire(script, &name, &value, ttl, false);
                     let outcome: i64 = invoke(script, &command, &mut connection)
                         .await

@@ -299,6 +299,20 @@ pub(super) fn warn_if_policy_evicts(info: &str) {
     }
 }
 
+impl RedisBackend {
+    /// The acquire as a node of a Redlock round sends it: exactly once (see
+    /// `Commands::acquire_once`).
+    pub(super) fn acquire_once(
+        &self,
+        name: &LockName,
+        token: LockToken,
+        options: AcquireOptions,
+    ) -> BackendFuture<Acquire> {
+        self.commands
+            .acquire_once(name, token, options, &super::commands::ACQUIRE_SOURCE)
+    }
+}
+
 impl LockBackend for RedisBackend {
     fn acquire(
         &self,

@@ -400,7 +400,7 @@ impl RedlockBackend {
             &self,
             &self.all(),
             timeout,
-            |node| node.acquire(&name, token, on_nodes),
+            |node| node.acquire_once(&name, token, on_nodes),
             |answers, pending| {
                 // Ours; or not ours, and known to be refused by a majority of the nodes that
                 // answer (held) or to lack a majority that answers (unavailable).
