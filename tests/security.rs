@@ -609,4 +609,29 @@ mod multi_node_tls {
         let error = untrusting().connect().await.unwrap_err();
         assert_no_secret(&[&error.to_string(), &format!("{error:?}")]);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redlock_presents_the_client_certificate_to_every_node() {
+        let nodes = TlsNodes::start_with(3, &["--tls-auth-clients", "yes"]);
+        let urls = nodes.urls(None);
+        let trusting = || RedlockBackend::builder(&urls).trust_ca_pem(nodes.pki.ca_pem.clone());
+        says_tls(&backend_unavailable(trusting().build().unwrap()).await);
+
+        let presenting = trusting()
+            .client_certificate_pem(
+                nodes.pki.client_cert_pem.clone(),
+                nodes.pki.client_key_pem.clone(),
+            )
+            .connect()
+            .await
+            .expect("mutual TLS with the test CA's client certificate on every node");
+        let held = async || {
+            let mut most = 0;
+            for server in &nodes.servers {
+                most = most.max(server.lock_keys(NS).await.len());
+            }
+            most
+        };
+        lock_conflict_release(presenting, "redlock-mtls", held).await;
+    }
 }

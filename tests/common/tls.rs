@@ -183,6 +183,11 @@ pub struct TlsNodes {
 
 impl TlsNodes {
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, &[])
+    }
+
+    /// `n` nodes configured further by `args` (`["--tls-auth-clients", "yes"]`, say).
+    pub fn start_with(n: usize, extra: &[&str]) -> Self {
         let pki = Pki::generate("redlock");
         let files = tls_files(&pki);
         let mut tls_ports = Vec::new();
@@ -192,6 +197,7 @@ impl TlsNodes {
                 tls_ports.push(port);
                 let mut args = vec!["--tls-port".to_owned(), port.to_string()];
                 args.extend(files.iter().cloned());
+                args.extend(extra.iter().map(|arg| arg.to_string()));
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 RedisServer::start_with(&args)
             })
