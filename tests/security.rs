@@ -634,4 +634,30 @@ mod multi_node_tls {
         };
         lock_conflict_release(presenting, "redlock-mtls", held).await;
     }
+
+    /// Sentinel over TLS: the sentinel (`rediss://`) and the primary it names (its TLS port)
+    /// both checked against the test's CA.
+    #[cfg(feature = "sentinel")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sentinel_over_tls_finds_the_tls_primary_and_refuses_an_untrusted_ca() {
+        use common::sentinel::MASTER;
+        use tower_lock::RedisSentinelBackend;
+        let group = common::tls::TlsSentinel::start();
+        let backend = RedisSentinelBackend::builder([group.url()], MASTER)
+            .trust_ca_pem(group.primary.pki.ca_pem.clone())
+            .connect()
+            .await
+            .expect("the TLS primary through the TLS sentinel");
+        assert_eq!(
+            backend.primary_address().as_deref(),
+            Some(format!("127.0.0.1:{}", group.primary.tls_port).as_str())
+        );
+        let held = async || group.primary.server.lock_keys(NS).await.len();
+        lock_conflict_release(backend, "sentinel-tls", held).await;
+
+        let stranger = Pki::generate("sentinel-stranger");
+        let untrusting = RedisSentinelBackend::builder([group.url()], MASTER)
+            .trust_ca_pem(stranger.ca_pem.clone());
+        says_tls(&backend_unavailable(untrusting.build().unwrap()).await);
+    }
 }

@@ -97,7 +97,8 @@ pub struct DemoConfig {
     pub renew_lease: bool,
     /// A PEM file of CA certificates to trust for `rediss://` URLs (`redis_url`, and the nodes
     /// of `cluster_nodes` and `redlock_nodes`), instead of the platform's roots (`REDIS_TLS_CA`;
-    /// needs the crate's `tls-rustls` feature; not supported with `sentinels` yet).
+    /// needs the crate's `tls-rustls` feature); with `sentinels`, for `rediss://` sentinels and
+    /// the primary they name, which is then reached over TLS).
     pub redis_tls_ca: Option<std::path::PathBuf>,
 }
 
@@ -598,19 +599,14 @@ pub async fn build(config: DemoConfig) -> redis::RedisResult<Demo> {
     }
     #[cfg(feature = "sentinel")]
     if let (false, Some(master)) = (config.sentinels.is_empty(), &config.sentinel_master) {
-        if tls_ca.is_some() {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "REDIS_TLS_CA is not supported with REDIS_SENTINELS yet: \
-                 RedisSentinelBackend takes no CA of its own",
-            )));
-        }
         // Balances in process: the store's connection does not follow a failover.
-        let backend = tower_lock::RedisSentinelBackend::connect(
-            config.sentinels.iter().map(String::as_str),
-            master,
-        )
-        .await?;
+        let sentinel = tower_lock::RedisSentinelBackend::builder(&config.sentinels, master);
+        #[cfg(feature = "tls-rustls")]
+        let sentinel = match &tls_ca {
+            Some(pem) => sentinel.trust_ca_pem(pem.clone()),
+            None => sentinel,
+        };
+        let backend = sentinel.connect().await?;
         return Ok(with_backend(backend, Store::memory(), &config));
     }
     match &config.redis_url {
@@ -639,7 +635,7 @@ fn redis_builder(
 }
 
 /// The CA certificates (PEM) in the file `REDIS_TLS_CA` names, for every backend: `REDIS_URL`,
-/// `REDIS_CLUSTER_NODES` and `REDLOCK_NODES` (`rediss://` URLs).
+/// `REDIS_CLUSTER_NODES`, `REDLOCK_NODES` and `REDIS_SENTINELS` (`rediss://` URLs).
 fn read_tls_ca(path: Option<&std::path::Path>) -> redis::RedisResult<Option<Vec<u8>>> {
     let Some(path) = path else {
         return Ok(None);

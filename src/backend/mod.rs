@@ -52,7 +52,7 @@ pub use self::redis::{RedisBackend, RedisBackendBuilder};
 pub use self::redlock::{RedlockBackend, RedlockBackendBuilder};
 #[cfg(feature = "sentinel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
-pub use self::sentinel::RedisSentinelBackend;
+pub use self::sentinel::{RedisSentinelBackend, RedisSentinelBackendBuilder};
 #[cfg(feature = "tls-rustls")]
 pub use self::tls::install_crypto_provider;
 pub use self::wakeups::Wakeups;

@@ -256,3 +256,43 @@ impl TlsRedis {
         format!("rediss://{userinfo}127.0.0.1:{}/", self.tls_port)
     }
 }
+
+/// A TLS primary watched by one sentinel that also speaks TLS (on `tls_port`, besides its plain
+/// harness port) and reaches the primary over TLS (`tls-replication yes`), so that it names the
+/// primary's TLS port.
+#[cfg(feature = "sentinel")]
+pub struct TlsSentinel {
+    pub primary: TlsRedis,
+    pub sentinel: super::sentinel::SentinelProcess,
+    pub tls_port: u16,
+}
+
+#[cfg(feature = "sentinel")]
+impl TlsSentinel {
+    pub fn start() -> Self {
+        let primary = TlsRedis::start(&[]);
+        let tls_port = free_port();
+        let pki = &primary.pki;
+        let path = |path: PathBuf| path.to_str().expect("utf-8 temp path").to_owned();
+        let extra = format!(
+            "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes\n",
+            path(pki.cert_file()),
+            path(pki.key_file()),
+            path(pki.ca_file()),
+        );
+        // The sentinel monitors the primary's TLS port (quorum 1: it is alone).
+        let sentinel =
+            super::sentinel::SentinelProcess::start_configured(primary.tls_port, 1, &extra);
+        Self {
+            primary,
+            sentinel,
+            tls_port,
+        }
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/` of the sentinel.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_port)
+    }
+}
