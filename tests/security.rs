@@ -8,7 +8,11 @@
 //! - with the `tls-rustls` feature, `rediss://` with a trusted CA locks, and a certificate that
 //!   is not trusted is a 503 that says "TLS", leaking nothing; a Redis that requires client
 //!   certificates takes the one `client_certificate_pem` presents, and refuses a client without;
-//! - a stopped Redis is a 503 that says "refused", a frozen one "did not answer in time".
+//! - a stopped Redis is a 503 that says "refused", a frozen one "did not answer in time";
+//! - the multi-node backends (`multi_node_tls`): a 3-primary TLS cluster (`tls-cluster yes`)
+//!   for the README's cluster ACL user, 3 TLS Redlock nodes (and with mutual TLS), a TLS
+//!   sentinel naming a TLS primary: lock, 409, release with the test's CA; an untrusted CA is a
+//!   503 that says "TLS". A cluster no node of which accepts a connection says "refused".
 
 #[macro_use]
 mod common;
@@ -310,6 +314,19 @@ async fn a_redlock_whose_nodes_all_refuse_is_a_503_that_says_refused() {
         server.stop();
     }
     let problem = backend_unavailable(redlock.backend()).await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("refused or closed the connection"),
+        "{detail}"
+    );
+}
+
+/// The cluster client alone would say "No connections found": the backend asks the nodes why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_nodes_all_refuse_is_a_503_that_says_refused() {
+    // Nothing listens on port 1 of the loopback interface.
+    let backend = tower_lock::RedisClusterBackend::from_nodes(["redis://127.0.0.1:1/"]).unwrap();
+    let problem = backend_unavailable(backend).await;
     let detail = problem["detail"].as_str().unwrap();
     assert!(
         detail.contains("refused or closed the connection"),
