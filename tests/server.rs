@@ -759,14 +759,16 @@ async fn serves_over_tls_to_redis_trusting_the_ca_in_redis_tls_ca() {
 }
 
 /// Issue 12 item 6 on the multi-node backends: `REDIS_CLUSTER_NODES=rediss://…` (locks and
-/// balances in a TLS cluster) and `REDLOCK_NODES=rediss://…` with `REDIS_TLS_CA`: a same-key
-/// pair is a 200 and a 409, and the deposit lands.
+/// balances in a TLS cluster), `REDLOCK_NODES=rediss://…` and (feature `sentinel`)
+/// `REDIS_SENTINELS=rediss://…` with `REDIS_TLS_CA`: a same-key pair is a 200 and a 409, and
+/// the deposit lands.
 #[cfg(feature = "tls-rustls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_on_a_tls_cluster_and_tls_redlock_nodes_trusting_redis_tls_ca() {
+async fn serves_on_a_tls_cluster_redlock_and_sentinel_trusting_redis_tls_ca() {
     let cluster = common::tls::TlsCluster::start();
     let nodes = common::tls::TlsNodes::start(3);
-    let configs = [
+    #[allow(unused_mut)]
+    let mut configs = vec![
         DemoConfig {
             cluster_nodes: cluster.urls(None),
             redis_tls_ca: Some(cluster.pki.ca_file()),
@@ -778,6 +780,16 @@ async fn serves_on_a_tls_cluster_and_tls_redlock_nodes_trusting_redis_tls_ca() {
             ..DemoConfig::default()
         },
     ];
+    // `REDIS_SENTINELS=rediss://…`: a TLS sentinel naming a TLS primary.
+    #[cfg(feature = "sentinel")]
+    let sentinel = common::tls::TlsSentinel::start();
+    #[cfg(feature = "sentinel")]
+    configs.push(DemoConfig {
+        sentinels: vec![sentinel.url()],
+        sentinel_master: Some(common::sentinel::MASTER.to_owned()),
+        redis_tls_ca: Some(sentinel.primary.pki.ca_file()),
+        ..DemoConfig::default()
+    });
     for config in configs {
         let line = config.describe_backend();
         let server = spawn(config).await.expect("demo server over TLS");
