@@ -516,7 +516,10 @@ impl RedisSentinelBackendBuilder {
     }
 
     /// The backend, finding the primary on the first lock, as
-    /// [`RedisSentinelBackend::from_sentinels`]. The sentinels' credentials go in their URLs.
+    /// [`RedisSentinelBackend::from_sentinels`]. The sentinels' credentials go in their URLs;
+    /// with certificates, redis-rs takes one user and password for all sentinels (the first
+    /// URL's), and the primary's credentials cannot be set yet (use
+    /// [`RedisSentinelBackend::from_sentinels_with`] for those, without a CA of your own).
     pub fn build(self) -> Result<RedisSentinelBackend, RedisError> {
         let Some(certificates) = self.certificates else {
             let sentinels = self.sentinels.iter().map(String::as_str);
