@@ -10,7 +10,8 @@
 //! `127.0.0.1`; `HOST=0.0.0.0` for every interface), `REDIS_URL` (`rediss://…` for TLS, with
 //! `--features tls-rustls`; the demo starts while Redis refuses it and answers 503 until Redis
 //! accepts it), `REDIS_TLS_CA=path.pem` (CA certificates to trust for `rediss://` instead of
-//! the platform's), `REDIS_CLUSTER_NODES=redis://h:p,redis://h:p,…`
+//! the platform's: for `REDIS_URL`, for `rediss://` nodes in `REDIS_CLUSTER_NODES` and
+//! `REDLOCK_NODES`, and with `REDIS_SENTINELS` for the sentinels and the primary), `REDIS_CLUSTER_NODES=redis://h:p,redis://h:p,…`
 //! (Redis Cluster: locks and balances in the cluster), `REDLOCK_NODES=redis://…,…` (Redlock over
 //! independent primaries: balances in process), `REDIS_SENTINELS=redis://h:p,…` with
 //! `REDIS_SENTINEL_MASTER=name` (the primary the sentinels name, followed across a failover:

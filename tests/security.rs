@@ -8,7 +8,11 @@
 //! - with the `tls-rustls` feature, `rediss://` with a trusted CA locks, and a certificate that
 //!   is not trusted is a 503 that says "TLS", leaking nothing; a Redis that requires client
 //!   certificates takes the one `client_certificate_pem` presents, and refuses a client without;
-//! - a stopped Redis is a 503 that says "refused", a frozen one "did not answer in time".
+//! - a stopped Redis is a 503 that says "refused", a frozen one "did not answer in time";
+//! - the multi-node backends (`multi_node_tls`): a 3-primary TLS cluster (`tls-cluster yes`)
+//!   for the README's cluster ACL user, 3 TLS Redlock nodes (and with mutual TLS), a TLS
+//!   sentinel naming a TLS primary: lock, 409, release with the test's CA; an untrusted CA is a
+//!   503 that says "TLS". A cluster no node of which accepts a connection says "refused".
 
 #[macro_use]
 mod common;
@@ -317,6 +321,19 @@ async fn a_redlock_whose_nodes_all_refuse_is_a_503_that_says_refused() {
     );
 }
 
+/// The cluster client alone would say "No connections found": the backend asks the nodes why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_nodes_all_refuse_is_a_503_that_says_refused() {
+    // Nothing listens on port 1 of the loopback interface.
+    let backend = tower_lock::RedisClusterBackend::from_nodes(["redis://127.0.0.1:1/"]).unwrap();
+    let problem = backend_unavailable(backend).await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("refused or closed the connection"),
+        "{detail}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_is_a_503_that_says_it_did_not_answer_in_time() {
     let server = RedisServer::start();
@@ -428,5 +445,263 @@ mod tls {
         assert!(rustls::crypto::CryptoProvider::get_default().is_some());
         assert!(!tower_lock::backend::install_crypto_provider());
         drop(backend);
+    }
+}
+
+/// The ACL line the README recommends for the lock user on a Redis Cluster, namespace
+/// `tower-lock:`: the single-Redis line's key and channel patterns, with what the cluster client
+/// adds (`CLUSTER SLOTS` to learn the topology, `PING` on every new node connection) and the
+/// release's wake-up through sharded pub/sub (`SPUBLISH`, and the waiters' sharded subscriber's
+/// `SSUBSCRIBE`/`SUNSUBSCRIBE`). ACL users are per node in a cluster: run it on every node.
+const README_CLUSTER_ACL: &str = "ACL SETUSER tower-lock on >CHANGE-ME resetkeys ~tower-lock:* \
+                                  resetchannels &tower-lock:* -@all +set +get +del +pttl +time +spublish \
+                                  +ssubscribe +sunsubscribe +evalsha +script|load +info +ping +cluster|slots";
+
+#[test]
+fn the_readme_recommends_the_cluster_acl_that_is_tested() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    assert!(
+        readme.contains(README_CLUSTER_ACL),
+        "README lacks: {README_CLUSTER_ACL}"
+    );
+}
+
+/// Issue 12 item 6 on the multi-node backends: TLS (with a CA of the test's own) and the
+/// README's ACL on a Redis Cluster and on Redlock nodes.
+#[cfg(feature = "tls-rustls")]
+mod multi_node_tls {
+    use super::*;
+    use common::tls::{Pki, TlsCluster, TlsNodes};
+    use tower_lock::{RedisClusterBackend, RedlockBackend};
+
+    /// Creates the lock user with `line` (an `ACL SETUSER` line for namespace `tower-lock:`) on
+    /// `server`, for the test namespace and [`PASSWORD`].
+    async fn create_user_with(server: &RedisServer, line: &str) {
+        let rules: Vec<String> = line
+            .replace("~tower-lock:*", &format!("~{NS}*"))
+            .replace("&tower-lock:*", &format!("&{NS}*"))
+            .replace(">CHANGE-ME", &format!(">{PASSWORD}"))
+            .split_whitespace()
+            .skip(2)
+            .map(str::to_owned)
+            .collect();
+        let mut admin = server.connection().await;
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(rules)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    /// Through the layer on `backend`: a request holds `key` for 600 ms, a second one on the
+    /// same key meanwhile is a 409, the first is a 200; `held()` counts the lock keys behind
+    /// the backend's back (1 while held, 0 after).
+    async fn lock_conflict_release<B: LockBackend>(
+        backend: B,
+        key: &str,
+        held: impl AsyncFn() -> usize,
+    ) {
+        let service = holder_behind(layer_on(backend));
+        let first = tokio::spawn(send(&service, holding(key, 600)));
+        assert!(
+            common::eventually(Duration::from_secs(5), async || held().await == 1).await,
+            "the first request never held the lock"
+        );
+        let (status, body) = answer(&service, holding(key, 0)).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let response = first.await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let seen = body_json(response).await;
+        assert_eq!(seen["lost"], false, "{seen}");
+        assert!(seen["fencing_token"].as_u64().unwrap() >= 1, "{seen}");
+        assert_eq!(held().await, 0, "a lock key was left behind");
+    }
+
+    /// Asserts that a 503 `problem` says the TLS handshake failed and carries no secret.
+    fn says_tls(problem: &serde_json::Value) {
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains("TLS connection"), "{detail}");
+        assert_no_secret(&[&problem.to_string()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tls_cluster_locks_for_the_readme_acl_user_and_refuses_an_untrusted_ca() {
+        let tls = TlsCluster::start();
+        for node in &tls.cluster.nodes {
+            create_user_with(node, README_CLUSTER_ACL).await;
+        }
+        let urls = tls.urls(Some(&format!("tower-lock:{PASSWORD}")));
+        let backend = RedisClusterBackend::builder(&urls)
+            .trust_ca_pem(tls.pki.ca_pem.clone())
+            .connect()
+            .await
+            .expect("the lock user reaches the TLS cluster");
+        let held = async || tls.cluster.lock_keys(NS).await.len();
+        lock_conflict_release(backend.clone(), "cluster-tls", held).await;
+
+        // The backend's other calls: an unfenced acquire (`SET NX PX GET`), a refused one,
+        // inspect, release, force-release; locks on keys spread over the three primaries.
+        let options = AcquireOptions::new(Duration::from_secs(10)).fencing(false);
+        for i in 0..12 {
+            let name = lock_name(&format!("spread-{i}"));
+            let token = LockToken::random();
+            assert!(matches!(
+                backend.acquire(&name, token, options).await.unwrap(),
+                Acquire::Acquired { .. }
+            ));
+            assert!(matches!(
+                backend
+                    .acquire(&name, LockToken::random(), options)
+                    .await
+                    .unwrap(),
+                Acquire::Held { remaining: Some(_) }
+            ));
+            assert!(matches!(
+                backend.inspect(&name).await.unwrap(),
+                Inspect::Held { .. }
+            ));
+            if i % 2 == 0 {
+                assert_eq!(
+                    backend.release(&name, token).await.unwrap(),
+                    Release::Released
+                );
+            } else {
+                assert!(backend.force_release(&name).await.unwrap());
+            }
+        }
+        assert!(tls.cluster.lock_keys(NS).await.is_empty());
+
+        // Waiting: the release `SPUBLISH`es on the lock's channel and the waiter's sharded
+        // subscriber (the same user, over TLS: `HELLO 3`, `SSUBSCRIBE`) subscribes to it; no node
+        // logs a denial below (pushed rather than polled is pinned in tests/cluster.rs).
+        let locks = Locks::new(backend.clone())
+            .namespace(NS)
+            .ttl(Duration::from_secs(30));
+        let waited = LockKey::new("waited");
+        let first = locks.try_lock(&waited).await.unwrap();
+        let waiter = {
+            let (locks, waited) = (locks.clone(), waited.clone());
+            tokio::spawn(async move { locks.lock(&waited, Duration::from_secs(20)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let released = std::time::Instant::now();
+        first.release().await.unwrap();
+        let second = waiter
+            .await
+            .unwrap()
+            .expect("the waiter takes the lock after the release");
+        assert!(
+            released.elapsed() < Duration::from_secs(3),
+            "handed over {:?} after the release",
+            released.elapsed()
+        );
+        second.release().await.unwrap();
+
+        for node in &tls.cluster.nodes {
+            assert_eq!(acl_denials(node).await, "", "node {} denied", node.port());
+        }
+
+        // A CA that did not sign the nodes' certificates: 503 saying TLS, lazily and eagerly.
+        let stranger = Pki::generate("cluster-stranger");
+        let untrusting =
+            || RedisClusterBackend::builder(&urls).trust_ca_pem(stranger.ca_pem.clone());
+        says_tls(&backend_unavailable(untrusting().build().unwrap()).await);
+        let error = untrusting().connect().await.unwrap_err();
+        assert_no_secret(&[&error.to_string(), &format!("{error:?}")]);
+        // Certificates for nodes without TLS are a configuration error, not a silent downgrade.
+        let plain = RedisClusterBackend::builder(tls.cluster.urls())
+            .trust_ca_pem(tls.pki.ca_pem.clone())
+            .build()
+            .unwrap_err();
+        assert_eq!(plain.kind(), redis::ErrorKind::InvalidClientConfig);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redlock_over_three_tls_nodes_locks_and_refuses_an_untrusted_ca() {
+        let nodes = TlsNodes::start(3);
+        for server in &nodes.servers {
+            create_lock_user(server).await;
+        }
+        let urls = nodes.urls(Some(&format!("tower-lock:{PASSWORD}")));
+        let backend = RedlockBackend::builder(&urls)
+            .trust_ca_pem(nodes.pki.ca_pem.clone())
+            .connect()
+            .await
+            .expect("a majority of TLS nodes accepts the lock user");
+        let held = async || {
+            let mut most = 0;
+            for server in &nodes.servers {
+                most = most.max(server.lock_keys(NS).await.len());
+            }
+            most
+        };
+        lock_conflict_release(backend, "redlock-tls", held).await;
+        for server in &nodes.servers {
+            assert_eq!(
+                acl_denials(server).await,
+                "",
+                "node {} denied",
+                server.port()
+            );
+        }
+
+        let stranger = Pki::generate("redlock-stranger");
+        let untrusting = || RedlockBackend::builder(&urls).trust_ca_pem(stranger.ca_pem.clone());
+        says_tls(&backend_unavailable(untrusting().build().unwrap()).await);
+        let error = untrusting().connect().await.unwrap_err();
+        assert_no_secret(&[&error.to_string(), &format!("{error:?}")]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redlock_presents_the_client_certificate_to_every_node() {
+        let nodes = TlsNodes::start_with(3, &["--tls-auth-clients", "yes"]);
+        let urls = nodes.urls(None);
+        let trusting = || RedlockBackend::builder(&urls).trust_ca_pem(nodes.pki.ca_pem.clone());
+        says_tls(&backend_unavailable(trusting().build().unwrap()).await);
+
+        let presenting = trusting()
+            .client_certificate_pem(
+                nodes.pki.client_cert_pem.clone(),
+                nodes.pki.client_key_pem.clone(),
+            )
+            .connect()
+            .await
+            .expect("mutual TLS with the test CA's client certificate on every node");
+        let held = async || {
+            let mut most = 0;
+            for server in &nodes.servers {
+                most = most.max(server.lock_keys(NS).await.len());
+            }
+            most
+        };
+        lock_conflict_release(presenting, "redlock-mtls", held).await;
+    }
+
+    /// Sentinel over TLS: the sentinel (`rediss://`) and the primary it names (its TLS port)
+    /// both checked against the test's CA.
+    #[cfg(feature = "sentinel")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sentinel_over_tls_finds_the_tls_primary_and_refuses_an_untrusted_ca() {
+        use common::sentinel::MASTER;
+        use tower_lock::RedisSentinelBackend;
+        let group = common::tls::TlsSentinel::start();
+        let backend = RedisSentinelBackend::builder([group.url()], MASTER)
+            .trust_ca_pem(group.primary.pki.ca_pem.clone())
+            .connect()
+            .await
+            .expect("the TLS primary through the TLS sentinel");
+        assert_eq!(
+            backend.primary_address().as_deref(),
+            Some(format!("127.0.0.1:{}", group.primary.tls_port).as_str())
+        );
+        let held = async || group.primary.server.lock_keys(NS).await.len();
+        lock_conflict_release(backend, "sentinel-tls", held).await;
+
+        let stranger = Pki::generate("sentinel-stranger");
+        let untrusting = RedisSentinelBackend::builder([group.url()], MASTER)
+            .trust_ca_pem(stranger.ca_pem.clone());
+        says_tls(&backend_unavailable(untrusting.build().unwrap()).await);
     }
 }

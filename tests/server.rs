@@ -757,3 +757,59 @@ async fn serves_over_tls_to_redis_trusting_the_ca_in_redis_tls_ca() {
         .expect("a CA file that cannot be read");
     assert!(error.to_string().contains("REDIS_TLS_CA"), "{error}");
 }
+
+/// Issue 12 item 6 on the multi-node backends: `REDIS_CLUSTER_NODES=rediss://…` (locks and
+/// balances in a TLS cluster), `REDLOCK_NODES=rediss://…` and (feature `sentinel`)
+/// `REDIS_SENTINELS=rediss://…` with `REDIS_TLS_CA`: a same-key pair is a 200 and a 409, and
+/// the deposit lands.
+#[cfg(feature = "tls-rustls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_a_tls_cluster_redlock_and_sentinel_trusting_redis_tls_ca() {
+    let cluster = common::tls::TlsCluster::start();
+    let nodes = common::tls::TlsNodes::start(3);
+    #[allow(unused_mut)]
+    let mut configs = vec![
+        DemoConfig {
+            cluster_nodes: cluster.urls(None),
+            redis_tls_ca: Some(cluster.pki.ca_file()),
+            ..DemoConfig::default()
+        },
+        DemoConfig {
+            redlock_nodes: nodes.urls(None),
+            redis_tls_ca: Some(nodes.pki.ca_file()),
+            ..DemoConfig::default()
+        },
+    ];
+    // `REDIS_SENTINELS=rediss://…`: a TLS sentinel naming a TLS primary.
+    #[cfg(feature = "sentinel")]
+    let sentinel = common::tls::TlsSentinel::start();
+    #[cfg(feature = "sentinel")]
+    configs.push(DemoConfig {
+        sentinels: vec![sentinel.url()],
+        sentinel_master: Some(common::sentinel::MASTER.to_owned()),
+        redis_tls_ca: Some(sentinel.primary.pki.ca_file()),
+        ..DemoConfig::default()
+    });
+    for config in configs {
+        let line = config.describe_backend();
+        let server = spawn(config).await.expect("demo server over TLS");
+        let base = server.url();
+        let held = tokio::spawn(post(format!(
+            "{base}/accounts/tls/deposit?amount=5&hold_ms=3000"
+        )));
+        // The second of the pair arrives while the first holds the lock (3 s).
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let second = post(format!("{base}/accounts/tls/deposit?amount=1")).await;
+        let problem = problem(second, StatusCode::CONFLICT).await;
+        assert_eq!(problem["type"], "urn:tower-lock:lock-held", "{line}");
+        answered(held.await.unwrap(), StatusCode::OK).await;
+        assert_eq!(account(&base, "tls").await["balance"], 5, "{line}");
+    }
+    // Without REDIS_TLS_CA the nodes' certificates are checked against the platform's roots,
+    // which did not sign them: the demo does not start on a cluster it cannot trust.
+    let untrusted = DemoConfig {
+        cluster_nodes: cluster.urls(None),
+        ..DemoConfig::default()
+    };
+    assert!(spawn(untrusted).await.is_err());
+}

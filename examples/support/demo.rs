@@ -95,8 +95,10 @@ pub struct DemoConfig {
     /// Renew leases while requests run (default `true`). With `false` a lock lasts one TTL at
     /// most, so a slow deposit can outlive its lease and be refused by the fence.
     pub renew_lease: bool,
-    /// A PEM file of CA certificates to trust for a `rediss://` `redis_url`, instead of the
-    /// platform's roots (`REDIS_TLS_CA`; needs the crate's `tls-rustls` feature).
+    /// A PEM file of CA certificates to trust for `rediss://` URLs (`redis_url`, and the nodes
+    /// of `cluster_nodes` and `redlock_nodes`), instead of the platform's roots (`REDIS_TLS_CA`;
+    /// needs the crate's `tls-rustls` feature); with `sentinels`, for `rediss://` sentinels and
+    /// the primary they name, which is then reached over TLS).
     pub redis_tls_ca: Option<std::path::PathBuf>,
 }
 
@@ -408,12 +410,14 @@ impl Store {
         })
     }
 
-    /// A store in the Redis Cluster `nodes` belong to; connects now.
-    pub async fn cluster(nodes: &[String], prefix: &str) -> redis::RedisResult<Self> {
-        let connection = RedisClusterBackend::client_builder(nodes.iter().map(String::as_str))
-            .build()?
-            .get_async_connection()
-            .await?;
+    /// A store in the Redis Cluster `cluster` describes (from
+    /// [`RedisClusterBackend::client_builder`] or a backend builder's, with its TLS trust);
+    /// connects now.
+    pub async fn cluster(
+        cluster: redis::cluster::ClusterClientBuilder,
+        prefix: &str,
+    ) -> redis::RedisResult<Self> {
+        let connection = cluster.build()?.get_async_connection().await?;
         Ok(Self::Redis {
             connection: StoreConnection::Cluster(connection),
             prefix: prefix.into(),
@@ -571,64 +575,83 @@ pub async fn app(config: DemoConfig) -> redis::RedisResult<Router> {
 
 /// The demo router and the store it uses.
 pub async fn build(config: DemoConfig) -> redis::RedisResult<Demo> {
+    let tls_ca = read_tls_ca(config.redis_tls_ca.as_deref())?;
     if !config.cluster_nodes.is_empty() {
-        let backend =
-            RedisClusterBackend::connect(config.cluster_nodes.iter().map(String::as_str)).await?;
-        let store = Store::cluster(&config.cluster_nodes, &config.balance_prefix).await?;
+        let cluster = RedisClusterBackend::builder(&config.cluster_nodes);
+        #[cfg(feature = "tls-rustls")]
+        let cluster = match &tls_ca {
+            Some(pem) => cluster.trust_ca_pem(pem.clone()),
+            None => cluster,
+        };
+        let backend = cluster.clone().connect().await?;
+        let store = Store::cluster(cluster.client_builder()?, &config.balance_prefix).await?;
         return Ok(with_backend(backend, store, &config));
     }
     if !config.redlock_nodes.is_empty() {
-        let backend = RedlockBackend::connect(config.redlock_nodes.iter()).await?;
+        let redlock = RedlockBackend::builder(&config.redlock_nodes);
+        #[cfg(feature = "tls-rustls")]
+        let redlock = match &tls_ca {
+            Some(pem) => redlock.trust_ca_pem(pem.clone()),
+            None => redlock,
+        };
+        let backend = redlock.connect().await?;
         return Ok(with_backend(backend, Store::memory(), &config));
     }
     #[cfg(feature = "sentinel")]
     if let (false, Some(master)) = (config.sentinels.is_empty(), &config.sentinel_master) {
         // Balances in process: the store's connection does not follow a failover.
-        let backend = tower_lock::RedisSentinelBackend::connect(
-            config.sentinels.iter().map(String::as_str),
-            master,
-        )
-        .await?;
+        let sentinel = tower_lock::RedisSentinelBackend::builder(&config.sentinels, master);
+        #[cfg(feature = "tls-rustls")]
+        let sentinel = match &tls_ca {
+            Some(pem) => sentinel.trust_ca_pem(pem.clone()),
+            None => sentinel,
+        };
+        let backend = sentinel.connect().await?;
         return Ok(with_backend(backend, Store::memory(), &config));
     }
     match &config.redis_url {
         None => Ok(with_backend(MemoryBackend::new(), Store::memory(), &config)),
         Some(url) => {
-            let redis = redis_builder(url, config.redis_tls_ca.as_deref())?;
+            let redis = redis_builder(url, tls_ca)?;
             let store = Store::redis_lazy(&redis.client()?, &config.balance_prefix)?;
             Ok(with_backend(redis.build()?, store, &config))
         }
     }
 }
 
-/// The settings of the demo's Redis: `url`, trusting the CA certificates in the PEM file
-/// `tls_ca` when given.
+/// The settings of the demo's Redis: `url`, trusting the CA certificates `tls_ca` (PEM) when
+/// given.
 fn redis_builder(
     url: &str,
-    tls_ca: Option<&std::path::Path>,
+    tls_ca: Option<Vec<u8>>,
 ) -> redis::RedisResult<tower_lock::backend::RedisBackendBuilder> {
     let builder = RedisBackend::builder(url);
-    let Some(path) = tls_ca else {
-        return Ok(builder);
-    };
     #[cfg(feature = "tls-rustls")]
-    {
-        let pem = std::fs::read(path).map_err(|error| {
-            redis::RedisError::from(std::io::Error::new(
-                error.kind(),
-                format!("REDIS_TLS_CA={}: {error}", path.display()),
-            ))
-        })?;
-        Ok(builder.trust_ca_pem(pem))
+    if let Some(pem) = tls_ca {
+        return Ok(builder.trust_ca_pem(pem));
     }
-    #[cfg(not(feature = "tls-rustls"))]
-    {
-        let _ = (builder, path);
-        Err(redis::RedisError::from((
+    let _ = tls_ca;
+    Ok(builder)
+}
+
+/// The CA certificates (PEM) in the file `REDIS_TLS_CA` names, for every backend: `REDIS_URL`,
+/// `REDIS_CLUSTER_NODES`, `REDLOCK_NODES` and `REDIS_SENTINELS` (`rediss://` URLs).
+fn read_tls_ca(path: Option<&std::path::Path>) -> redis::RedisResult<Option<Vec<u8>>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    if !cfg!(feature = "tls-rustls") {
+        return Err(redis::RedisError::from((
             redis::ErrorKind::InvalidClientConfig,
             "REDIS_TLS_CA needs TLS: run with `--features tls-rustls`",
-        )))
+        )));
     }
+    std::fs::read(path).map(Some).map_err(|error| {
+        redis::RedisError::from(std::io::Error::new(
+            error.kind(),
+            format!("REDIS_TLS_CA={}: {error}", path.display()),
+        ))
+    })
 }
 
 /// Where the demo listens: `HOST` (an IP address, default `127.0.0.1`, so the demo is not

@@ -1,18 +1,19 @@
 //! Redis Cluster, through redis-rs's async cluster client.
 
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisError, Script, Value};
 
 use super::commands::{Commands, Replication, with_fence};
 use super::redis::warn_if_policy_evicts;
+use super::tls::{self, Certificates};
 use super::{
-    Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
-    Release, Wakeups,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
+    LockBackend, LockName, LockToken, Release, Wakeups,
 };
 
 /// The acquire of [`RedisBackend`](super::RedisBackend)'s script, made idempotent for its token:
@@ -79,6 +80,9 @@ pub struct RedisClusterBackend {
     replication: Option<Replication>,
     /// Waiters' wake-ups through one sharded subscriber (`None`: waiters poll).
     wakeups: Option<Wakeups>,
+    /// Asks the nodes why, when the cluster client has no connection (`None`: built with
+    /// [`RedisClusterBackend::new`], which has no nodes to ask).
+    diagnosis: Option<Diagnosis>,
 }
 
 impl std::fmt::Debug for RedisClusterBackend {
@@ -103,8 +107,9 @@ impl RedisClusterBackend {
         Self {
             // `SPUBLISH` for sharded pub/sub, in the lock's slot.
             commands: Commands::new(connection, &ACQUIRE).publishing("SPUBLISH"),
-            wakeups: None,
             replication: None,
+            wakeups: None,
+            diagnosis: None,
         }
     }
 
@@ -174,15 +179,6 @@ impl RedisClusterBackend {
         self.wake_waiters_with(move || Self::client_builder(nodes.clone()))
     }
 
-    fn connection_infos<T: IntoConnectionInfo>(
-        nodes: impl IntoIterator<Item = T>,
-    ) -> Result<Vec<ConnectionInfo>, RedisError> {
-        nodes
-            .into_iter()
-            .map(IntoConnectionInfo::into_connection_info)
-            .collect()
-    }
-
     /// A backend for the cluster that `nodes` (`redis://host:port/` URLs, one reachable node is
     /// enough) belong to. The cluster's topology is discovered in the background, so this succeeds
     /// even while the cluster is down; calls fail until it can be reached.
@@ -197,18 +193,52 @@ impl RedisClusterBackend {
     pub fn from_nodes<T: IntoConnectionInfo>(
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<Self, RedisError> {
-        let nodes = Self::connection_infos(nodes)?;
-        let client = Self::client_builder(nodes.clone()).build()?;
+        let nodes = connection_infos(nodes)?;
+        let diagnosis = Diagnosis::of(nodes.iter().cloned().map(redis::Client::open))?;
+        Ok(Self::lazy(&Self::client_builder(nodes.clone()).build()?)
+            .diagnosed(diagnosis)
+            .waking(nodes))
+    }
+
+    fn diagnosed(mut self, diagnosis: Diagnosis) -> Self {
+        self.diagnosis = Some(diagnosis);
+        self
+    }
+
+    /// `call`'s outcome, with the nodes' own answer instead of the cluster client's "No
+    /// connections found" when no node accepted a connection.
+    fn diagnose<T: Send + 'static>(&self, call: BackendFuture<T>) -> BackendFuture<T> {
+        let Some(diagnosis) = self.diagnosis.clone() else {
+            return call;
+        };
+        Box::pin(async move {
+            match call.await {
+                Err(error) if error.to_string().contains(NO_CONNECTIONS) => {
+                    Err(diagnosis.explain(error).await)
+                }
+                outcome => outcome,
+            }
+        })
+    }
+
+    /// A backend on `client`'s cluster, discovered in the background (as `from_nodes`).
+    fn lazy(client: &ClusterClient) -> Self {
         let config = ClusterConfig::new()
             .set_connection_timeout(CONNECTION_TIMEOUT)
             .set_response_timeout(RESPONSE_TIMEOUT);
-        let backend =
-            Self::new(client.get_pending_async_connection_with_config(config)).waking(nodes);
+        let backend = Self::new(client.get_pending_async_connection_with_config(config));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let mut connection = backend.commands.connection.clone();
             runtime.spawn(async move { warn_if_evicting(&mut connection).await });
         }
-        Ok(backend)
+        backend
+    }
+
+    /// A backend on `client`'s cluster, discovered now (as `connect`).
+    async fn connected(client: &ClusterClient) -> Result<Self, RedisError> {
+        let mut connection = client.get_async_connection().await?;
+        warn_if_evicting(&mut connection).await;
+        Ok(Self::new(connection))
     }
 
     /// Like [`RedisClusterBackend::from_nodes`], but discovers the cluster now and fails if none
@@ -219,13 +249,44 @@ impl RedisClusterBackend {
     pub async fn connect<T: IntoConnectionInfo>(
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<Self, RedisError> {
-        let nodes = Self::connection_infos(nodes)?;
-        let mut connection = Self::client_builder(nodes.clone())
-            .build()?
-            .get_async_connection()
-            .await?;
-        warn_if_evicting(&mut connection).await;
-        Ok(Self::new(connection).waking(nodes))
+        let nodes = connection_infos(nodes)?;
+        let diagnosis = Diagnosis::of(nodes.iter().cloned().map(redis::Client::open))?;
+        Ok(
+            Self::connected(&Self::client_builder(nodes.clone()).build()?)
+                .await?
+                .diagnosed(diagnosis)
+                .waking(nodes),
+        )
+    }
+
+    /// A backend for the cluster that `nodes` belong to, with more settings than
+    /// [`RedisClusterBackend::from_nodes`] takes: a CA of your own for `rediss://` nodes, a
+    /// client certificate. The same TLS options as
+    /// [`RedisBackend::builder`](super::RedisBackend::builder), for every node of the cluster.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tls-rustls")]
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ca = std::fs::read("/etc/redis/ca.pem")?;
+    /// let backend = tower_lock::RedisClusterBackend::builder([
+    ///     "rediss://locks:secret@10.0.0.1:7000/",
+    ///     "rediss://locks:secret@10.0.0.2:7000/",
+    /// ])
+    /// .trust_ca_pem(ca)
+    /// .connect()
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder<S: AsRef<str>>(
+        nodes: impl IntoIterator<Item = S>,
+    ) -> RedisClusterBackendBuilder {
+        RedisClusterBackendBuilder {
+            nodes: nodes
+                .into_iter()
+                .map(|url| url.as_ref().to_owned())
+                .collect(),
+            certificates: None,
+        }
     }
 
     /// The cluster client settings `from_nodes` and `connect` use: short connect and response
@@ -244,6 +305,191 @@ impl RedisClusterBackend {
             .min_retry_wait(10)
             .max_retry_wait(500)
     }
+}
+
+/// Settings for a [`RedisClusterBackend`] beyond its nodes' URLs: from
+/// [`RedisClusterBackend::builder`].
+#[derive(Clone)]
+pub struct RedisClusterBackendBuilder {
+    /// May carry passwords: never printed.
+    nodes: Vec<String>,
+    certificates: Option<Certificates>,
+}
+
+impl std::fmt::Debug for RedisClusterBackendBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisClusterBackendBuilder")
+            .field("nodes", &self.nodes.len())
+            .field("certificates", &self.certificates)
+            .finish()
+    }
+}
+
+impl RedisClusterBackendBuilder {
+    /// Trusts the CA certificates in `pem` (one or more PEM blocks) for the `rediss://` nodes,
+    /// instead of the platform's roots, as
+    /// [`RedisBackendBuilder::trust_ca_pem`](super::RedisBackendBuilder::trust_ca_pem). Every
+    /// node's certificate (those the cluster names later included) is checked against it.
+    #[cfg(feature = "tls-rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls-rustls")))]
+    pub fn trust_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.certificates.get_or_insert_default().root_cert = Some(pem.into());
+        self
+    }
+
+    /// Presents the client certificate chain `cert` with its private key `key` (both PEM) to
+    /// every node, for a cluster that requires mutual TLS (`tls-auth-clients yes`).
+    #[cfg(feature = "tls-rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls-rustls")))]
+    pub fn client_certificate_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.certificates.get_or_insert_default().client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The redis-rs cluster client settings these describe (those of
+    /// [`RedisClusterBackend::client_builder`], with the certificates): for the application's
+    /// own connections to the same cluster, with the same TLS trust. Refuses certificates for
+    /// nodes that are not `rediss://`, and `rediss://` nodes without the `tls-rustls` feature.
+    pub fn client_builder(&self) -> Result<ClusterClientBuilder, RedisError> {
+        let tls = tls::check_urls(
+            self.nodes.iter().map(String::as_str),
+            self.certificates.as_ref(),
+        )?;
+        let builder = RedisClusterBackend::client_builder(self.nodes.iter().map(String::as_str));
+        #[cfg(feature = "tls-rustls")]
+        if let (true, Some(certificates)) = (tls, &self.certificates) {
+            return Ok(builder.certs(certificates.to_redis()));
+        }
+        let _ = tls;
+        Ok(builder)
+    }
+
+    /// The backend, discovering the cluster in the background, as
+    /// [`RedisClusterBackend::from_nodes`]: it is built while the cluster refuses it, and its
+    /// calls fail (saying why: refused, TLS, denied) until the cluster accepts it.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, as [`RedisClusterBackend::from_nodes`].
+    pub fn build(self) -> Result<RedisClusterBackend, RedisError> {
+        let diagnosis = self.diagnosis()?;
+        Ok(RedisClusterBackend::lazy(&self.client_builder()?.build()?)
+            .diagnosed(diagnosis)
+            .wake_waiters_with(self.subscriber_client()))
+    }
+
+    /// One client per node, with the same TLS trust, for [`Diagnosis`].
+    fn diagnosis(&self) -> Result<Diagnosis, RedisError> {
+        let certificates = self.certificates.as_ref();
+        Diagnosis::of(self.nodes.iter().map(|url| tls::client(url, certificates)))
+    }
+
+    /// The backend, with the cluster discovered now, as [`RedisClusterBackend::connect`]:
+    /// fails if no node can be reached, refuses the credentials, or (`rediss://`) presents a
+    /// certificate that is not trusted.
+    pub async fn connect(self) -> Result<RedisClusterBackend, RedisError> {
+        let diagnosis = self.diagnosis()?;
+        Ok(
+            RedisClusterBackend::connected(&self.client_builder()?.build()?)
+                .await?
+                .diagnosed(diagnosis)
+                .wake_waiters_with(self.subscriber_client()),
+        )
+    }
+
+    /// The client settings of the backend's sharded subscriber: these, with the same TLS trust
+    /// ([`client_builder`](Self::client_builder) has accepted them once already).
+    fn subscriber_client(&self) -> impl Fn() -> ClusterClientBuilder + Send + Sync + 'static {
+        let settings = self.clone();
+        move || {
+            settings.client_builder().unwrap_or_else(|_| {
+                RedisClusterBackend::client_builder(settings.nodes.iter().map(String::as_str))
+            })
+        }
+    }
+}
+
+/// What redis-rs's cluster client answers when it has no connection to any node: it keeps the
+/// cause (a refused connection, an untrusted certificate, a wrong password) to itself.
+const NO_CONNECTIONS: &str = "No connections found";
+/// How long the nodes' answer is reused before they are asked again.
+const DIAGNOSIS_REUSED_FOR: Duration = Duration::from_secs(1);
+
+/// Why no node accepts a connection, asked of the nodes themselves: one plain connection
+/// attempt to each (with the cluster client's TLS trust and credentials), at most once a second
+/// however many calls fail meanwhile, so that the 503's reason says refused, TLS or denied
+/// rather than "No connections found".
+#[derive(Clone)]
+struct Diagnosis {
+    nodes: Arc<[redis::Client]>,
+    last: Arc<Mutex<Option<(Instant, BackendError)>>>,
+}
+
+impl Diagnosis {
+    fn of(
+        nodes: impl IntoIterator<Item = Result<redis::Client, RedisError>>,
+    ) -> Result<Self, RedisError> {
+        Ok(Self {
+            nodes: nodes.into_iter().collect::<Result<_, _>>()?,
+            last: Arc::default(),
+        })
+    }
+
+    /// `error` (the cluster client's "no connections"), explained by the first node's refusal
+    /// when every node refuses; `error` itself when a node accepts (the client will find it).
+    async fn explain(&self, error: BackendError) -> BackendError {
+        let reused = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < DIAGNOSIS_REUSED_FOR)
+            .map(|(_, explained)| explained.clone());
+        if let Some(explained) = reused {
+            return explained;
+        }
+        let attempts = self.nodes.iter().map(|node| async move {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+                .set_response_timeout(Some(CONNECTION_TIMEOUT));
+            node.get_multiplexed_async_connection_with_config(&config)
+                .await
+                .err()
+        });
+        let refusals = futures_util::future::join_all(attempts).await;
+        let explained = match refusals.into_iter().collect::<Option<Vec<_>>>() {
+            // Every node refused: the first one's reason is the cluster's.
+            Some(refusals) => match refusals.into_iter().next() {
+                Some(refusal) => {
+                    let reason = super::failure::reason(&refusal);
+                    BackendError::new(
+                        BackendErrorKind::Unavailable,
+                        format_args!("redis cluster: no node accepts a connection: {refusal}"),
+                    )
+                    .with_reason(reason)
+                }
+                None => error,
+            },
+            None => error,
+        };
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((Instant::now(), explained.clone()));
+        explained
+    }
+}
+
+/// `nodes` as connection settings.
+fn connection_infos<T: IntoConnectionInfo>(
+    nodes: impl IntoIterator<Item = T>,
+) -> Result<Vec<ConnectionInfo>, RedisError> {
+    nodes
+        .into_iter()
+        .map(IntoConnectionInfo::into_connection_info)
+        .collect()
 }
 
 /// [`warn_if_policy_evicts`] for every primary (`INFO` goes to all of them).
@@ -290,39 +536,44 @@ impl LockBackend for RedisClusterBackend {
     ) -> BackendFuture<Acquire> {
         let acquire = self.commands.acquire(name, token, options);
         let Some(replication) = self.replication else {
-            return acquire;
+            return self.diagnose(acquire);
         };
         let mut connection = self.commands.connection.clone();
         let route = Route::with_key(name.lock_key(), SlotAddr::Master);
-        self.commands
-            .replication_checked(acquire, name, token, replication, move |wait| {
+        self.diagnose(self.commands.replication_checked(
+            acquire,
+            name,
+            token,
+            replication,
+            move |wait| {
                 Box::pin(async move {
                     let routing =
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
                     let value = connection.route_command(wait, routing).await?;
                     Ok(i64::from_redis_value(value)?)
                 })
-            })
+            },
+        ))
     }
 
     /// Compare-and-delete. A release resent after its first send landed finds the lock gone and
     /// answers [`Release::Expired`]: the lock is released all the same.
     fn release(&self, name: &LockName, token: LockToken) -> BackendFuture<Release> {
-        self.commands.release(name, token)
+        self.diagnose(self.commands.release(name, token))
     }
 
     fn extend(&self, name: &LockName, token: LockToken, ttl: Duration) -> BackendFuture<Extend> {
-        self.commands.extend(name, token, ttl)
+        self.diagnose(self.commands.extend(name, token, ttl))
     }
 
     /// `PTTL` of the lock key on its primary.
     fn inspect(&self, name: &LockName) -> BackendFuture<Inspect> {
-        self.commands.inspect(name)
+        self.diagnose(self.commands.inspect(name))
     }
 
     /// `DEL` of the lock key only: the fencing counter stays, so tokens keep growing.
     fn force_release(&self, name: &LockName) -> BackendFuture<bool> {
-        self.commands.force_release(name)
+        self.diagnose(self.commands.force_release(name))
     }
 
     /// Pushed through one sharded subscriber: the release script `SPUBLISH`es on the lock's

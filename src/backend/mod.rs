@@ -42,7 +42,7 @@ mod subscriber;
 mod tls;
 mod wakeups;
 
-pub use self::cluster::RedisClusterBackend;
+pub use self::cluster::{RedisClusterBackend, RedisClusterBackendBuilder};
 pub(crate) use self::contract::Label;
 pub use self::contract::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, FailureReason,
@@ -50,10 +50,10 @@ pub use self::contract::{
 };
 pub use self::memory::MemoryBackend;
 pub use self::redis::{RedisBackend, RedisBackendBuilder};
-pub use self::redlock::RedlockBackend;
+pub use self::redlock::{RedlockBackend, RedlockBackendBuilder};
 #[cfg(feature = "sentinel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
-pub use self::sentinel::RedisSentinelBackend;
+pub use self::sentinel::{RedisSentinelBackend, RedisSentinelBackendBuilder};
 #[cfg(feature = "tls-rustls")]
 pub use self::tls::install_crypto_provider;
 pub use self::wakeups::Wakeups;

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::commands::{ACQUIRE, EXTEND, RELEASE, millis, unavailable, with_fence};
 use super::{
     Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, FailureReason,
-    Inspect, LockBackend, LockName, LockToken, MAX_TTL, RedisBackend, Release,
+    Inspect, LockBackend, LockName, LockToken, MAX_TTL, RedisBackend, RedisBackendBuilder, Release,
 };
 
 /// Raises a lock's fencing counter to ARGV[2] if it is lower, only while the lock holds our
@@ -141,7 +141,12 @@ impl RedlockBackend {
     pub async fn connect<S: AsRef<str>>(
         urls: impl IntoIterator<Item = S>,
     ) -> Result<Self, RedisError> {
-        let backend = Self::from_urls(urls)?;
+        Self::builder(urls).connect().await
+    }
+
+    /// Loads the scripts on every node: fails unless a majority answers within 2 s.
+    async fn load_scripts(self) -> Result<Self, RedisError> {
+        let backend = self;
         let loads = backend.nodes.iter().map(|node| {
             let mut connection = node.connection();
             async move {
@@ -180,11 +185,35 @@ impl RedlockBackend {
     ///
     /// Outside a Tokio runtime, as [`RedisBackend::from_url`].
     pub fn from_urls<S: AsRef<str>>(urls: impl IntoIterator<Item = S>) -> Result<Self, RedisError> {
-        let nodes = urls
-            .into_iter()
-            .map(|url| RedisBackend::from_url(url.as_ref()))
-            .collect::<Result<Vec<_>, _>>()?;
-        Self::new(nodes)
+        Self::builder(urls).build()
+    }
+
+    /// A backend over the primaries at `urls`, with more settings than
+    /// [`RedlockBackend::from_urls`] takes: a CA of your own for `rediss://` nodes, a client
+    /// certificate. Each node gets the settings of
+    /// [`RedisBackend::builder`](super::RedisBackend::builder) (one code path for TLS).
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tls-rustls")]
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ca = std::fs::read("/etc/redis/ca.pem")?;
+    /// let backend = tower_lock::RedlockBackend::builder([
+    ///     "rediss://10.0.0.1:6380/",
+    ///     "rediss://10.0.0.2:6380/",
+    ///     "rediss://10.0.0.3:6380/",
+    /// ])
+    /// .trust_ca_pem(ca)
+    /// .connect()
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder<S: AsRef<str>>(urls: impl IntoIterator<Item = S>) -> RedlockBackendBuilder {
+        RedlockBackendBuilder {
+            nodes: urls
+                .into_iter()
+                .map(|url| RedisBackend::builder(url.as_ref()))
+                .collect(),
+        }
     }
 
     /// Bounds every call to one node by `timeout` instead of the default (a fifth of the TTL,
@@ -612,6 +641,70 @@ impl RedlockBackend {
             )
             .with_reason(shared_reason(&answers)))
         }
+    }
+}
+
+/// Settings for a [`RedlockBackend`] beyond its nodes' URLs: from [`RedlockBackend::builder`].
+#[derive(Clone, Debug)]
+pub struct RedlockBackendBuilder {
+    /// One per node (never printed with their URLs: see [`RedisBackendBuilder`]'s `Debug`).
+    nodes: Vec<RedisBackendBuilder>,
+}
+
+impl RedlockBackendBuilder {
+    /// Trusts the CA certificates in `pem` for every `rediss://` node, instead of the
+    /// platform's roots, as [`RedisBackendBuilder::trust_ca_pem`] does for one.
+    #[cfg(feature = "tls-rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls-rustls")))]
+    pub fn trust_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        let pem = pem.into();
+        self.nodes = self
+            .nodes
+            .into_iter()
+            .map(|node| node.trust_ca_pem(pem.clone()))
+            .collect();
+        self
+    }
+
+    /// Presents the client certificate chain `cert` with its private key `key` (both PEM) to
+    /// every node, as [`RedisBackendBuilder::client_certificate_pem`] does for one.
+    #[cfg(feature = "tls-rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls-rustls")))]
+    pub fn client_certificate_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        let (cert, key) = (cert.into(), key.into());
+        self.nodes = self
+            .nodes
+            .into_iter()
+            .map(|node| node.client_certificate_pem(cert.clone(), key.clone()))
+            .collect();
+        self
+    }
+
+    /// The backend, connecting lazily, as [`RedlockBackend::from_urls`]. Refuses an even
+    /// number of nodes, certificates for nodes that are not `rediss://`, and `rediss://` nodes
+    /// without the `tls-rustls` feature.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime, as [`RedisBackend::from_url`].
+    pub fn build(self) -> Result<RedlockBackend, RedisError> {
+        let nodes = self
+            .nodes
+            .into_iter()
+            .map(RedisBackendBuilder::build)
+            .collect::<Result<Vec<_>, _>>()?;
+        RedlockBackend::new(nodes)
+    }
+
+    /// The backend, connected now and its scripts loaded, as [`RedlockBackend::connect`]: fails
+    /// unless a majority of the nodes accept it within 2 s (a node whose certificate is not
+    /// trusted counts as unreachable).
+    pub async fn connect(self) -> Result<RedlockBackend, RedisError> {
+        self.build()?.load_scripts().await
     }
 }
 

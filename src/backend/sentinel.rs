@@ -10,9 +10,10 @@ use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, RedisErro
 use tokio::time::Instant;
 
 use super::commands::{ACQUIRE, Commands, Replication, is_replication_shortfall, unavailable};
+use super::tls::{self, Certificates};
 use super::{
-    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, Inspect,
-    LockBackend, LockName, LockToken, Release,
+    Acquire, AcquireOptions, BackendError, BackendErrorKind, BackendFuture, Extend, FailureReason,
+    Inspect, LockBackend, LockName, LockToken, Release,
 };
 
 /// How long one connection attempt (to a sentinel or to the primary) may take.
@@ -68,6 +69,8 @@ struct Shared {
     master: String,
     /// The sentinels, for the watcher.
     sentinels: Vec<ConnectionInfo>,
+    /// What TLS connections to the sentinels trust and present (`rediss://` sentinels).
+    certificates: Option<Certificates>,
     /// Asks the sentinels; one discovery at a time.
     discovery: tokio::sync::Mutex<Discovery>,
     /// The primary calls go to, while it answers.
@@ -77,7 +80,7 @@ struct Shared {
 struct Discovery {
     client: SentinelClient,
     /// The last failed discovery: when, and why.
-    failed: Option<(Instant, String)>,
+    failed: Option<(Instant, String, FailureReason)>,
     /// How many primaries have been found.
     found: u64,
 }
@@ -138,6 +141,7 @@ impl RedisSentinelBackend {
             .into_iter()
             .map(IntoConnectionInfo::into_connection_info)
             .collect::<Result<Vec<_>, _>>()?;
+        tls::check_urls(sentinels.iter().filter_map(tls_url), None)?;
         // A `String` without redis-rs's `tls-rustls` feature, any `AsRef<str>` with it (which
         // the dev-dependencies turn on).
         #[allow(clippy::unnecessary_to_owned)]
@@ -147,10 +151,21 @@ impl RedisSentinelBackend {
             Some(primary),
             SentinelServerType::Master,
         )?;
-        Ok(Self {
+        Ok(Self::with_client(client, sentinels, master, None))
+    }
+
+    /// A backend on the sentinels of `client`.
+    fn with_client(
+        client: SentinelClient,
+        sentinels: Vec<ConnectionInfo>,
+        master: &str,
+        certificates: Option<Certificates>,
+    ) -> Self {
+        Self {
             shared: Arc::new(Shared {
                 master: master.to_owned(),
                 sentinels,
+                certificates,
                 discovery: tokio::sync::Mutex::new(Discovery {
                     client,
                     failed: None,
@@ -159,7 +174,39 @@ impl RedisSentinelBackend {
                 primary: Mutex::new(None),
             }),
             replication: None,
-        })
+        }
+    }
+
+    /// A backend for the primary of `master` found through `sentinels` (`redis://` or, with the
+    /// `tls-rustls` feature, `rediss://` URLs of sentinels), with TLS settings: a CA of your own
+    /// and a client certificate, for the `rediss://` sentinels and for the primary, which is then
+    /// reached over TLS too (at the address the sentinels name: its TLS port).
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tls-rustls")]
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ca = std::fs::read("/etc/redis/ca.pem")?;
+    /// let backend = tower_lock::RedisSentinelBackend::builder(
+    ///     ["rediss://10.0.0.1:26380/", "rediss://10.0.0.2:26380/"],
+    ///     "mymaster",
+    /// )
+    /// .trust_ca_pem(ca)
+    /// .connect()
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder<S: AsRef<str>>(
+        sentinels: impl IntoIterator<Item = S>,
+        master: &str,
+    ) -> RedisSentinelBackendBuilder {
+        RedisSentinelBackendBuilder {
+            sentinels: sentinels
+                .into_iter()
+                .map(|url| url.as_ref().to_owned())
+                .collect(),
+            master: master.to_owned(),
+            certificates: None,
+        }
     }
 
     /// Like [`RedisSentinelBackend::from_sentinels`], but finds the primary now and fails if it
@@ -246,13 +293,14 @@ impl Shared {
         if let Some(primary) = self.current() {
             return Ok(primary);
         }
-        if let Some((at, why)) = &discovery.failed
+        if let Some((at, why, reason)) = &discovery.failed
             && at.elapsed() < DISCOVERY_BACKOFF
         {
             return Err(BackendError::new(
                 BackendErrorKind::Unavailable,
                 format_args!("redis sentinel: no primary for {}: {why}", self.master),
-            ));
+            )
+            .with_reason(*reason));
         }
         let found = tokio::time::timeout(DISCOVERY_TIMEOUT, async {
             let client = discovery.client.async_get_client().await?;
@@ -294,14 +342,22 @@ impl Shared {
                 }
                 return Ok(primary);
             }
-            Ok(Err(error)) => unavailable(error).to_string(),
-            Err(_) => format!("discovery took more than {DISCOVERY_TIMEOUT:?}"),
+            Ok(Err(error)) => {
+                let error = unavailable(error);
+                (error.to_string(), error.reason())
+            }
+            Err(_) => (
+                format!("discovery took more than {DISCOVERY_TIMEOUT:?}"),
+                FailureReason::TimedOut,
+            ),
         };
-        discovery.failed = Some((Instant::now(), why.clone()));
+        let (why, reason) = why;
+        discovery.failed = Some((Instant::now(), why.clone(), reason));
         Err(BackendError::new(
             BackendErrorKind::Unavailable,
             format_args!("redis sentinel: no primary for {}: {why}", self.master),
-        ))
+        )
+        .with_reason(reason))
     }
 
     /// Whether the primary of `generation` is still the one calls go to.
@@ -349,7 +405,12 @@ async fn watch(shared: Weak<Shared>, generation: u64, address: Arc<str>) {
         for (info, connection) in sentinels.iter().zip(connections.iter_mut()) {
             let named = tokio::time::timeout(
                 CONNECTION_TIMEOUT,
-                named_primary(info, connection, &shared.master),
+                named_primary(
+                    info,
+                    shared.certificates.as_ref(),
+                    connection,
+                    &shared.master,
+                ),
             )
             .await;
             match named {
@@ -373,11 +434,12 @@ async fn watch(shared: Weak<Shared>, generation: u64, address: Arc<str>) {
 /// `host:port` of the primary of `master` as the sentinel of `info` names it.
 async fn named_primary(
     info: &ConnectionInfo,
+    certificates: Option<&Certificates>,
     connection: &mut Option<MultiplexedConnection>,
     master: &str,
 ) -> Result<String, RedisError> {
     if connection.is_none() {
-        let client = redis::Client::open(info.clone())?;
+        let client = sentinel_client(info, certificates)?;
         *connection = Some(client.get_multiplexed_async_connection().await?);
     }
     let Some(connection) = connection.as_mut() else {
@@ -389,6 +451,142 @@ async fn named_primary(
         .query_async(connection)
         .await?;
     Ok(format!("{host}:{port}"))
+}
+
+/// A client for the sentinel of `info`, trusting `certificates` over TLS.
+fn sentinel_client(
+    info: &ConnectionInfo,
+    certificates: Option<&Certificates>,
+) -> Result<redis::Client, RedisError> {
+    #[cfg(feature = "tls-rustls")]
+    if let (Some(certificates), redis::ConnectionAddr::TcpTls { .. }) = (certificates, info.addr())
+    {
+        return redis::Client::build_with_tls(info.clone(), certificates.to_redis());
+    }
+    let _ = certificates;
+    redis::Client::open(info.clone())
+}
+
+/// `"rediss://"` for a sentinel reached over TLS (for [`tls::check_urls`]).
+fn tls_url(info: &ConnectionInfo) -> Option<&'static str> {
+    matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }).then_some("rediss://")
+}
+
+/// Settings for a [`RedisSentinelBackend`] beyond its sentinels' URLs: from
+/// [`RedisSentinelBackend::builder`].
+#[derive(Clone)]
+pub struct RedisSentinelBackendBuilder {
+    /// May carry passwords: never printed.
+    sentinels: Vec<String>,
+    master: String,
+    certificates: Option<Certificates>,
+}
+
+impl std::fmt::Debug for RedisSentinelBackendBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSentinelBackendBuilder")
+            .field("sentinels", &self.sentinels.len())
+            .field("master", &self.master)
+            .field("certificates", &self.certificates)
+            .finish()
+    }
+}
+
+impl RedisSentinelBackendBuilder {
+    /// Trusts the CA certificates in `pem` for the `rediss://` sentinels and for the primary
+    /// (then reached over TLS), instead of the platform's roots.
+    #[cfg(feature = "tls-rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls-rustls")))]
+    pub fn trust_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.certificates.get_or_insert_default().root_cert = Some(pem.into());
+        self
+    }
+
+    /// Presents the client certificate chain `cert` with its private key `key` (both PEM) to the
+    /// `rediss://` sentinels and to the primary (then reached over TLS).
+    #[cfg(feature = "tls-rustls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls-rustls")))]
+    pub fn client_certificate_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.certificates.get_or_insert_default().client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The backend, finding the primary on the first lock, as
+    /// [`RedisSentinelBackend::from_sentinels`]. The sentinels' credentials go in their URLs;
+    /// with certificates, redis-rs takes one user and password for all sentinels (the first
+    /// URL's), and the primary's credentials cannot be set yet (use
+    /// [`RedisSentinelBackend::from_sentinels_with`] for those, without a CA of your own).
+    pub fn build(self) -> Result<RedisSentinelBackend, RedisError> {
+        let Some(certificates) = self.certificates else {
+            let sentinels = self.sentinels.iter().map(String::as_str);
+            return RedisSentinelBackend::from_sentinels(sentinels, &self.master);
+        };
+        let sentinels = self
+            .sentinels
+            .iter()
+            .map(|url| url.as_str().into_connection_info())
+            .collect::<Result<Vec<_>, _>>()?;
+        tls::check_urls(["rediss://"], Some(&certificates))?;
+        #[cfg(feature = "tls-rustls")]
+        {
+            use redis::sentinel::SentinelClientBuilder;
+            let first = sentinels.first();
+            let mut builder = SentinelClientBuilder::new(
+                sentinels.iter().map(|info| info.addr().clone()),
+                &self.master,
+                SentinelServerType::Master,
+            )?
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_redis_certificates(certificates.to_redis());
+            if let Some(username) = first.and_then(|info| info.redis_settings().username()) {
+                builder = builder.set_client_to_sentinel_username(username);
+            }
+            if let Some(password) = first.and_then(|info| info.redis_settings().password()) {
+                builder = builder.set_client_to_sentinel_password(password);
+            }
+            if sentinels.iter().any(|info| tls_url(info).is_some()) {
+                builder = builder.set_client_to_sentinel_certificates(certificates.to_redis());
+            }
+            let client = builder.build()?;
+            Ok(RedisSentinelBackend::with_client(
+                client,
+                sentinels,
+                &self.master,
+                Some(certificates),
+            ))
+        }
+        #[cfg(not(feature = "tls-rustls"))]
+        {
+            let _ = sentinels;
+            unreachable_without_tls()
+        }
+    }
+
+    /// The backend, with the primary found now, as [`RedisSentinelBackend::connect`].
+    pub async fn connect(self) -> Result<RedisSentinelBackend, RedisError> {
+        let backend = self.build()?;
+        backend.shared.primary().await.map_err(|error| {
+            RedisError::from((
+                redis::ErrorKind::Io,
+                "no primary found through the sentinels",
+                error.to_string(),
+            ))
+        })?;
+        Ok(backend)
+    }
+}
+
+/// Certificates exist only with the `tls-rustls` feature.
+#[cfg(not(feature = "tls-rustls"))]
+fn unreachable_without_tls() -> Result<RedisSentinelBackend, RedisError> {
+    Err(RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "TLS certificates need tower-lock's `tls-rustls` feature",
+    )))
 }
 
 impl LockBackend for RedisSentinelBackend {

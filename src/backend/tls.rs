@@ -49,21 +49,49 @@ fn tls_not_enabled() -> RedisError {
     ))
 }
 
-/// The redis-rs client for `url`, trusting `certificates` (a CA of one's own, a client
-/// certificate) when given, with the crypto provider installed for a `rediss://` URL.
-pub(super) fn client(url: &str, certificates: Option<&Certificates>) -> Result<Client, RedisError> {
-    if !wants_tls(url) {
-        if certificates.is_some() {
+/// Checks `urls` (of one backend's nodes) against `certificates`: certificates need every URL
+/// to be `rediss://`, and a `rediss://` URL needs the `tls-rustls` feature. With TLS, installs
+/// the crypto provider. `true` if the URLs ask for TLS.
+///
+/// The one check every backend makes, so that one Redis, a Cluster's nodes and a Redlock's
+/// nodes refuse the same mistakes with the same errors.
+pub(super) fn check_urls<'a>(
+    urls: impl IntoIterator<Item = &'a str>,
+    certificates: Option<&Certificates>,
+) -> Result<bool, RedisError> {
+    let mut any_tls = false;
+    for url in urls {
+        if wants_tls(url) {
+            any_tls = true;
+        } else if certificates.is_some() {
             return Err(RedisError::from((
                 ErrorKind::InvalidClientConfig,
                 "TLS certificates were given for a URL without TLS: use rediss://",
             )));
         }
-        return Client::open(url);
+    }
+    if !any_tls {
+        return Ok(false);
     }
     #[cfg(feature = "tls-rustls")]
     {
         install_crypto_provider();
+        Ok(true)
+    }
+    #[cfg(not(feature = "tls-rustls"))]
+    {
+        Err(tls_not_enabled())
+    }
+}
+
+/// The redis-rs client for `url`, trusting `certificates` (a CA of one's own, a client
+/// certificate) when given, with the crypto provider installed for a `rediss://` URL.
+pub(super) fn client(url: &str, certificates: Option<&Certificates>) -> Result<Client, RedisError> {
+    if !check_urls([url], certificates)? {
+        return Client::open(url);
+    }
+    #[cfg(feature = "tls-rustls")]
+    {
         match certificates {
             Some(certificates) => Client::build_with_tls(url, certificates.to_redis()),
             None => Client::open(url),
@@ -86,8 +114,9 @@ pub(super) struct Certificates {
 }
 
 impl Certificates {
+    /// As redis-rs takes them.
     #[cfg(feature = "tls-rustls")]
-    fn to_redis(&self) -> redis::TlsCertificates {
+    pub(super) fn to_redis(&self) -> redis::TlsCertificates {
         redis::TlsCertificates {
             client_tls: self.client.clone().map(|(client_cert, client_key)| {
                 redis::ClientTlsConfig {

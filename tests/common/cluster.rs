@@ -40,10 +40,40 @@ impl RedisCluster {
     /// `primaries` primaries with `replicas` replicas each. `node_timeout_ms` is
     /// `cluster-node-timeout`: how long a node may be unreachable before a replica replaces it.
     pub fn start(primaries: usize, replicas: usize, node_timeout_ms: u64) -> Self {
+        Self::start_inner(
+            primaries,
+            replicas,
+            node_timeout_ms,
+            |_| Vec::new(),
+            &[],
+            None,
+        )
+    }
+
+    /// A cluster whose nodes listen for TLS on `tls_ports[i]` besides their plain harness port,
+    /// talk TLS to one another (`node_args` must say `--tls-cluster yes` and give the
+    /// certificates), and are joined by `redis-cli` over TLS (`cli_args`: `--tls --cacert …`).
+    pub fn start_tls(
+        primaries: usize,
+        tls_ports: &[u16],
+        node_args: impl Fn(usize) -> Vec<String>,
+        cli_args: &[String],
+    ) -> Self {
+        Self::start_inner(primaries, 0, 5000, node_args, cli_args, Some(tls_ports))
+    }
+
+    fn start_inner(
+        primaries: usize,
+        replicas: usize,
+        node_timeout_ms: u64,
+        node_args: impl Fn(usize) -> Vec<String>,
+        cli_args: &[String],
+        create_ports: Option<&[u16]>,
+    ) -> Self {
         let timeout = node_timeout_ms.to_string();
         let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
-            .map(|_| {
-                RedisServer::start_with(&[
+            .map(|i| {
+                let mut args: Vec<String> = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -53,15 +83,22 @@ impl RedisCluster {
                     // A replica always may take over, however long its link was down.
                     "--cluster-replica-validity-factor",
                     "0",
-                ])
+                ]
+                .iter()
+                .map(|arg| arg.to_string())
+                .collect();
+                args.extend(node_args(i));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::start_with(&args)
             })
             .collect();
         let watchdog = watchdog(&nodes);
         let cluster = Self { nodes, watchdog };
         let mut create = Command::new("redis-cli");
-        create.arg("--cluster").arg("create");
-        for node in &cluster.nodes {
-            create.arg(format!("127.0.0.1:{}", node.port()));
+        create.args(cli_args).arg("--cluster").arg("create");
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let port = create_ports.map_or(node.port(), |ports| ports[i]);
+            create.arg(format!("127.0.0.1:{port}"));
         }
         let output = create
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])

@@ -32,6 +32,12 @@ pub struct SentinelProcess {
 impl SentinelProcess {
     /// A sentinel on a free port monitoring `primary_port` as [`MASTER`].
     fn start(primary_port: u16) -> Self {
+        Self::start_configured(primary_port, 2, "")
+    }
+
+    /// A sentinel monitoring `primary_port` with `quorum`, `extra` appended to its config
+    /// (TLS settings, say).
+    pub fn start_configured(primary_port: u16, quorum: u32, extra: &str) -> Self {
         let mut last_error = String::new();
         for _ in 0..10 {
             let port = free_port();
@@ -48,10 +54,10 @@ impl SentinelProcess {
                 &config,
                 format!(
                     "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
-                     sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
+                     sentinel monitor {MASTER} 127.0.0.1 {primary_port} {quorum}\n\
                      sentinel down-after-milliseconds {MASTER} 1000\n\
                      sentinel failover-timeout {MASTER} 3000\n\
-                     sentinel parallel-syncs {MASTER} 1\n",
+                     sentinel parallel-syncs {MASTER} 1\n{extra}",
                     dir = dir.display()
                 ),
             )

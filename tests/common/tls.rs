@@ -8,6 +8,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
 
+use super::cluster::RedisCluster;
 use super::{RedisServer, free_port};
 
 /// A CA and a certificate it signed for `127.0.0.1` and `localhost`, written as PEM files in a
@@ -96,6 +97,124 @@ impl Drop for Pki {
     }
 }
 
+/// `--tls-cert-file … --tls-key-file … --tls-ca-cert-file … --tls-auth-clients no` for `pki`.
+fn tls_files(pki: &Pki) -> Vec<String> {
+    let path = |path: &Path| path.to_str().expect("utf-8 temp path").to_owned();
+    vec![
+        "--tls-cert-file".to_owned(),
+        path(&pki.cert_file()),
+        "--tls-key-file".to_owned(),
+        path(&pki.key_file()),
+        "--tls-ca-cert-file".to_owned(),
+        path(&pki.ca_file()),
+        "--tls-auth-clients".to_owned(),
+        "no".to_owned(),
+    ]
+}
+
+/// `rediss://127.0.0.1:PORT/` for each of `ports`, with `userinfo@` when given.
+fn tls_urls(ports: &[u16], userinfo: Option<&str>) -> Vec<String> {
+    let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    ports
+        .iter()
+        .map(|port| format!("rediss://{userinfo}127.0.0.1:{port}/"))
+        .collect()
+}
+
+/// A Redis Cluster of 3 primaries over TLS: each node has a TLS port (its certificate from
+/// `pki`) besides its plain harness port, the cluster bus speaks TLS (`tls-cluster yes`), and
+/// `redis-cli --tls` created it. Redis 7 names the TLS ports to TLS clients and the plain ones
+/// to plain clients, so the harness keeps inspecting the cluster in plain text.
+pub struct TlsCluster {
+    pub cluster: RedisCluster,
+    pub tls_ports: Vec<u16>,
+    pub pki: Pki,
+}
+
+impl TlsCluster {
+    pub fn start() -> Self {
+        let pki = Pki::generate("cluster");
+        // The bus port is the TLS port + 10000: keep both under 65536.
+        let tls_ports: Vec<u16> = (0..3)
+            .map(|_| {
+                loop {
+                    let port = free_port();
+                    if port < 55_000 {
+                        break port;
+                    }
+                }
+            })
+            .collect();
+        let files = tls_files(&pki);
+        let node_args = |i: usize| {
+            let mut args = vec![
+                "--tls-port".to_owned(),
+                tls_ports[i].to_string(),
+                "--tls-cluster".to_owned(),
+                "yes".to_owned(),
+                "--tls-replication".to_owned(),
+                "yes".to_owned(),
+            ];
+            args.extend(files.iter().cloned());
+            args
+        };
+        let ca = pki.ca_file().to_str().expect("utf-8 temp path").to_owned();
+        let cli = ["--tls".to_owned(), "--cacert".to_owned(), ca];
+        let cluster = RedisCluster::start_tls(3, &tls_ports, node_args, &cli);
+        Self {
+            cluster,
+            tls_ports,
+            pki,
+        }
+    }
+
+    /// `rediss://` URLs of every node, with `userinfo@` (`user:password`) when given.
+    pub fn urls(&self, userinfo: Option<&str>) -> Vec<String> {
+        tls_urls(&self.tls_ports, userinfo)
+    }
+}
+
+/// `n` independent `redis-server`s with TLS (one CA and certificate for all), for Redlock.
+pub struct TlsNodes {
+    pub servers: Vec<RedisServer>,
+    pub tls_ports: Vec<u16>,
+    pub pki: Pki,
+}
+
+impl TlsNodes {
+    pub fn start(n: usize) -> Self {
+        Self::start_with(n, &[])
+    }
+
+    /// `n` nodes configured further by `args` (`["--tls-auth-clients", "yes"]`, say).
+    pub fn start_with(n: usize, extra: &[&str]) -> Self {
+        let pki = Pki::generate("redlock");
+        let files = tls_files(&pki);
+        let mut tls_ports = Vec::new();
+        let servers = (0..n)
+            .map(|_| {
+                let port = free_port();
+                tls_ports.push(port);
+                let mut args = vec!["--tls-port".to_owned(), port.to_string()];
+                args.extend(files.iter().cloned());
+                args.extend(extra.iter().map(|arg| arg.to_string()));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::start_with(&args)
+            })
+            .collect();
+        Self {
+            servers,
+            tls_ports,
+            pki,
+        }
+    }
+
+    /// `rediss://` URLs of every node, with `userinfo@` when given.
+    pub fn urls(&self, userinfo: Option<&str>) -> Vec<String> {
+        tls_urls(&self.tls_ports, userinfo)
+    }
+}
+
 /// A `redis-server` with TLS on [`TlsRedis::tls_port`] (server certificate from `pki`, client
 /// certificates not required) and plain text on its harness port, configured further by `args`.
 pub struct TlsRedis {
@@ -135,5 +254,45 @@ impl TlsRedis {
     pub fn url(&self, userinfo: Option<&str>) -> String {
         let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
         format!("rediss://{userinfo}127.0.0.1:{}/", self.tls_port)
+    }
+}
+
+/// A TLS primary watched by one sentinel that also speaks TLS (on `tls_port`, besides its plain
+/// harness port) and reaches the primary over TLS (`tls-replication yes`), so that it names the
+/// primary's TLS port.
+#[cfg(feature = "sentinel")]
+pub struct TlsSentinel {
+    pub primary: TlsRedis,
+    pub sentinel: super::sentinel::SentinelProcess,
+    pub tls_port: u16,
+}
+
+#[cfg(feature = "sentinel")]
+impl TlsSentinel {
+    pub fn start() -> Self {
+        let primary = TlsRedis::start(&[]);
+        let tls_port = free_port();
+        let pki = &primary.pki;
+        let path = |path: PathBuf| path.to_str().expect("utf-8 temp path").to_owned();
+        let extra = format!(
+            "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes\n",
+            path(pki.cert_file()),
+            path(pki.key_file()),
+            path(pki.ca_file()),
+        );
+        // The sentinel monitors the primary's TLS port (quorum 1: it is alone).
+        let sentinel =
+            super::sentinel::SentinelProcess::start_configured(primary.tls_port, 1, &extra);
+        Self {
+            primary,
+            sentinel,
+            tls_port,
+        }
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/` of the sentinel.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_port)
     }
 }
