@@ -22,16 +22,17 @@ use super::{
 /// the lock's TTL), instead of "held" by ourselves — a 409 for the
 /// request and a lock nobody releases until its TTL runs out.
 ///
+/// A waiter's acquire (ARGV[4]) marks a held lock as waited for, as on one Redis.
+///
 /// One scalar back: the fencing token (≥ 1), 0 for acquired without fencing, or `-3 - PTTL` for
 /// held (≤ -2).
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&with_fence(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[3] == '1' then
-    return next_fence(KEYS[2], ARGV[2])
-  end
-  return 0
+  if ARGV[3] ~= '1' then return 0 end
+NEXT_FENCE
+  return token
 end
 local holder = redis.call('GET', KEYS[1])
 if holder and string.sub(holder, 1, 32) == string.sub(ARGV[1], 1, 32) then
@@ -39,6 +40,9 @@ if holder and string.sub(holder, 1, 32) == string.sub(ARGV[1], 1, 32) then
     return tonumber(redis.call('GET', KEYS[2]) or '0')
   end
   return 0
+end
+if ARGV[4] then
+MARK_WAITED
 end
 return -3 - redis.call('PTTL', KEYS[1])
 ",
