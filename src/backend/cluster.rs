@@ -7,7 +7,7 @@ use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, RedisError, Script, Value};
 
-use super::commands::{Commands, with_fence};
+use super::commands::{Commands, RELEASE_SHARDED, with_fence};
 use super::redis::warn_if_policy_evicts;
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
@@ -98,7 +98,7 @@ impl RedisClusterBackend {
     pub fn new(connection: ClusterConnection) -> Self {
         Self {
             // `SPUBLISH` for sharded pub/sub; nothing subscribes yet (see `wakeups`).
-            commands: Commands::new(connection, &ACQUIRE).publishing("SPUBLISH"),
+            commands: Commands::new(connection, &ACQUIRE).publishing(&RELEASE_SHARDED),
         }
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::commands::{ACQUIRE, Commands, Replication};
+use super::commands::{ACQUIRE, Commands, RELEASE, Replication};
 use super::tls::{self, Certificates};
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
@@ -48,7 +48,7 @@ impl RedisBackend {
     /// (see [`RedisBackend::wake_waiters_with`]) waiters of this backend poll.
     pub fn new(connection: ConnectionManager) -> Self {
         Self {
-            commands: Commands::new(connection, &ACQUIRE).publishing("PUBLISH"),
+            commands: Commands::new(connection, &ACQUIRE).publishing(&RELEASE),
             wakeups: None,
         }
     }
