@@ -7,7 +7,8 @@
 #   N=2000 C=1 SERVER=1 benches/instructions.sh layer-off
 #
 # C: concurrency (tasks on one current-thread runtime). SERVER=1 also runs each redis-server under
-# callgrind and prints its instructions per pair. ANNOTATE=1 keeps the 3N run's callgrind file
+# callgrind and prints its instructions per pair, less its timer (`serverCron`, whose count follows
+# wall time, which load stretches). ANNOTATE=1 keeps the 3N run's callgrind file
 # and prints its top functions (inclusive of the start-up, which is small at N >= 2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,14 @@ fi
 count() { # FILE -> total instructions
   grep -E '^(summary|totals):' "$1" | head -1 | awk '{print $2}'
 }
+server_count() { # FILE -> redis-server's instructions without its timer (serverCron runs `hz`
+  # times a second of wall time, so its share grows with how slowly a loaded machine runs the
+  # server under callgrind, not with the pairs)
+  local total cron
+  total=$(count "$1")
+  cron=$(callgrind_annotate --inclusive=yes "$1" 2>/dev/null | awk '/:serverCron /{gsub(",","",$1); print $1; exit}')
+  echo $((total - ${cron:-0}))
+}
 printf '%-11s %14s %14s %12s\n' mode client/pair server/pair allocs/pair
 for mode in "${modes[@]}"; do
   declare -A client server
@@ -41,7 +50,7 @@ for mode in "${modes[@]}"; do
     client[$n]=$(count "$out/client.$mode.$n.out")
     server[$n]=0
     if [ "${SERVER:-0}" = 1 ] && ls "$out"/server.*.out >/dev/null 2>&1; then
-      server[$n]=$(count "$(ls -t "$out"/server.*.out | head -1)")
+      server[$n]=$(server_count "$(ls -t "$out"/server.*.out | head -1)")
     fi
   done
   big=$((3 * N))

@@ -23,12 +23,15 @@ use crate::lease::LockLease;
 
 impl<B: LockBackend> Core<B> {
     /// Starts an acquire of `key`'s lock (named `name`) with a fresh random token, bounded by the
-    /// acquire timeout. `runtime` is where renewal and any clean-up release run.
+    /// acquire timeout. `runtime` is where renewal and any clean-up release run. `waiting`: the
+    /// attempt of a waiter, which the backend may record on a held lock (see
+    /// [`AcquireOptions::waiting`]); fail-fast attempts pass `false`.
     pub(crate) fn attempt(
         self: &Arc<Self>,
         key: LockKey,
         name: LockName,
         runtime: Handle,
+        waiting: bool,
     ) -> Attempt<B> {
         let token = LockToken::random();
         let settings = &self.settings;
@@ -38,7 +41,9 @@ impl<B: LockBackend> Core<B> {
             self.backend.acquire(
                 &name,
                 token,
-                AcquireOptions::new(settings.ttl()).fencing(settings.fencing()),
+                AcquireOptions::new(settings.ttl())
+                    .fencing(settings.fencing())
+                    .waiting(waiting),
             ),
             started.checked_add(settings.acquire_timeout()),
         );

@@ -161,7 +161,7 @@ where
                     span = tracing::debug_span!("tower_lock", lock = %name.label(core.settings.log_keys()));
                     match core.settings.wait() {
                         None => State::Acquiring {
-                            attempt: core.attempt(key, name, runtime),
+                            attempt: core.attempt(key, name, runtime, false),
                             pending: Some((inner, request)),
                             wait: None,
                         },
@@ -179,6 +179,7 @@ where
                                         key.clone(),
                                         name.clone(),
                                         runtime.clone(),
+                                        false,
                                     ),
                                     pending: Some((inner, request)),
                                     wait: Some(WaitFor {
@@ -189,7 +190,7 @@ where
                                     }),
                                 },
                                 None => State::Acquiring {
-                                    attempt: core.attempt(key, name, runtime),
+                                    attempt: core.attempt(key, name, runtime, false),
                                     pending: Some((inner, request)),
                                     wait: None,
                                 },

@@ -130,7 +130,7 @@ impl<B: LockBackend> Locks<B> {
         let name = self.name(key);
         let span =
             tracing::debug_span!("tower_lock", lock = %name.label(self.core.settings.log_keys()));
-        let attempt = self.core.attempt(key.clone(), name, runtime);
+        let attempt = self.core.attempt(key.clone(), name, runtime, false);
         let attempted = attempt.instrument(span.clone()).await;
         self.answer(attempted, &span).await
     }
@@ -186,7 +186,7 @@ impl<B: LockBackend> Locks<B> {
         let attempted = async {
             if !core.has_waiters(&name) {
                 match core
-                    .attempt(key.clone(), name.clone(), runtime.clone())
+                    .attempt(key.clone(), name.clone(), runtime.clone(), false)
                     .await
                 {
                     Attempted::Held(remaining) => {

@@ -1,7 +1,8 @@
-//! Fencing counters that go: a counter lives for the lock's TTL plus a second after its last
-//! acquire (longer when it is ahead of the Redis clock), tokens are `max(counter + 1, TIME in
-//! µs)`, and so they still grow per key after the counter has gone, while a burst of distinct
-//! keys leaves nothing behind.
+//! Fencing counters that go: a counter expires at its last token's time (µs) plus the lock's
+//! TTL plus a second, so a new key's counter lives for the TTL plus a second (longer when it is
+//! ahead of the Redis clock); tokens are `counter + 1` while it lives and the clock (`TIME` in
+//! µs) once it has gone, and so they still grow per key after the counter has gone, while a
+//! burst of distinct keys leaves nothing behind.
 
 #[macro_use]
 mod common;
@@ -176,8 +177,10 @@ async fn a_counter_ahead_of_the_clock_lives_until_the_clock_has_passed_it() {
     assert_eq!(stored, ahead + 1, "the counter is stored exactly");
 }
 
-/// A counter left by an earlier version (a plain `INCR`, no expiry) is taken over: the token
-/// jumps to the clock, and the counter gets an expiry.
+/// A counter left by an earlier version (a plain `INCR`, no expiry) is taken over: the next
+/// token is its successor, and the counter does not stay without expiry. Its expiry (the
+/// token's time plus the TTL and the margin, issue 11) is long past, so it goes at once, and the
+/// token after it comes from the clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_counter_without_expiry_gets_one_at_the_next_acquire() {
     let fixture = Redis::start().await;
@@ -190,9 +193,57 @@ async fn a_counter_without_expiry_gets_one_at_the_next_acquire() {
         .await
         .unwrap();
     assert_eq!(pttl(&mut connection, name.fence_key()).await, -1);
-    let (_, fencing_token) = acquire(&fixture.backend, &name, Duration::from_secs(1)).await;
+    let (token, fencing_token) = acquire(&fixture.backend, &name, Duration::from_secs(1)).await;
     assert!(fencing_token > 33);
+    assert_ne!(
+        pttl(&mut connection, name.fence_key()).await,
+        -1,
+        "the counter still has no expiry"
+    );
+    fixture.backend.release(&name, token).await.unwrap();
+    let before = redis_micros(&mut connection).await;
+    let (_, next) = acquire(&fixture.backend, &name, Duration::from_secs(1)).await;
+    assert!(
+        next > fencing_token && next >= before,
+        "{next} after {fencing_token}"
+    );
     assert!(pttl(&mut connection, name.fence_key()).await > 0);
+}
+
+/// Tokens near 2^53 (the end of Lua's exact integers) are handed out, stored and expired
+/// exactly: the counter's successor, one by one, with no rounding in the script's number to
+/// string conversions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_near_2_pow_53_are_exact() {
+    let fixture = Redis::start().await;
+    let mut connection = fixture.server.connection().await;
+    let name = lock_name("huge");
+    let start: u64 = (1 << 53) - 10;
+    let _: () = redis::cmd("SET")
+        .arg(name.fence_key())
+        .arg(start)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    for step in 1..=5 {
+        let (token, fencing_token) =
+            acquire(&fixture.backend, &name, Duration::from_millis(100)).await;
+        assert_eq!(fencing_token, start + step);
+        let stored: u64 = redis::cmd("GET")
+            .arg(name.fence_key())
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(stored, start + step, "the counter is stored exactly");
+        // It expires at the token's time (the year 2255) plus the TTL and the margin.
+        let expires_at: i64 = redis::cmd("PEXPIRETIME")
+            .arg(name.fence_key())
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(expires_at as u64, (start + step) / 1000 + 100 + 1000);
+        fixture.backend.release(&name, token).await.unwrap();
+    }
 }
 
 /// Without persistence a restarted Redis forgets its counters; the clock still puts the next

@@ -93,6 +93,10 @@ async fn commands_per_request(fencing: bool) {
     let before = command_stats(&fixture.server).await;
     assert_eq!(send(&service, request("a")).await.status(), StatusCode::OK);
     let uncontended = delta(&before, &command_stats(&fixture.server).await);
+    // The same key again: its fencing counter is still there.
+    let before = command_stats(&fixture.server).await;
+    assert_eq!(send(&service, request("a")).await.status(), StatusCode::OK);
+    let again = delta(&before, &command_stats(&fixture.server).await);
 
     let holder = tokio::spawn(send(&service, request("b").header("x-hold", "1")));
     assert!(common::eventually(Duration::from_secs(5), async || fixture.held().await == 1).await);
@@ -104,30 +108,27 @@ async fn commands_per_request(fencing: bool) {
     holder.await.unwrap();
 
     if fencing {
-        // Two scripts: acquire (SET NX PX, then the counter's TIME, GET, SET PX) and release
-        // (GET, DEL, and the PUBLISH that wakes waiters, issue 9); the 409 is one script (SET
-        // refused, PTTL).
+        // Two scripts: acquire (SET NX PX, then the counter's GET, which finds none on a new
+        // key, so TIME, then its SET PXAT) and release (GET, DEL; no PUBLISH, since nobody
+        // waits: issue 11); the 409 is one script (SET refused, PTTL).
         let expected = counts(&[
             ("evalsha", 2),
             ("set", 2),
             ("time", 1),
             ("get", 2),
             ("del", 1),
-            ("publish", 1),
         ]);
         assert_eq!(uncontended, expected, "uncontended, fencing on");
+        // While the counter lives, the next token is its successor: no clock read.
+        let expected = counts(&[("evalsha", 2), ("set", 2), ("get", 2), ("del", 1)]);
+        assert_eq!(again, expected, "uncontended again, fencing on");
         assert_eq!(conflict, counts(&[("evalsha", 1), ("set", 1), ("pttl", 1)]));
     } else {
-        // A plain SET, then the release script (GET, DEL and PUBLISH inside it); the 409 is one
-        // SET.
-        let expected = counts(&[
-            ("set", 1),
-            ("evalsha", 1),
-            ("get", 1),
-            ("del", 1),
-            ("publish", 1),
-        ]);
+        // A plain SET, then the release script (GET, DEL; no PUBLISH, nobody waits); the 409 is
+        // one SET.
+        let expected = counts(&[("set", 1), ("evalsha", 1), ("get", 1), ("del", 1)]);
         assert_eq!(uncontended, expected, "uncontended, fencing off");
+        assert_eq!(again, expected, "uncontended again, fencing off");
         assert_eq!(conflict, counts(&[("set", 1)]), "refused, fencing off");
     }
 }
@@ -225,4 +226,87 @@ async fn scripts_flushed_from_redis_are_loaded_again_on_their_next_use() {
         after_extend + 1,
         "the release script was not loaded"
     );
+}
+
+/// Issue 11: a release publishes a wake-up only when a waiter has marked the lock. A fail-fast
+/// attempt on a held lock marks nothing, and its release publishes nothing; a waiter's attempt
+/// (`AcquireOptions::waiting`) marks it (`;` in place of the value's `:`), renewals keep the mark
+/// (fails if a renewal rewrites the value without it), a refused plain `SET NX PX GET` still reads
+/// the marked holder's deadline, and the release publishes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_release_that_a_waiter_marked_publishes_and_renewals_keep_the_mark() {
+    use tower_lock::LockBackend;
+    use tower_lock::backend::{Acquire, AcquireOptions, Extend, LockToken, Release};
+
+    let fixture = Redis::start().await;
+    let backend = &fixture.backend;
+    let mut connection = fixture.server.connection().await;
+    let ttl = Duration::from_secs(10);
+    for fencing in [false, true] {
+        let name = common::lock_name(&format!("marked-{fencing}"));
+        let options = AcquireOptions::new(ttl).fencing(fencing);
+        let mut separator = async || {
+            let value: String = redis::cmd("GET")
+                .arg(name.lock_key())
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            value.as_bytes()[32]
+        };
+        let publishes = async || fixture.server.command_calls("publish").await;
+        let held = async |options: AcquireOptions| match backend
+            .acquire(&name, LockToken::random(), options)
+            .await
+        {
+            Ok(Acquire::Held { remaining }) => remaining,
+            other => panic!("expected held, got {other:?}"),
+        };
+        let before = publishes().await;
+
+        // Nobody waits: a fail-fast attempt marks nothing; renewal and release publish nothing.
+        let holder = LockToken::random();
+        let acquired = backend.acquire(&name, holder, options).await.unwrap();
+        assert!(matches!(acquired, Acquire::Acquired { .. }));
+        held(options).await;
+        assert_eq!(
+            separator().await,
+            b':',
+            "a fail-fast attempt marked the lock"
+        );
+        let extended = backend.extend(&name, holder, ttl).await.unwrap();
+        assert_eq!(extended, Extend::Extended);
+        let released = backend.release(&name, holder).await.unwrap();
+        assert_eq!(released, Release::Released);
+        assert_eq!(publishes().await, before, "an unwaited release published");
+
+        // A waiter marks the held lock; two renewals keep the mark; the release publishes once.
+        let holder = LockToken::random();
+        let acquired = backend.acquire(&name, holder, options).await.unwrap();
+        assert!(matches!(acquired, Acquire::Acquired { .. }));
+        let remaining = held(options.waiting(true)).await;
+        assert!(remaining.is_some_and(|r| r > Duration::from_secs(5)));
+        assert_eq!(separator().await, b';', "the waiter did not mark the lock");
+        for _ in 0..2 {
+            let extended = backend.extend(&name, holder, ttl).await.unwrap();
+            assert_eq!(extended, Extend::Extended);
+            assert_eq!(
+                separator().await,
+                b';',
+                "a renewal dropped the waiter's mark"
+            );
+        }
+        // The marked value still gives a refused plain acquire the holder's deadline.
+        let remaining = held(AcquireOptions::new(ttl).fencing(false)).await;
+        assert!(
+            remaining.is_some_and(|r| r > Duration::from_secs(5)),
+            "{remaining:?}"
+        );
+        let released = backend.release(&name, holder).await.unwrap();
+        assert_eq!(released, Release::Released);
+        assert_eq!(
+            publishes().await,
+            before + 1,
+            "a waited-for release did not publish"
+        );
+    }
 }

@@ -194,3 +194,56 @@ async fn waiters_are_woken_after_the_subscriber_runtime_shuts_down() {
         "b was released, yet its waiter got the lock only {served:?} later (end of its wait)"
     );
 }
+
+/// Issue 11: a release publishes a wake-up only when a waiter has marked the lock, and a
+/// renewal rewrites the lock's value. A waiter in another process (its own backend and
+/// subscriber connection) marks the held lock, then sleeps for the holder's remaining lease
+/// (10 s, fencing on: the key's `PTTL`); the holder renews every 300 ms for 2 s, then releases.
+/// Were the mark lost at a renewal, the release would publish nothing and the waiter would
+/// sleep until the lease it saw ran out, about 8 s after the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_in_another_process_is_woken_by_a_release_after_renewals() {
+    let fixture = Redis::start().await;
+    let holder = Locks::new(fixture.backend())
+        .namespace(NS)
+        .ttl(Duration::from_secs(10))
+        .renew_every(Duration::from_millis(300));
+    let elsewhere = Locks::new(fixture.new_client())
+        .namespace(NS)
+        .ttl(Duration::from_secs(10));
+    let name = holder.name(&key("renewed"));
+    let held = holder.try_lock(&key("renewed")).await.unwrap();
+    let waiter = tokio::spawn(async move {
+        elsewhere
+            .lock(&key("renewed"), Duration::from_secs(30))
+            .await
+    });
+    let mut connection = fixture.server.connection().await;
+    let mut marked = async || {
+        let value: String = redis::cmd("GET")
+            .arg(name.lock_key())
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        value.as_bytes()[32] == b';'
+    };
+    assert!(
+        eventually(Duration::from_secs(5), async || marked().await).await,
+        "the waiter never marked the lock"
+    );
+    // Several renewals.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(marked().await, "a renewal dropped the waiter's mark");
+    assert!(!waiter.is_finished(), "the waiter took a held lock");
+    let released = std::time::Instant::now();
+    held.release().await.unwrap();
+    let outcome = waiter.await.unwrap();
+    let served = released.elapsed();
+    assert!(outcome.is_ok(), "{:?}", outcome.err());
+    // Generous: woken by the publish, the waiter has the lock within milliseconds; unwoken, it
+    // sleeps about 8 s.
+    assert!(
+        served < Duration::from_secs(4),
+        "the waiter got the lock {served:?} after the release"
+    );
+}

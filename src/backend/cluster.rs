@@ -8,7 +8,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisError, Script, Value};
 
-use super::commands::{Commands, Replication, with_fence};
+use super::commands::{Commands, RELEASE_SHARDED, Replication, with_fence};
 use super::redis::warn_if_policy_evicts;
 use super::tls::{self, Certificates};
 use super::{
@@ -24,16 +24,17 @@ use super::{
 /// the lock's TTL), instead of "held" by ourselves — a 409 for the
 /// request and a lock nobody releases until its TTL runs out.
 ///
+/// A waiter's acquire (ARGV[4]) marks a held lock as waited for, as on one Redis.
+///
 /// One scalar back: the fencing token (≥ 1), 0 for acquired without fencing, or `-3 - PTTL` for
 /// held (≤ -2).
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&with_fence(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[3] == '1' then
-    return next_fence(KEYS[2], ARGV[2])
-  end
-  return 0
+  if ARGV[3] ~= '1' then return 0 end
+NEXT_FENCE
+  return token
 end
 local holder = redis.call('GET', KEYS[1])
 if holder and string.sub(holder, 1, 32) == string.sub(ARGV[1], 1, 32) then
@@ -41,6 +42,9 @@ if holder and string.sub(holder, 1, 32) == string.sub(ARGV[1], 1, 32) then
     return tonumber(redis.call('GET', KEYS[2]) or '0')
   end
   return 0
+end
+if ARGV[4] then
+MARK_WAITED
 end
 return -3 - redis.call('PTTL', KEYS[1])
 ",
@@ -106,7 +110,7 @@ impl RedisClusterBackend {
     pub fn new(connection: ClusterConnection) -> Self {
         Self {
             // `SPUBLISH` for sharded pub/sub, in the lock's slot.
-            commands: Commands::new(connection, &ACQUIRE).publishing("SPUBLISH"),
+            commands: Commands::new(connection, &ACQUIRE).publishing(&RELEASE_SHARDED),
             replication: None,
             wakeups: None,
             diagnosis: None,

@@ -104,17 +104,33 @@ pub struct AcquireOptions {
     /// Whether to hand out a fencing token (on Redis one counter key per lock key, which expires a
     /// second after the lock's TTL; see the README's "Fencing tokens").
     pub fencing: bool,
+    /// Whether the caller waits for the lock if it is held (the engine sets it on the attempts
+    /// of a waiting request after its first one). A backend that wakes waiters may record then
+    /// that someone waits, so that only such a lock's release wakes anyone: on Redis the attempt
+    /// marks the holder's lock value, and only a marked lock's release publishes. `false` (the
+    /// default, and every fail-fast request) costs nothing extra.
+    pub waiting: bool,
 }
 
 impl AcquireOptions {
-    /// A lease of `ttl`, with fencing.
+    /// A lease of `ttl`, with fencing, not waiting.
     pub fn new(ttl: Duration) -> Self {
-        Self { ttl, fencing: true }
+        Self {
+            ttl,
+            fencing: true,
+            waiting: false,
+        }
     }
 
     /// Whether to hand out a fencing token.
     pub fn fencing(mut self, fencing: bool) -> Self {
         self.fencing = fencing;
+        self
+    }
+
+    /// Whether the caller waits for the lock if it is held (see [`AcquireOptions::waiting`]).
+    pub fn waiting(mut self, waiting: bool) -> Self {
+        self.waiting = waiting;
         self
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::commands::{ACQUIRE, Commands, Replication};
+use super::commands::{ACQUIRE, Commands, RELEASE, Replication};
 use super::tls::{self, Certificates};
 use super::{
     Acquire, AcquireOptions, BackendFuture, Extend, Inspect, LockBackend, LockName, LockToken,
@@ -44,11 +44,12 @@ impl std::fmt::Debug for RedisBackend {
 impl RedisBackend {
     /// A backend on an existing connection manager.
     ///
-    /// Releases publish on the lock's wake-up channel, but without a client to subscribe with
-    /// (see [`RedisBackend::wake_waiters_with`]) waiters of this backend poll.
+    /// Releases of locks that a waiter has marked publish on the lock's wake-up channel, but
+    /// without a client to subscribe with (see [`RedisBackend::wake_waiters_with`]) waiters of
+    /// this backend poll.
     pub fn new(connection: ConnectionManager) -> Self {
         Self {
-            commands: Commands::new(connection, &ACQUIRE).publishing("PUBLISH"),
+            commands: Commands::new(connection, &ACQUIRE).publishing(&RELEASE),
             wakeups: None,
         }
     }
@@ -341,7 +342,8 @@ impl LockBackend for RedisBackend {
         self.commands.force_release(name)
     }
 
-    /// Pushed through one shared subscriber connection: the release script publishes on the
+    /// Pushed through one shared subscriber connection: a waiter's attempt marks the held lock
+    /// (inside the acquire script), and the release script of a marked lock publishes on the
     /// lock's channel (`PUBLISH ns{key}:wake`, inside the script: no extra round trip).
     fn wakeups(&self) -> Option<Wakeups> {
         self.wakeups.clone()

@@ -22,8 +22,9 @@ use super::{
 /// Raises a lock's fencing counter to ARGV[2] if it is lower, only while the lock holds our
 /// token (ARGV[1], the value's first 32 characters): 1 done, 0 the lock is not ours (any more).
 /// A raised counter expires as one written by the acquire does (ARGV[3] is the lock's TTL in
-/// ms): no sooner than the node's own clock has passed the token, so that a token drawn on this
-/// node after the counter has gone is still larger, however far another node's clock is ahead.
+/// ms; see `NEXT_FENCE` in `commands.rs`): no sooner than the node's own clock has passed the token,
+/// so that a token drawn on this node after the counter has gone is still larger, however far
+/// another node's clock is ahead.
 static RAISE_FENCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&with_fence(
         r"
@@ -32,7 +33,8 @@ if holder and string.sub(holder, 1, 32) == ARGV[1] then
   local seen = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
   local wanted = tonumber(ARGV[2])
   if seen < wanted then
-    keep_fence(KEYS[2], wanted, clock_us(), ARGV[3])
+    redis.call('SET', KEYS[2], ARGV[2], 'PXAT',
+      string.format('%d', math.floor(wanted / 1000) + ARGV[3] + FENCE_MARGIN_MS))
   end
   return 1
 end

@@ -6,10 +6,12 @@
 //! costs O(1) backend commands per process whatever the number of waiters. The head tries, and
 //! if the lock is still held sleeps until whichever comes first:
 //!
-//! - a wake-up pushed by the backend ([`Wakeups`](crate::backend::Wakeups)): on Redis the
-//!   release script publishes on the lock's channel and one shared subscriber connection per
-//!   backend wakes the local waiters (on Cluster `SPUBLISH` and one sharded subscriber per
-//!   backend); in memory the release wakes them directly;
+//! - a wake-up pushed by the backend ([`Wakeups`](crate::backend::Wakeups)): on Redis each
+//!   attempt of the head marks the held lock as waited for (in the acquire script itself, so
+//!   atomically with finding it held), the release script of a marked lock publishes on the
+//!   lock's channel, and one shared subscriber connection per backend wakes the local waiters
+//!   (on Cluster `SPUBLISH` and one sharded subscriber per backend); in memory the release wakes
+//!   them directly;
 //! - the holder's remaining lease (`PTTL`), so a crashed holder's expiry is noticed without
 //!   any publish; without fencing, Redis reads the remaining lease from the holder's deadline
 //!   in the lock value (the holder's clock, not `PTTL`), so a nap is also kept between
@@ -111,7 +113,7 @@ async fn wait<B: LockBackend>(
             notified.enable();
         }
         match core
-            .attempt(key.clone(), name.clone(), runtime.clone())
+            .attempt(key.clone(), name.clone(), runtime.clone(), true)
             .await
         {
             Attempted::Held(now) => remaining = now,
