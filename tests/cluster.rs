@@ -887,6 +887,18 @@ async fn a_waiter_follows_its_slot_to_the_new_primary_in_a_manual_failover() {
         "the waiter ended: {:?}",
         waiter.await
     );
+    // The promoted primary publishes a release to the replicas it knows of: wait until the
+    // shard's gossip has told it the old primary is one (until then a release's wake-up can be
+    // lost, and the waiter rechecks within 2 s: `a_lost_wake_up_costs_a_confirmed_waiter_at_most_the_recheck`).
+    assert!(
+        eventually(Duration::from_secs(15), async || connected_replicas(
+            &cluster, replica
+        )
+        .await
+            >= 1)
+        .await,
+        "the old primary never became the new one's replica"
+    );
     let released = tokio::time::Instant::now();
     holder.release().await.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(10), waiter)
@@ -1062,4 +1074,28 @@ async fn measure<B: LockBackend>(backend: B, fencing: bool) -> (Duration, Durati
         total += task.await.unwrap();
     }
     (p50, p99, total as f64 / 2.0)
+}
+
+/// How many replicas the node on `port` knows it has, in its own view of the cluster
+/// (`CLUSTER NODES`): those it forwards its shard's `SPUBLISH`es to.
+async fn connected_replicas(cluster: &RedisCluster, port: u16) -> usize {
+    let mut connection = cluster.node(port).connection().await;
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let fields = |line: &str| line.split(' ').map(str::to_owned).collect::<Vec<_>>();
+    let Some(me) = nodes
+        .lines()
+        .map(fields)
+        .find(|f| f.len() > 3 && f[2].contains("myself"))
+    else {
+        return 0;
+    };
+    nodes
+        .lines()
+        .map(fields)
+        .filter(|f| f.len() > 3 && f[3] == me[0])
+        .count()
 }

@@ -247,3 +247,36 @@ async fn a_waiter_in_another_process_is_woken_by_a_release_after_renewals() {
         "the waiter got the lock {served:?} after the release"
     );
 }
+
+/// A wake-up can be lost even while a waiter's watch is confirmed (on a Redis Cluster just
+/// after a failover; here: the lock deleted behind the backend's back, which publishes
+/// nothing). The waiter rechecks at least every 2 s, so it takes the lock within about that,
+/// not when the holder's 30 s lease would have run out (past its 20 s wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_wake_up_costs_a_confirmed_waiter_at_most_the_recheck() {
+    let fixture = common::Redis::start().await;
+    let locks = Locks::new(fixture.backend())
+        .namespace(common::NS)
+        .ttl(Duration::from_secs(30));
+    let key = LockKey::new("lost-wake-up");
+    let _holder = locks.try_lock(&key).await.unwrap();
+    let waiter = tokio::spawn({
+        let (locks, key) = (locks.clone(), key.clone());
+        async move { locks.lock(&key, Duration::from_secs(20)).await }
+    });
+    // Subscribed and confirmed by now: the waiter sleeps on the holder's lease.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    common::Fixture::delete(&fixture, &common::lock_name("lost-wake-up")).await;
+    let deleted = std::time::Instant::now();
+    let taken = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter slept past the lost wake-up")
+        .unwrap()
+        .expect("the waiter takes the lock");
+    assert!(
+        deleted.elapsed() < Duration::from_millis(3500),
+        "taken {:?} after the lock went",
+        deleted.elapsed()
+    );
+    taken.release().await.unwrap();
+}

@@ -158,12 +158,21 @@ pub(super) const FENCE_MARGIN_MS: u64 = 1000;
 
 /// Lua (a statement list, written in place of `NEXT_FENCE` by [`with_fence`]) handing out the
 /// next fencing token of the lock's counter `KEYS[2]` for a lock of `ARGV[2]` ms, in `token`:
-/// the counter plus one if it exists, else this server's clock in µs (`TIME`). It stores the
-/// token with `SET KEYS[2] token PXAT at`, expiring at the absolute time `at = floor(token /
-/// 1000) + ttl + FENCE_MARGIN_MS` ms, computed from the token alone. So the common path (the
-/// counter exists) reads no clock: `GET` and `SET` of the counter, inside the acquire's one
-/// script, atomically with it. Written inline, not as a Lua function: a function definition is
-/// a closure allocated at every run of the script.
+/// the larger of the counter plus one (if it exists) and this server's clock in µs (`TIME`).
+/// It stores the token with `SET KEYS[2] token PXAT at`, expiring at the absolute time `at =
+/// floor(token / 1000) + ttl + FENCE_MARGIN_MS` ms, computed from the token alone: `TIME`,
+/// `GET` and `SET` of the counter, inside the acquire's one script, atomically with it. Written
+/// inline, not as a Lua function: a function definition is a closure allocated at every run of
+/// the script.
+///
+/// The clock floor is not only for a counter that has gone: replication is asynchronous, so a
+/// replica promoted in a failover (Cluster, Sentinel) may lack the last increments of a counter
+/// that still exists there. Tokens drawn from it are still larger than the lost ones, because
+/// the clock has moved on since (by the failover's seconds) and those tokens were at most the
+/// clock of their time plus the number handed out faster than one per µs. Without the floor
+/// (the counter plus one whenever it exists) a second holder after a failover got the very
+/// token of the holder whose lock was lost (`a_lock_the_replica_had_not_received_is_lost_in_a_
+/// failover_and_its_lease_reports_it`, tests/cluster.rs).
 ///
 /// Why tokens strictly grow per key (while the Redis server's clock does not step back):
 ///
@@ -181,20 +190,16 @@ pub(super) const FENCE_MARGIN_MS: u64 = 1000;
 ///
 /// An idle key's counter goes `ttl + margin` after the acquire that created it (later when its
 /// tokens run ahead of the clock: handed out faster than one per µs, or written back by Redlock
-/// from a node whose clock is ahead). A busy key's counter goes then too, and its next acquire
-/// draws from the clock again: one `TIME` per `ttl + margin` per key.
+/// from a node whose clock is ahead).
 ///
 /// Numbers stay below 2^53 (µs since 1970 until the year 2255), exact in Lua's doubles; they are
 /// written with `%d`, never Lua's `tostring` (which would round to 14 digits). `PXAT` needs
 /// Redis 6.2. Only `GET`, `SET` and `TIME` are called, commands the README's ACL allows.
 const NEXT_FENCE: &str = r"
-  local token = redis.call('GET', KEYS[2])
-  if token then
-    token = token + 1
-  else
-    local now = redis.call('TIME')
-    token = now[1] * 1000000 + now[2]
-  end
+  local now = redis.call('TIME')
+  local token = now[1] * 1000000 + now[2]
+  local counter = redis.call('GET', KEYS[2])
+  if counter and counter + 1 > token then token = counter + 1 end
   redis.call('SET', KEYS[2], string.format('%d', token), 'PXAT',
     string.format('%d', math.floor(token / 1000) + ARGV[2] + FENCE_MARGIN_MS))";
 

@@ -19,6 +19,11 @@
 //!   noticing its expiry by at most that much (and never spins);
 //! - while the wake-ups are not confirmed (the subscriber is connecting or reconnecting) or the
 //!   backend has none (Redlock), a poll of 10 to 50 ms with jitter;
+//! - [`CONFIRMED_RECHECK`] (2 s) even while the wake-ups are confirmed: a confirmed watch can
+//!   still miss a release (on a Redis Cluster just after a failover, the new primary publishes
+//!   to the replicas it knows of, and until the shard's gossip has settled that may not include
+//!   the old primary the subscriber is still on), so a lost wake-up costs a waiter at most 2 s,
+//!   not the holder's whole lease;
 //! - the end of the wait (then the caller answers as if it had not waited: 409 or
 //!   [`TryLockError::Held`](crate::TryLockError::Held)).
 //!
@@ -47,6 +52,10 @@ pub(crate) type Waiting<B> = Pin<Box<dyn Future<Output = Attempted<B>> + Send>>;
 /// The shortest and longest poll while wake-ups are not confirmed (or absent).
 const POLL_MIN: Duration = Duration::from_millis(10);
 const POLL_MAX: Duration = Duration::from_millis(50);
+
+/// The longest nap while the wake-ups are confirmed: a wake-up lost all the same (see the
+/// module docs) delays a waiter by at most this much.
+const CONFIRMED_RECHECK: Duration = Duration::from_secs(2);
 
 /// The longest nap without fencing, when the holder's remaining lease may come from its own
 /// clock (the deadline in the lock value) rather than from the key's `PTTL`.
@@ -134,7 +143,9 @@ async fn wait<B: LockBackend>(
             // The remaining lease may be the holder's clock's: trust it only so far.
             nap = nap.clamp(POLL_MIN, UNFENCED_NAP_MAX);
         }
-        if !seen.is_some_and(|s| s.confirmed) {
+        if seen.is_some_and(|s| s.confirmed) {
+            nap = nap.min(CONFIRMED_RECHECK);
+        } else {
             nap = nap.min(jittered_poll());
         }
         let wake_at = now.checked_add(nap).map_or(until, |at| at.min(until));
