@@ -280,3 +280,33 @@ async fn a_lost_wake_up_costs_a_confirmed_waiter_at_most_the_recheck() {
     );
     taken.release().await.unwrap();
 }
+
+/// README ("Pushed wake-ups"): "It publishes only when someone waits … a lock nobody waits for
+/// costs no `PUBLISH`". A waiter that gave up (its wait ended with `Held`) leaves its mark on the
+/// holder's value, and renewals keep it: the holder's release still `PUBLISH`es, to nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "red team: a waiter that gave up leaves its mark, and the release publishes to nobody"]
+async fn a_release_after_every_waiter_gave_up_publishes_nothing() {
+    let fixture = Redis::start().await;
+    let holder = Locks::new(fixture.backend())
+        .namespace(NS)
+        .ttl(Duration::from_secs(10));
+    let elsewhere = Locks::new(fixture.new_client())
+        .namespace(NS)
+        .ttl(Duration::from_secs(10));
+    let held = holder.try_lock(&key("gave-up")).await.unwrap();
+    // The waiter waits 500 ms (several marked attempts), then gives up.
+    let gave_up = elsewhere
+        .lock(&key("gave-up"), Duration::from_millis(500))
+        .await;
+    assert!(gave_up.is_err(), "the waiter took a held lock");
+    drop(elsewhere);
+    // Nobody waits any more.
+    let before = fixture.server.command_calls("publish").await;
+    held.release().await.unwrap();
+    assert_eq!(
+        fixture.server.command_calls("publish").await,
+        before,
+        "the release published although every waiter had given up"
+    );
+}
