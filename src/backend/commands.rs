@@ -222,8 +222,8 @@ pub(super) fn with_fence(body: &str) -> String {
 }
 
 /// The acquire when it needs more than `SET NX PX GET`: with fencing, `SET NX PX` and, on
-/// success, the next fencing token ([`NEXT_FENCE`]: `GET` and `SET … PXAT` of the counter, and
-/// `TIME` when it has gone), atomically; on Redis before 7.0 (no `NX` with `GET`), the
+/// success, the next fencing token ([`NEXT_FENCE`]: `TIME`, and `GET` and `SET … PXAT` of the
+/// counter), atomically; on Redis before 7.0 (no `NX` with `GET`), the
 /// same without fencing; and for a waiter (ARGV[4] present), the same, and if the lock is held,
 /// the mark that someone waits ([`WAITED`] in place of the value's `:`, with `SET … KEEPTTL`:
 /// the expiry stays), so that its release publishes. Marking in the acquire itself leaves no gap in
