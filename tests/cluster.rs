@@ -1243,3 +1243,48 @@ async fn a_dropped_backend_closes_its_sharded_subscriber() {
         "the dropped backend's subscriber still has {now} connections (had {before})"
     );
 }
+
+/// Red team: a waiter that leaves (its `SUNSUBSCRIBE` sent) while another starts waiting on the
+/// same key (its `SSUBSCRIBE` sent right after) is still pushed: whichever order the two land
+/// in, the second waiter gets the lock well within a second of the release, not at its next
+/// check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_replacing_one_that_left_is_still_pushed() {
+    let fixture = Cluster::start().await;
+    let locks = engine(&fixture).ttl(Duration::from_secs(30));
+    let mut slow = Vec::new();
+    for i in 0..10 {
+        let key = LockKey::new(format!("replaced:{i}"));
+        let holder = locks.try_lock(&key).await.unwrap();
+        let first = tokio::spawn({
+            let locks = locks.clone();
+            let key = key.clone();
+            async move { locks.lock(&key, Duration::from_secs(20)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first.abort();
+        let _ = first.await;
+        let second = tokio::spawn({
+            let locks = locks.clone();
+            let key = key.clone();
+            async move { locks.lock(&key, Duration::from_secs(20)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let released = tokio::time::Instant::now();
+        holder.release().await.unwrap();
+        let lease = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("the second waiter was stranded")
+            .unwrap()
+            .unwrap();
+        let handover = released.elapsed();
+        lease.release().await.unwrap();
+        if handover > Duration::from_millis(1000) {
+            slow.push((i, handover));
+        }
+    }
+    assert!(
+        slow.is_empty(),
+        "not pushed (handover after the release): {slow:?}"
+    );
+}
