@@ -166,7 +166,14 @@ fn held<B: LockBackend>(
 }
 
 fn failed<B: LockBackend>(cleanup: AcquireCleanup<B>, error: BackendError) -> Attempted<B> {
-    cleanup.abandon();
+    if error.never_sent() {
+        // Refused before it was sent: it took nothing. A clean-up would be retried for the
+        // whole TTL while the store is down, one task per failed request, and land on the
+        // store all at once when it returns.
+        drop(cleanup.disarm());
+    } else {
+        cleanup.abandon();
+    }
     crate::telemetry::backend_error("acquire");
     Attempted::Failed(error)
 }

@@ -1099,3 +1099,192 @@ async fn connected_replicas(cluster: &RedisCluster, port: u16) -> usize {
         .filter(|f| f.len() > 3 && f[3] == me[0])
         .count()
 }
+
+/// Every sharded channel subscribed on `cluster`'s primaries (`PUBSUB SHARDCHANNELS`) under
+/// the test namespace.
+async fn subscribed_wake_channels(cluster: &RedisCluster) -> Vec<String> {
+    let mut channels = Vec::new();
+    for port in cluster.primaries().await {
+        let Ok(mut connection) = cluster
+            .node(port)
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+        else {
+            continue;
+        };
+        let found: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .arg(format!("{NS}*"))
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_default();
+        channels.extend(
+            found
+                .into_iter()
+                .map(|channel| format!("{port}: {channel}")),
+        );
+    }
+    channels
+}
+
+/// Red team: a burst of waiters on many distinct keys, most of them handed the lock at once
+/// (released while their `SSUBSCRIBE` is still in flight), leaves no sharded subscription
+/// behind once nobody waits: the subscriber unsubscribes every channel it no longer needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_waiters_on_distinct_keys_leaves_no_sharded_subscription() {
+    let fixture = Cluster::start().await;
+    let locks = engine(&fixture).ttl(Duration::from_secs(30));
+    for round in 0..3 {
+        let mut waiters = Vec::new();
+        let mut holders = Vec::new();
+        for i in 0..40 {
+            let key = LockKey::new(format!("burst:{round}:{i}"));
+            holders.push(locks.try_lock(&key).await.unwrap());
+            waiters.push(tokio::spawn({
+                let locks = locks.clone();
+                async move {
+                    let lease = locks.lock(&key, Duration::from_secs(20)).await.unwrap();
+                    lease.release().await.unwrap();
+                }
+            }));
+        }
+        if round == 0 {
+            // Not vacuous: the waiters do subscribe.
+            assert!(
+                eventually(Duration::from_secs(10), async || {
+                    !subscribed_wake_channels(&fixture.cluster).await.is_empty()
+                })
+                .await,
+                "the waiters never subscribed"
+            );
+        }
+        // Release at varying moments: some before, some while, some after the waiter's
+        // subscription is confirmed.
+        for (i, holder) in holders.into_iter().enumerate() {
+            if i % 4 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            holder.release().await.unwrap();
+        }
+        for waiter in waiters {
+            tokio::time::timeout(Duration::from_secs(25), waiter)
+                .await
+                .expect("a waiter was stranded")
+                .unwrap();
+        }
+    }
+    let mut left = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            left = subscribed_wake_channels(&fixture.cluster).await;
+            left.is_empty()
+        })
+        .await,
+        "sharded subscriptions left with nobody waiting: {left:?}"
+    );
+}
+
+/// Clients connected with RESP3 (the sharded subscriber's) on `cluster`'s primaries.
+async fn resp3_clients(cluster: &RedisCluster) -> usize {
+    let mut count = 0;
+    for port in cluster.primaries().await {
+        let mut connection = cluster.node(port).connection().await;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        count += list
+            .lines()
+            .filter(|line| line.split_whitespace().any(|field| field == "resp=3"))
+            .count();
+    }
+    count
+}
+
+/// Red team: a backend dropped after its waiters were woken leaves no subscriber task behind:
+/// its sharded subscriber's connections close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_backend_closes_its_sharded_subscriber() {
+    let fixture = Cluster::start().await;
+    let before = resp3_clients(&fixture.cluster).await;
+    {
+        let backend = tower_lock::RedisClusterBackend::from_nodes(fixture.cluster.urls()).unwrap();
+        let locks = Locks::new(backend)
+            .namespace(NS)
+            .ttl(Duration::from_secs(30));
+        let key = LockKey::new("dropped-backend");
+        let holder = locks.try_lock(&key).await.unwrap();
+        let waiter = tokio::spawn({
+            let locks = locks.clone();
+            let key = key.clone();
+            async move { locks.lock(&key, Duration::from_secs(20)).await }
+        });
+        assert!(
+            eventually(Duration::from_secs(10), async || {
+                resp3_clients(&fixture.cluster).await > before
+            })
+            .await,
+            "no sharded subscriber connected"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        holder.release().await.unwrap();
+        let lease = waiter.await.unwrap().unwrap();
+        lease.release().await.unwrap();
+    }
+    let mut now = 0;
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            now = resp3_clients(&fixture.cluster).await;
+            now <= before
+        })
+        .await,
+        "the dropped backend's subscriber still has {now} connections (had {before})"
+    );
+}
+
+/// Red team: a waiter that leaves (its `SUNSUBSCRIBE` sent) while another starts waiting on the
+/// same key (its `SSUBSCRIBE` sent right after) is still pushed: whichever order the two land
+/// in, the second waiter gets the lock well within a second of the release, not at its next
+/// check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_replacing_one_that_left_is_still_pushed() {
+    let fixture = Cluster::start().await;
+    let locks = engine(&fixture).ttl(Duration::from_secs(30));
+    let mut slow = Vec::new();
+    for i in 0..10 {
+        let key = LockKey::new(format!("replaced:{i}"));
+        let holder = locks.try_lock(&key).await.unwrap();
+        let first = tokio::spawn({
+            let locks = locks.clone();
+            let key = key.clone();
+            async move { locks.lock(&key, Duration::from_secs(20)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first.abort();
+        let _ = first.await;
+        let second = tokio::spawn({
+            let locks = locks.clone();
+            let key = key.clone();
+            async move { locks.lock(&key, Duration::from_secs(20)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let released = tokio::time::Instant::now();
+        holder.release().await.unwrap();
+        let lease = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("the second waiter was stranded")
+            .unwrap()
+            .unwrap();
+        let handover = released.elapsed();
+        lease.release().await.unwrap();
+        if handover > Duration::from_millis(1000) {
+            slow.push((i, handover));
+        }
+    }
+    assert!(
+        slow.is_empty(),
+        "not pushed (handover after the release): {slow:?}"
+    );
+}

@@ -745,3 +745,56 @@ async fn a_first_fenced_round_on_nodes_without_scripts_takes_every_node() {
     backend.release(&name, token).await.unwrap();
     until_no_leftovers(&fixture).await;
 }
+
+/// Red team (fixed): a majority of the nodes restarted empty (their scripts gone: here `SCRIPT FLUSH`,
+/// as a restart without persistence leaves them), every node up and answering: the next
+/// acquire still succeeds. README: "a node down, erroring or paused costs nothing while a
+/// majority answers". Since the acquire is sent exactly once, a node that answers `NOSCRIPT`
+/// failed the round for that node, so a majority that lost its scripts failed the round: a 503
+/// on a healthy majority ("0 of 3 nodes answered"). Now such a round is followed by one more,
+/// after its clean-up has landed, in which those nodes load the script with their acquire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_majority_that_lost_its_scripts_still_grants_the_next_acquire() {
+    let fixture = Redlock::with_nodes(3).await;
+    let backend = fixture.backend();
+    let ttl = 10 * SECOND;
+    let name = lock_name("flushed-majority");
+    // Every node has (and is known to have) the acquire script.
+    let first = LockToken::random();
+    let acquired = backend
+        .acquire(&name, first, options(ttl).fencing(true))
+        .await
+        .unwrap();
+    assert!(matches!(acquired, Acquire::Acquired { .. }), "{acquired:?}");
+    backend.release(&name, first).await.unwrap();
+    until_no_leftovers(&fixture).await;
+    for node in [0, 1] {
+        let mut connection = fixture.node(node).await.unwrap();
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    let token = LockToken::random();
+    let next = backend
+        .acquire(&name, token, options(ttl).fencing(true))
+        .await;
+    assert!(
+        matches!(next, Ok(Acquire::Acquired { .. })),
+        "every node up and answering, yet: {next:?}"
+    );
+    // Held on every node (nothing of the first attempt's clean-up landed after it), then
+    // released everywhere.
+    assert_eq!(
+        fixture.nodes_holding(&name).await,
+        vec![0, 1, 2],
+        "{}",
+        keys(&fixture).await
+    );
+    assert_eq!(
+        backend.release(&name, token).await.unwrap(),
+        Release::Released
+    );
+    until_no_leftovers(&fixture).await;
+}

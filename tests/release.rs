@@ -784,6 +784,82 @@ mod redis_only {
         assert!(landed.elapsed() <= Duration::from_millis(2500));
         assert_eq!(send("k").await.status(), StatusCode::OK);
     }
+
+    /// Red team (held): a release retried in the background never deletes a later holder's
+    /// lock. The first release is refused (EVALSHA denied), the lock is deleted behind the
+    /// layer's back and taken by another holder; once Redis takes releases again the retry
+    /// lands as a compare-and-delete of the old token and leaves the new holder's lock alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retried_release_leaves_a_later_holders_lock_alone() {
+        let fixture = Redis::start().await;
+        let name = lock_name("k");
+        let gate = Gate::new();
+        let service = gated_service(&fixture, gate.clone());
+        let call = tokio::spawn(send(&service, request("k")));
+        until_held(&fixture, 1).await;
+        evalsha_denied(&fixture.server, true).await;
+        gate.open();
+        assert_eq!(call.await.unwrap().status(), StatusCode::OK);
+        // The release was refused; the retry keeps trying. Another holder takes the lock.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        fixture.delete(&name).await;
+        let later = LockToken::random();
+        assert!(matches!(
+            fixture
+                .backend
+                .acquire(
+                    &name,
+                    later,
+                    AcquireOptions::new(Duration::from_secs(30)).fencing(false)
+                )
+                .await
+                .unwrap(),
+            Acquire::Acquired { .. }
+        ));
+        evalsha_denied(&fixture.server, false).await;
+        // Every retry (pauses up to 2 s) has landed by now.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            fixture.held().await,
+            1,
+            "the retried release deleted a later holder's lock"
+        );
+        assert_eq!(
+            fixture.backend.release(&name, later).await.unwrap(),
+            Release::Released
+        );
+    }
+
+    /// Red team (fixed): an acquire that never reached Redis (nothing listens: the connection
+    /// is refused) took nothing, so it leaves nothing to clean up. Before the fix every such
+    /// request spawned a clean-up release retried in the background for the lock's whole TTL:
+    /// while Redis was down one task per 503 piled up (a 30 s lease at 1000 requests/s: 30 000
+    /// tasks, each sending every 2 s), and when Redis came back they all landed on it at once
+    /// (here 21 calls for 20 requests), for locks that never existed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_acquire_refused_before_reaching_redis_sends_no_release_when_redis_returns() {
+        let mut server = RedisServer::start();
+        server.stop();
+        let backend = RedisBackend::from_url(&server.url()).unwrap();
+        let service = ServiceBuilder::new()
+            .layer(layer_on(backend).ttl(Duration::from_secs(30)))
+            .service(tower::service_fn(|_: Request<String>| async {
+                Ok::<_, Infallible>(Response::new(String::new()))
+            }));
+        const REQUESTS: usize = 20;
+        for i in 0..REQUESTS {
+            let response = send(&service, request(&format!("k{i}"))).await;
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        server.restart();
+        // The retries' pauses double up to 2 s: any still running has sent by now.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let releases = server.command_calls("evalsha").await + server.command_calls("eval").await;
+        assert_eq!(
+            releases, 0,
+            "{releases} release calls reached the restarted Redis for {REQUESTS} acquires that never reached it"
+        );
+    }
 }
 
 /// Bodies go to hyper and axum from any thread: a held lock must not make the body `!Sync`.

@@ -538,7 +538,12 @@ impl LockBackend for RedisClusterBackend {
         token: LockToken,
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
-        let acquire = self.commands.acquire(name, token, options);
+        // The cluster client resends a call whose connection dropped, and answers the last
+        // attempt's error: a refusal then says nothing of an earlier send that may have landed.
+        let acquire: BackendFuture<Acquire> = {
+            let acquire = self.commands.acquire(name, token, options);
+            Box::pin(async move { acquire.await.map_err(BackendError::maybe_sent) })
+        };
         let Some(replication) = self.replication else {
             return self.diagnose(acquire);
         };

@@ -356,8 +356,15 @@ pub(super) fn unavailable(error: RedisError) -> BackendError {
     } else {
         BackendErrorKind::Unavailable
     };
-    BackendError::new(kind, format_args!("redis: {error}"))
-        .with_reason(super::failure::reason(&error))
+    let failure = BackendError::new(kind, format_args!("redis: {error}"))
+        .with_reason(super::failure::reason(&error));
+    // Refused while connecting: the command never went out (one connection, no resend; the
+    // cluster client, which resends, clears this, see `RedisClusterBackend::acquire`).
+    if error.is_connection_refusal() {
+        failure.unsent()
+    } else {
+        failure
+    }
 }
 
 /// The replication check after an acquire: `WAIT replicas timeout` (see

@@ -356,6 +356,9 @@ pub struct BackendError {
     kind: BackendErrorKind,
     reason: FailureReason,
     message: Arc<str>,
+    /// Known never to have reached the store (its connection was refused before the command
+    /// went out): an acquire failing so took nothing, and needs no clean-up release.
+    never_sent: bool,
 }
 
 /// What kind of failure a [`BackendError`] is.
@@ -406,7 +409,27 @@ impl BackendError {
                 _ => FailureReason::Other,
             },
             message: message.to_string().into(),
+            never_sent: false,
         }
+    }
+
+    /// The same error, known never to have reached the store (see [`never_sent`](Self::never_sent)).
+    pub(crate) fn unsent(mut self) -> Self {
+        self.never_sent = true;
+        self
+    }
+
+    /// The same error, which may have reached the store (a call that a client may have sent
+    /// before a later attempt was refused).
+    pub(crate) fn maybe_sent(mut self) -> Self {
+        self.never_sent = false;
+        self
+    }
+
+    /// Whether the operation is known never to have reached the store: its connection was
+    /// refused before anything was sent.
+    pub(crate) fn never_sent(&self) -> bool {
+        self.never_sent
     }
 
     /// The same error with `reason`.

@@ -371,6 +371,16 @@ impl RedlockBackend {
     }
 }
 
+/// Whether a node answered `NOSCRIPT`: it had lost the script, ran nothing, and loads it with
+/// its next acquire.
+fn lost_its_script<T>(answer: &Answer<T>) -> bool {
+    // redis-rs writes the error's code as `NoScript` (its kind).
+    matches!(answer, Some(Err(error)) if {
+        let text = error.to_string();
+        text.contains("NoScript") || text.contains("NOSCRIPT")
+    })
+}
+
 fn no_quorum(operation: &str, answered: usize, nodes: usize, quorum: usize) -> BackendError {
     BackendError::new(
         BackendErrorKind::Unavailable,
@@ -420,6 +430,21 @@ impl RedlockBackend {
         name: LockName,
         token: LockToken,
         options: AcquireOptions,
+    ) -> Result<Acquire, BackendError> {
+        Box::pin(self.acquire_round(name, token, options, true)).await
+    }
+
+    /// One round of [`acquire_on_majority`](Self::acquire_on_majority); `first`: a round that
+    /// may be followed by one more when nodes that lost their scripts (restarted empty,
+    /// `SCRIPT FLUSH`) answered `NOSCRIPT` and so left no majority. Each node's acquire is sent
+    /// once (see `Commands::acquire_once`): those nodes load the script with their acquire of
+    /// the next round, which follows this round's clean-up on every connection.
+    async fn acquire_round(
+        self,
+        name: LockName,
+        token: LockToken,
+        options: AcquireOptions,
+        first: bool,
     ) -> Result<Acquire, BackendError> {
         let started = Instant::now();
         let quorum = self.quorum();
@@ -483,20 +508,32 @@ impl RedlockBackend {
             Acquire::Held { remaining } => Some(remaining.map(lease_left)),
             Acquire::Acquired { .. } => None,
         });
+        // A node that answered `NOSCRIPT` ran nothing: nothing to undo there.
         let maybe_ours: Vec<usize> = (0..answers.len())
-            .filter(|&node| !matches!(&answers[node], Some(Ok(Acquire::Held { .. }))))
+            .filter(|&node| {
+                !matches!(&answers[node], Some(Ok(Acquire::Held { .. })))
+                    && !lost_its_script(&answers[node])
+            })
             .collect();
-        self.clean_up(&name, token, options.ttl, maybe_ours, &ours)
+        let answered = answered(&answers);
+        // Nodes that lost their scripts left no majority: one more round, in which they load
+        // the script with their acquire. Its clean-up first, on every node it went to (not in
+        // the background): the next round reuses the token, so no release of this one may
+        // land after that round's acquire.
+        let again = first && answered < quorum && answers.iter().any(lost_its_script);
+        let known = if again { maybe_ours.clone() } else { ours };
+        self.clean_up(&name, token, options.ttl, maybe_ours, &known)
             .await;
         // Refused by a majority of the nodes that answered: contention (409), not an outage. A
         // node that has not answered yet counts as one that will be free.
-        let answered = answered(&answers);
         if answered >= quorum {
             let failed = answers.iter().filter(|a| matches!(a, Some(Err(_)))).count();
             let reachable = self.nodes.len() - failed;
             Ok(Acquire::Held {
                 remaining: majority_free_in(held, reachable - quorum),
             })
+        } else if again {
+            Box::pin(self.acquire_round(name, token, options, false)).await
         } else {
             Err(no_quorum("acquire", answered, self.nodes.len(), quorum)
                 .with_reason(shared_reason(&answers)))
