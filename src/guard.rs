@@ -80,16 +80,17 @@ impl<B: LockBackend> LockGuard<B> {
     /// outcome is reported then.
     pub(crate) fn finish(mut self, outcome: ReleaseOutcome) {
         self.armed = false;
-        report_release(&self.lease.label(), outcome.clone());
-        if settled(&outcome) {
-            return;
+        let of = ReleaseOf::Lease(self.lease.clone());
+        of.report(outcome.clone());
+        if !settled(&outcome) {
+            let (core, name, token) = (
+                self.core.clone(),
+                self.lease.name().clone(),
+                self.lease.token(),
+            );
+            self.runtime
+                .spawn(async move { retry_and_report(&core, &name, token, &of, outcome).await });
         }
-        let core = self.core.clone();
-        let lease = self.lease.clone();
-        self.runtime.spawn(async move {
-            let last = retried(&core, lease.name(), lease.token(), false, outcome).await;
-            report_retried(&lease.label(), &last);
-        });
     }
 }
 
@@ -180,6 +181,32 @@ enum ReleaseOf {
     AbandonedAcquire(LockName, bool),
 }
 
+impl ReleaseOf {
+    fn abandoned(&self) -> bool {
+        matches!(self, Self::AbandonedAcquire(..))
+    }
+
+    /// Traces (and counts the failure of) a release's first outcome.
+    fn report(&self, outcome: ReleaseOutcome) {
+        match self {
+            Self::Lease(lease) => report_release(&lease.label(), outcome),
+            Self::AbandonedAcquire(name, log_keys) => {
+                report_cleanup(&name.label(*log_keys), outcome)
+            }
+        }
+    }
+
+    /// Traces how a release that failed at first ended after its retries.
+    fn report_retried(&self, outcome: &ReleaseOutcome) {
+        match self {
+            Self::Lease(lease) => report_retried(&lease.label(), outcome),
+            Self::AbandonedAcquire(name, log_keys) => {
+                report_retried(&name.label(*log_keys), outcome)
+            }
+        }
+    }
+}
+
 /// Spawns a compare-and-delete on `runtime` and reports its outcome. The backend call is made
 /// here (no timer: this may run in a `Drop` outside the runtime) and awaited with the release
 /// timeout on the runtime. If the runtime is shutting down, the lock expires with its TTL (the
@@ -192,29 +219,29 @@ fn spawn_release<B: LockBackend>(
     of: ReleaseOf,
 ) -> JoinHandle<()> {
     let timeout = core.settings.release_timeout();
-    let abandoned = matches!(of, ReleaseOf::AbandonedAcquire(..));
-    let release = release_call(core, name, token, abandoned);
+    let release = release_call(core, name, token, of.abandoned());
     let core = core.clone();
     let name = name.clone();
     runtime.spawn(async move {
         let first = Bounded::after(release, timeout).await.map_err(|_| timeout);
-        let failed = !settled(&first);
-        match &of {
-            ReleaseOf::Lease(lease) => report_release(&lease.label(), first.clone()),
-            ReleaseOf::AbandonedAcquire(name, log_keys) => {
-                report_cleanup(&name.label(*log_keys), first.clone())
-            }
-        }
-        if failed {
-            let last = retried(&core, &name, token, abandoned, first).await;
-            match &of {
-                ReleaseOf::Lease(lease) => report_retried(&lease.label(), &last),
-                ReleaseOf::AbandonedAcquire(name, log_keys) => {
-                    report_retried(&name.label(*log_keys), &last)
-                }
-            }
+        of.report(first.clone());
+        if !settled(&first) {
+            retry_and_report(&core, &name, token, &of, first).await;
         }
     })
+}
+
+/// Retries a release whose first outcome (`first`, reported already) failed ([`retried`]) and
+/// reports how it ended.
+async fn retry_and_report<B: LockBackend>(
+    core: &Core<B>,
+    name: &LockName,
+    token: LockToken,
+    of: &ReleaseOf,
+    first: ReleaseOutcome,
+) {
+    let last = retried(core, name, token, of.abandoned(), first).await;
+    of.report_retried(&last);
 }
 
 /// The compare-and-delete of `token`'s lock `name`: of a held lock, or of whatever an acquire
@@ -261,9 +288,6 @@ async fn retried<B: LockBackend>(
     abandoned: bool,
     mut outcome: ReleaseOutcome,
 ) -> ReleaseOutcome {
-    if settled(&outcome) {
-        return outcome;
-    }
     let give_up = Instant::now() + core.settings.ttl();
     let timeout = core.settings.release_timeout();
     let mut pause = RETRY_FIRST;
