@@ -445,7 +445,7 @@ where
         token: LockToken,
         options: AcquireOptions,
     ) -> BackendFuture<Acquire> {
-        self.checked(self.acquire_unchecked(name, token, options), name, token)
+        self.checked(self.acquire_sent(name, token, options, None), name, token)
     }
 
     /// `acquire` with the replication check, if one is set.
@@ -530,16 +530,8 @@ where
         )
     }
 
-    fn acquire_unchecked(
-        &self,
-        name: &LockName,
-        token: LockToken,
-        options: AcquireOptions,
-    ) -> BackendFuture<Acquire> {
-        self.acquire_sent(name, token, options, None)
-    }
-
-    /// The acquire; `once` (the acquire script's Lua): see [`acquire_once`](Self::acquire_once).
+    /// The acquire without the replication check; `once` (the acquire script's Lua): see
+    /// [`acquire_once`](Self::acquire_once).
     fn acquire_sent(
         &self,
         name: &LockName,
