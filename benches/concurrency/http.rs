@@ -1,13 +1,22 @@
 //! HTTP end to end: an axum server in this process with a locked route and an identical unlocked
-//! one, under `wrk`.
+//! one, under `wrk`; and the example server's own routes, the measurement issue 11 quotes.
 //!
-//! Routes (all `POST`; the handler answers `ok`): `/unlocked/{key}`, `/locked/{key}` (the layer on
-//! Redis, fencing on, keyed by the path segment) and `/locked-memory/{key}` (the layer on the
-//! in-memory backend). A handler that does nothing is the worst case for the ratio; a handler
-//! usually talks to a store, so a second pair, `/unlocked-read/{key}` and `/locked-read/{key}`,
-//! has a handler that first `GET`s a key from the same Redis (one round trip on its own
-//! connection). A small Lua script makes wrk send each request to its own key
-//! (`{thread}-{counter mod 4096}`), so requests do not contend: any non-2xx answer is counted and
+//! Routes of the bench's server (all `POST`; the handler answers `ok`): `/unlocked/{key}`,
+//! `/locked/{key}` (the layer on Redis, fencing on, keyed by the path segment) and
+//! `/locked-memory/{key}` (the layer on the in-memory backend). A handler that does nothing is the
+//! worst case for the ratio; a handler usually talks to a store, so a second pair,
+//! `/unlocked-read/{key}` and `/locked-read/{key}`, has a handler that first `GET`s a key from the
+//! same Redis (one round trip on its own connection).
+//!
+//! The example server (`examples/server.rs`, built from `examples/support/demo.rs` and served in
+//! this process) runs twice: in process (no `REDIS_URL`: `MemoryBackend` and in-process
+//! balances) and on Redis (`REDIS_URL`: `RedisBackend`, fencing on, balances in the same Redis).
+//! Its `POST /accounts/{id}/deposit?amount=1` (locked, with a fenced read and a fenced write of
+//! the balance) is compared with `POST /unlocked/accounts/{id}/deposit?amount=1` (the same
+//! handler with a plain read and write, no lock).
+//!
+//! A small Lua script makes wrk send each request to its own key (`{thread}-{counter mod 4096}`,
+//! then the route's suffix), so requests do not contend: any non-2xx answer is counted and
 //! reported.
 
 use std::path::Path;
@@ -22,6 +31,7 @@ use tower_lock::key::PathSegment;
 use tower_lock::{LockLayer, MemoryBackend, RedisBackend};
 
 use crate::common::RedisServer;
+use crate::demo::{self, DemoConfig};
 use crate::redis_path::manager;
 use crate::{Config, median, probe};
 
@@ -34,29 +44,125 @@ function setup(thread)
 end
 function init(args)
   prefix = wrk.path .. id .. "-"
+  suffix = args[1] or ""
   counter = 0
 end
 function request()
   counter = (counter + 1) % 4096
-  return wrk.format("POST", prefix .. counter)
+  return wrk.format("POST", prefix .. counter .. suffix)
 end
 "#;
 
-/// (route, label, index of the unlocked twin in this table).
-pub const ROUTES: [(&str, &str, usize); 5] = [
-    ("unlocked", "empty handler, unlocked", 0),
-    ("locked", "empty handler, LockLayer + RedisBackend", 0),
-    (
-        "locked-memory",
-        "empty handler, LockLayer + MemoryBackend",
-        0,
-    ),
-    ("unlocked-read", "handler with one Redis GET, unlocked", 3),
-    (
-        "locked-read",
-        "handler with one Redis GET, LockLayer + RedisBackend",
-        3,
-    ),
+/// Which server a route is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Server {
+    /// The bench's own router (below).
+    Bench,
+    /// The example server, in process (no `REDIS_URL`).
+    DemoMemory,
+    /// The example server on Redis (`REDIS_URL` set).
+    DemoRedis,
+}
+
+/// One route under wrk.
+pub struct Route {
+    /// Its name in the results.
+    pub route: &'static str,
+    pub label: &'static str,
+    /// Index of its unlocked twin in [`ROUTES`] (itself for an unlocked route).
+    pub twin: usize,
+    /// Whether its ratio to its twin is one of issue 11's HTTP targets (≥ 0.85).
+    pub target: bool,
+    server: Server,
+    /// The path before the key; wrk appends `{thread}-{n}` and `suffix`.
+    path: &'static str,
+    suffix: &'static str,
+}
+
+const DEPOSIT: &str = "/deposit?amount=1";
+
+pub const ROUTES: [Route; 9] = [
+    Route {
+        route: "unlocked",
+        label: "empty handler, unlocked",
+        twin: 0,
+        target: false,
+        server: Server::Bench,
+        path: "/unlocked/",
+        suffix: "",
+    },
+    Route {
+        route: "locked",
+        label: "empty handler, LockLayer + RedisBackend",
+        twin: 0,
+        target: true,
+        server: Server::Bench,
+        path: "/locked/",
+        suffix: "",
+    },
+    Route {
+        route: "locked-memory",
+        label: "empty handler, LockLayer + MemoryBackend",
+        twin: 0,
+        target: false,
+        server: Server::Bench,
+        path: "/locked-memory/",
+        suffix: "",
+    },
+    Route {
+        route: "unlocked-read",
+        label: "handler with one Redis GET, unlocked",
+        twin: 3,
+        target: false,
+        server: Server::Bench,
+        path: "/unlocked-read/",
+        suffix: "",
+    },
+    Route {
+        route: "locked-read",
+        label: "handler with one Redis GET, LockLayer + RedisBackend",
+        twin: 3,
+        target: true,
+        server: Server::Bench,
+        path: "/locked-read/",
+        suffix: "",
+    },
+    Route {
+        route: "demo-memory-unlocked",
+        label: "example server in process: POST /unlocked/accounts/{id}/deposit",
+        twin: 5,
+        target: false,
+        server: Server::DemoMemory,
+        path: "/unlocked/accounts/",
+        suffix: DEPOSIT,
+    },
+    Route {
+        route: "demo-memory-locked",
+        label: "example server in process: POST /accounts/{id}/deposit (MemoryBackend)",
+        twin: 5,
+        target: true,
+        server: Server::DemoMemory,
+        path: "/accounts/",
+        suffix: DEPOSIT,
+    },
+    Route {
+        route: "demo-redis-unlocked",
+        label: "example server on Redis: POST /unlocked/accounts/{id}/deposit",
+        twin: 7,
+        target: false,
+        server: Server::DemoRedis,
+        path: "/unlocked/accounts/",
+        suffix: DEPOSIT,
+    },
+    Route {
+        route: "demo-redis-locked",
+        label: "example server on Redis: POST /accounts/{id}/deposit (RedisBackend, fenced store)",
+        twin: 7,
+        target: true,
+        server: Server::DemoRedis,
+        path: "/accounts/",
+        suffix: DEPOSIT,
+    },
 ];
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -74,6 +180,8 @@ pub struct WrkRun {
 pub struct RouteResult {
     pub route: &'static str,
     pub label: &'static str,
+    /// Whether its ratio is one of issue 11's HTTP targets.
+    pub target: bool,
     pub runs: Vec<WrkRun>,
     pub per_second: f64,
     pub p50_ms: f64,
@@ -170,8 +278,8 @@ fn parse_wrk(round: usize, output: &str) -> Option<WrkRun> {
     run.per_second.is_finite().then_some(run)
 }
 
-fn wrk_args(config: &Config, seconds: u64, script: &Path, url: &str) -> Vec<String> {
-    vec![
+fn wrk_args(config: &Config, seconds: u64, script: &Path, url: &str, suffix: &str) -> Vec<String> {
+    let mut args = vec![
         format!("-t{}", config.http_threads),
         format!("-c{}", config.http_connections),
         format!("-d{seconds}s"),
@@ -179,7 +287,11 @@ fn wrk_args(config: &Config, seconds: u64, script: &Path, url: &str) -> Vec<Stri
         "-s".into(),
         script.display().to_string(),
         url.into(),
-    ]
+    ];
+    if !suffix.is_empty() {
+        args.extend(["--".into(), suffix.into()]);
+    }
+    args
 }
 
 pub fn run(config: &Config, runtime: &Runtime, wrk: &str) -> HttpResult {
@@ -223,14 +335,28 @@ pub fn run(config: &Config, runtime: &Runtime, wrk: &str) -> HttpResult {
         .expect("bind the bench server");
     let port = listener.local_addr().expect("local address").port();
     let server = runtime.spawn(async move { axum::serve(listener, app).await });
+    let demo_memory = runtime
+        .block_on(demo::spawn(DemoConfig::default()))
+        .expect("start the example server in process");
+    let demo_redis = runtime
+        .block_on(demo::spawn(DemoConfig {
+            redis_url: Some(redis.url()),
+            ..DemoConfig::default()
+        }))
+        .expect("start the example server on Redis");
+    let port_of = |server: Server| match server {
+        Server::Bench => port,
+        Server::DemoMemory => demo_memory.addr.port(),
+        Server::DemoRedis => demo_redis.addr.port(),
+    };
 
     std::fs::create_dir_all(&config.out).expect("create the output directory");
     let script = config.out.join("wrk-distinct-keys.lua");
     std::fs::write(&script, WRK_SCRIPT).expect("write the wrk script");
-    let url = |route: &str| format!("http://127.0.0.1:{port}/{route}/");
-    let wrk_run = |seconds: u64, route: &str, round: usize| -> WrkRun {
+    let wrk_run = |seconds: u64, route: &Route, round: usize| -> WrkRun {
+        let url = format!("http://127.0.0.1:{}{}", port_of(route.server), route.path);
         let out = Command::new(wrk)
-            .args(wrk_args(config, seconds, &script, &url(route)))
+            .args(wrk_args(config, seconds, &script, &url, route.suffix))
             .output()
             .expect("run wrk");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -250,26 +376,27 @@ pub fn run(config: &Config, runtime: &Runtime, wrk: &str) -> HttpResult {
         config.http_connections
     );
 
-    for (route, _, _) in ROUTES {
+    for route in &ROUTES {
         wrk_run(1, route, 0);
     }
     let mut runs: Vec<Vec<WrkRun>> = vec![Vec::new(); ROUTES.len()];
     for round in 0..config.http_rounds {
         for i in 0..ROUTES.len() {
             let r = (round + i) % ROUTES.len();
-            runs[r].push(wrk_run(config.http_secs, ROUTES[r].0, round));
+            runs[r].push(wrk_run(config.http_secs, &ROUTES[r], round));
             // Let the sockets of the last run close before the next.
             std::thread::sleep(Duration::from_millis(200));
         }
     }
     server.abort();
+    drop((demo_memory, demo_redis));
     assert_eq!(memory.held(), 0, "every in-process lock was released");
 
     let routes = ROUTES
         .iter()
         .zip(&runs)
-        .map(|(&(route, label, twin), own)| {
-            let unlocked = &runs[twin];
+        .map(|(route, own)| {
+            let unlocked = &runs[route.twin];
             let runs = own.clone();
             let field = |f: fn(&WrkRun) -> f64| {
                 median(&runs.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
@@ -282,9 +409,10 @@ pub fn run(config: &Config, runtime: &Runtime, wrk: &str) -> HttpResult {
                 })
                 .collect();
             RouteResult {
-                route,
-                label,
-                baseline: ROUTES[twin].0,
+                route: route.route,
+                label: route.label,
+                target: route.target,
+                baseline: ROUTES[route.twin].route,
                 per_second: field(|r| r.per_second),
                 p50_ms: field(|r| r.p50_ms),
                 p99_ms: field(|r| r.p99_ms),
@@ -300,11 +428,15 @@ pub fn run(config: &Config, runtime: &Runtime, wrk: &str) -> HttpResult {
         config.http_secs,
         Path::new("wrk-distinct-keys.lua"),
         "",
+        "",
     );
     args.pop();
     HttpResult {
         load_generator: wrk_version(wrk),
-        command: format!("wrk {} http://127.0.0.1:PORT/ROUTE/", args.join(" ")),
+        command: format!(
+            "wrk {} http://127.0.0.1:PORT/PATH/ [-- SUFFIX]",
+            args.join(" ")
+        ),
         seconds: config.http_secs,
         rounds: config.http_rounds,
         routes,

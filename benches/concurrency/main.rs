@@ -6,7 +6,7 @@
 //! | `redis` | lock + unlock pairs per second on distinct keys at concurrency 1, 16, 64, 256: the layer (fencing on, off), the engine, a raw redis-rs pair (`SET NX PX` + compare-and-delete script), rslock 0.10, naive `SETNX` + `DEL`; interleaved rounds, medians, ratios; Redis CPU (`INFO cpu`) and commands (`INFO commandstats`, and a `MONITOR` pass that tells client commands from script-internal ones) per pair; client CPU and allocations per pair |
 //! | `inproc` | ns and allocations per request: bare `service_fn`, the layer on `MemoryBackend`, tower's `ConcurrencyLimit` |
 //! | `contention` | 1 000 concurrent requests on one held key through the layer on Redis: p50/p99 of the 409s |
-//! | `http` | an axum server with locked routes and identical unlocked twins under `wrk` (an empty handler, and one that reads Redis): throughput, p99, ratios |
+//! | `http` | an axum server with locked routes and identical unlocked twins under `wrk` (an empty handler, and one that reads Redis), and the example server's locked and unlocked deposit routes (in process and on Redis): throughput, p99, ratios |
 //! | `memory` | RSS of a fresh process after 100 k and 1 M requests through the layer (`MemoryBackend`) |
 //! | `backends` | opt-in (`scripts/bench backends`, not in a run without sections): acquire + release pairs per second and acquire p50/p99 on one Redis, Cluster, Redlock 3 and 5 (and 5 with one node paused), Sentinel (with `--features sentinel`), in the same run; `BENCH_BACKEND_OPS` (default 5000) pairs per cell per round |
 //!
@@ -35,6 +35,9 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+
+#[path = "../../examples/support/demo.rs"]
+mod demo;
 
 mod alloc;
 mod backends;

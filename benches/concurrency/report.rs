@@ -468,11 +468,7 @@ fn targets(md: &mut String, results: &Results) {
         }
     }
     if let Some(http) = &results.http {
-        for locked in http
-            .routes
-            .iter()
-            .filter(|r| r.route == "locked" || r.route == "locked-read")
-        {
+        for locked in http.routes.iter().filter(|r| r.target) {
             rows.push((
                 format!("HTTP throughput, {} ÷ unlocked", locked.label),
                 "≥ 0.85".into(),

@@ -765,6 +765,16 @@ pub async fn spawn(config: DemoConfig) -> std::io::Result<Running> {
     })
 }
 
+/// Waits `hold_ms`. Without it (or with 0) the handler only yields once: the read and the write
+/// of a deposit stay apart, as the unlocked route's lost updates need, but the request does not
+/// wait for the runtime timer's next millisecond tick, as `sleep(0)` would (up to 1 ms each).
+async fn hold(hold_ms: Option<u64>) {
+    match hold_ms.unwrap_or(0) {
+        0 => tokio::task::yield_now().await,
+        ms => tokio::time::sleep(Duration::from_millis(ms)).await,
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct DepositParams {
     amount: Option<i64>,
@@ -786,7 +796,7 @@ async fn order(
         Ok(params) => params,
         Err(rejection) => return invalid_query(&rejection),
     };
-    tokio::time::sleep(Duration::from_millis(params.hold_ms.unwrap_or(0))).await;
+    hold(params.hold_ms).await;
     // The layer has already rejected requests without the header.
     let key = headers
         .get("idempotency-key")
@@ -877,7 +887,7 @@ async fn deposit(
         Ok(FencedRead::Stale { fence }) => return stale_token(token, fence, "read"),
         Err(error) => return store_failed(&error),
     };
-    tokio::time::sleep(Duration::from_millis(params.hold_ms.unwrap_or(0))).await;
+    hold(params.hold_ms).await;
     let Some(new_balance) = current.checked_add(amount) else {
         return overflow();
     };
@@ -908,7 +918,7 @@ async fn deposit_unlocked(
         Ok(balance) => balance,
         Err(error) => return store_failed(&error),
     };
-    tokio::time::sleep(Duration::from_millis(params.hold_ms.unwrap_or(0))).await;
+    hold(params.hold_ms).await;
     let Some(new_balance) = current.checked_add(amount) else {
         return overflow();
     };
