@@ -15,6 +15,7 @@
 //! |---|---|
 //! | `raw` | `SET key token NX PX` then `EVALSHA` compare-and-delete, by hand on a `ConnectionManager` |
 //! | `raw-mux` | the same on a `MultiplexedConnection` (what rslock uses), same timeouts: no `ConnectionManager` (no reconnects) |
+//! | `rslock` | rslock 0.10's `lock` + `unlock` (`SET NX PX`, then its own compare-and-delete `EVALSHA`) |
 //! | `naive` | `SETNX` then `DEL` (unsafe: the floor) |
 //! | `engine` | `Locks::try_lock` + `release` on `RedisBackend`, fencing on |
 //! | `engine-off` | the same, fencing off |
@@ -58,9 +59,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
-const MODES: [&str; 12] = [
+const MODES: [&str; 13] = [
     "raw",
     "raw-mux",
+    "rslock",
     "naive",
     "engine",
     "engine-off",
@@ -220,6 +222,21 @@ fn build(mode: &str, runtime: &Runtime, server: Option<&RedisServer>) -> Op {
                         .invoke_async(&mut connection)
                         .await;
                     matches!(deleted, Ok(1))
+                }
+            })
+        }
+        "rslock" => {
+            let manager = rslock::LockManager::new(vec![url()]);
+            op(move |key: Arc<Key>| {
+                let manager = manager.clone();
+                async move {
+                    match manager.lock(key.redis.as_bytes(), TTL).await {
+                        Ok(lock) => {
+                            manager.unlock(&lock).await;
+                            true
+                        }
+                        Err(_) => false,
+                    }
                 }
             })
         }
