@@ -14,6 +14,8 @@
 //! | mode | one pair is |
 //! |---|---|
 //! | `raw` | `SET key token NX PX` then `EVALSHA` compare-and-delete, by hand on a `ConnectionManager` |
+//! | `raw-mux` | the same on a `MultiplexedConnection` (what rslock uses), same timeouts: no `ConnectionManager` (no reconnects) |
+//! | `rslock` | rslock 0.10's `lock` + `unlock` (`SET NX PX`, then its own compare-and-delete `EVALSHA`) |
 //! | `naive` | `SETNX` then `DEL` (unsafe: the floor) |
 //! | `engine` | `Locks::try_lock` + `release` on `RedisBackend`, fencing on |
 //! | `engine-off` | the same, fencing off |
@@ -57,8 +59,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
-const MODES: [&str; 11] = [
+const MODES: [&str; 13] = [
     "raw",
+    "raw-mux",
+    "rslock",
     "naive",
     "engine",
     "engine-off",
@@ -179,6 +183,60 @@ fn build(mode: &str, runtime: &Runtime, server: Option<&RedisServer>) -> Op {
                         .invoke_async(&mut connection)
                         .await;
                     matches!(deleted, Ok(1))
+                }
+            })
+        }
+        "raw-mux" => {
+            let connection = runtime.block_on(async {
+                redis::Client::open(url())
+                    .expect("url")
+                    .get_multiplexed_async_connection_with_config(
+                        &redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
+                            .set_response_timeout(Some(std::time::Duration::from_secs(2))),
+                    )
+                    .await
+                    .expect("connect")
+            });
+            let release = Script::new(COMPARE_AND_DELETE);
+            let ttl = TTL.as_millis() as u64;
+            op(move |key: Arc<Key>| {
+                let mut connection = connection.clone();
+                let release = release.clone();
+                async move {
+                    let token = format!("{:032x}", rand::random::<u128>());
+                    let acquired: Result<Option<String>, _> = redis::cmd("SET")
+                        .arg(&key.redis)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ttl)
+                        .query_async(&mut connection)
+                        .await;
+                    if !matches!(acquired, Ok(Some(_))) {
+                        return false;
+                    }
+                    let deleted: Result<i64, _> = release
+                        .key(&key.redis)
+                        .arg(&token)
+                        .invoke_async(&mut connection)
+                        .await;
+                    matches!(deleted, Ok(1))
+                }
+            })
+        }
+        "rslock" => {
+            let manager = rslock::LockManager::new(vec![url()]);
+            op(move |key: Arc<Key>| {
+                let manager = manager.clone();
+                async move {
+                    match manager.lock(key.redis.as_bytes(), TTL).await {
+                        Ok(lock) => {
+                            manager.unlock(&lock).await;
+                            true
+                        }
+                        Err(_) => false,
+                    }
                 }
             })
         }
