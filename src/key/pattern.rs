@@ -35,12 +35,13 @@ use percent_encoding::percent_decode_str;
 
 use super::KeyRejection;
 
-/// A route pattern axum would accept, compiled for matching.
+/// A route pattern axum would accept, compiled for matching. Cheap to clone (shared parts): an
+/// extractor holding one is cloned with its service, which axum does for every request.
 #[derive(Clone)]
 pub(crate) struct Pattern {
     text: Arc<str>,
-    params: Box<[Box<str>]>,
-    matcher: matchit::Router<()>,
+    params: Arc<[Box<str>]>,
+    matcher: Arc<matchit::Router<()>>,
 }
 
 impl std::fmt::Debug for Pattern {
@@ -61,7 +62,7 @@ impl Pattern {
         Ok(Self {
             text: pattern.into(),
             params: params.into_iter().map(Into::into).collect(),
-            matcher,
+            matcher: Arc::new(matcher),
         })
     }
 
@@ -483,6 +484,16 @@ fn axum_params(parts: &Parts) -> Result<Option<(PathParams, &str)>, KeyRejection
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cloned_pattern_shares_its_matcher_and_parameters() {
+        // axum clones a route's service, and so its extractor, for every request: a clone must
+        // not rebuild the matcher's tree or the parameter names.
+        let pattern = Pattern::parse("/accounts/{id}/{op}").unwrap();
+        let clone = pattern.clone();
+        assert!(Arc::ptr_eq(&pattern.matcher, &clone.matcher));
+        assert!(Arc::ptr_eq(&pattern.params, &clone.params));
+    }
 
     #[test]
     fn accepted_patterns_give_their_parameters() {
