@@ -46,7 +46,7 @@ fn an_uncontended_request_without_a_time_driver_does_not_panic() {
 }
 
 #[test]
-#[ignore = "fails: src/wait/mod.rs's timeout_at panics (timers are disabled) on a runtime without enable_time; pre-existing (issue 9), not issue 11"]
+#[ignore = "fails: src/wait/mod.rs's timeout_at panics (timers are disabled) on a runtime without enable_time; documented in the README (Semantics: the layer needs Tokio's timer); pre-existing (issue 9), not issue 11"]
 fn a_waiting_request_without_a_time_driver_does_not_panic() {
     let backend = MemoryBackend::new();
     let layer = LockLayer::new(backend, Header::new("x-key")).wait(Duration::from_millis(50));
