@@ -28,6 +28,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/raw_pair.rs"]
+mod raw_pair;
 
 #[path = "concurrency/alloc.rs"]
 #[allow(dead_code)]
@@ -40,6 +42,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use redis::Script;
+use redis::aio::ConnectionLike;
 use tokio::runtime::Runtime;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_lock::backend::Release;
@@ -53,12 +56,6 @@ static ALLOCATOR: alloc::CountingAllocator = alloc::CountingAllocator;
 
 const X_KEY: HeaderName = HeaderName::from_static("x-key");
 const TTL: Duration = Duration::from_secs(10);
-const COMPARE_AND_DELETE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
 const MODES: [&str; 13] = [
     "raw",
     "raw-mux",
@@ -112,6 +109,21 @@ where
     Arc::new(move |key| Box::pin(f(key)))
 }
 
+/// The hand-rolled pair ([`raw_pair::lock_unlock`]) on `connection`.
+fn raw<C: ConnectionLike + Clone + 'static>(connection: C) -> Op {
+    let release = Script::new(raw_pair::COMPARE_AND_DELETE);
+    let ttl = TTL.as_millis() as u64;
+    op(move |key: Arc<Key>| {
+        let mut connection = connection.clone();
+        let release = release.clone();
+        async move {
+            let token = format!("{:032x}", rand::random::<u128>());
+            let pair = raw_pair::lock_unlock(&mut connection, &release, &key.redis, &token, ttl);
+            matches!(pair.await, Ok(true))
+        }
+    })
+}
+
 /// The pair of `mode`, built on `server` when it needs Redis.
 fn build(mode: &str, runtime: &Runtime, server: Option<&RedisServer>) -> Op {
     let url = || server.expect("a redis-server").url();
@@ -159,32 +171,7 @@ fn build(mode: &str, runtime: &Runtime, server: Option<&RedisServer>) -> Op {
                     .await
                     .expect("connect")
             });
-            let release = Script::new(COMPARE_AND_DELETE);
-            let ttl = TTL.as_millis() as u64;
-            op(move |key: Arc<Key>| {
-                let mut connection = connection.clone();
-                let release = release.clone();
-                async move {
-                    let token = format!("{:032x}", rand::random::<u128>());
-                    let acquired: Result<Option<String>, _> = redis::cmd("SET")
-                        .arg(&key.redis)
-                        .arg(&token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(ttl)
-                        .query_async(&mut connection)
-                        .await;
-                    if !matches!(acquired, Ok(Some(_))) {
-                        return false;
-                    }
-                    let deleted: Result<i64, _> = release
-                        .key(&key.redis)
-                        .arg(&token)
-                        .invoke_async(&mut connection)
-                        .await;
-                    matches!(deleted, Ok(1))
-                }
-            })
+            raw(connection)
         }
         "raw-mux" => {
             let connection = runtime.block_on(async {
@@ -198,32 +185,7 @@ fn build(mode: &str, runtime: &Runtime, server: Option<&RedisServer>) -> Op {
                     .await
                     .expect("connect")
             });
-            let release = Script::new(COMPARE_AND_DELETE);
-            let ttl = TTL.as_millis() as u64;
-            op(move |key: Arc<Key>| {
-                let mut connection = connection.clone();
-                let release = release.clone();
-                async move {
-                    let token = format!("{:032x}", rand::random::<u128>());
-                    let acquired: Result<Option<String>, _> = redis::cmd("SET")
-                        .arg(&key.redis)
-                        .arg(&token)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(ttl)
-                        .query_async(&mut connection)
-                        .await;
-                    if !matches!(acquired, Ok(Some(_))) {
-                        return false;
-                    }
-                    let deleted: Result<i64, _> = release
-                        .key(&key.redis)
-                        .arg(&token)
-                        .invoke_async(&mut connection)
-                        .await;
-                    matches!(deleted, Ok(1))
-                }
-            })
+            raw(connection)
         }
         "rslock" => {
             let manager = rslock::LockManager::new(vec![url()]);

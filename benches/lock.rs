@@ -31,6 +31,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/raw_pair.rs"]
+mod raw_pair;
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -48,14 +50,6 @@ use tower_lock::key::Header;
 use tower_lock::{LockLayer, MemoryBackend, RedisBackend};
 
 const KEY: &str = "bench";
-
-/// The compare-and-delete a hand-rolled lock needs (the same check the layer's release does).
-const COMPARE_AND_DELETE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
 
 const PING: &str = "baseline/redis_ping_x2";
 const RAW: &str = "raw_redis/set_nx_px+del";
@@ -185,29 +179,21 @@ fn main() {
     // A hand-rolled lock: SET NX PX, then compare-and-delete (EVALSHA).
     let raw = {
         let connection = runtime.block_on(manager(&url));
-        let release = Script::new(COMPARE_AND_DELETE);
+        let release = Script::new(raw_pair::COMPARE_AND_DELETE);
         move || {
             let mut connection = connection.clone();
             let release = release.clone();
             async move {
                 let token = LockToken::random().to_hex();
-                let acquired: Option<String> = redis::cmd("SET")
-                    .arg("raw-lock:{bench}")
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(10_000)
-                    .query_async(&mut connection)
-                    .await
-                    .expect("SET NX PX");
-                assert!(acquired.is_some(), "the raw lock was held");
-                let deleted: i64 = release
-                    .key("raw-lock:{bench}")
-                    .arg(&token)
-                    .invoke_async(&mut connection)
-                    .await
-                    .expect("compare-and-delete");
-                assert_eq!(deleted, 1);
+                let pair = raw_pair::lock_unlock(
+                    &mut connection,
+                    &release,
+                    "raw-lock:{bench}",
+                    &token,
+                    10_000,
+                );
+                let locked_and_released = pair.await.expect("SET NX PX, then compare-and-delete");
+                assert!(locked_and_released, "the raw lock was held, or not deleted");
             }
         }
     };

@@ -38,6 +38,8 @@ mod common;
 
 #[path = "../../examples/support/demo.rs"]
 mod demo;
+#[path = "../support/raw_pair.rs"]
+mod raw_pair;
 
 mod alloc;
 mod backends;

@@ -24,17 +24,10 @@ use tower_lock::{LockLayer, Locks, RedisBackend};
 use crate::alloc::Counter;
 use crate::common::RedisServer;
 use crate::probe::{self, CommandSplit, Monitor, RedisStats};
+use crate::raw_pair::{COMPARE_AND_DELETE, lock_unlock};
 use crate::{Config, median};
 
 pub const X_KEY: HeaderName = HeaderName::from_static("x-key");
-
-/// The compare-and-delete a hand-rolled lock needs: the same check as the layer's release.
-pub const COMPARE_AND_DELETE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
 
 /// The lock lease every contender asks for.
 pub const TTL: Duration = Duration::from_secs(10);
@@ -334,23 +327,8 @@ pub fn contenders(runtime: &Runtime) -> Vec<Contender> {
                     let release = release.clone();
                     async move {
                         let token = token();
-                        let acquired: Result<Option<String>, _> = redis::cmd("SET")
-                            .arg(&key.redis)
-                            .arg(&token)
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(ttl)
-                            .query_async(&mut connection)
-                            .await;
-                        if !matches!(acquired, Ok(Some(_))) {
-                            return false;
-                        }
-                        let deleted: Result<i64, _> = release
-                            .key(&key.redis)
-                            .arg(&token)
-                            .invoke_async(&mut connection)
-                            .await;
-                        matches!(deleted, Ok(1))
+                        let pair = lock_unlock(&mut connection, &release, &key.redis, &token, ttl);
+                        matches!(pair.await, Ok(true))
                     }
                 })
             },
