@@ -634,6 +634,25 @@ async fn reset_stats(cluster: &RedisCluster, port: u16) {
         .unwrap();
 }
 
+/// A task waiting up to `max_wait` for `key` on `locks`.
+fn spawn_waiter<B: LockBackend>(
+    locks: &Locks<B>,
+    key: &str,
+    max_wait: Duration,
+) -> tokio::task::JoinHandle<Result<tower_lock::Lock<B>, TryLockError>> {
+    let locks = locks.clone();
+    let key = LockKey::new(key);
+    tokio::spawn(async move { locks.lock(&key, max_wait).await })
+}
+
+/// Whether, within 10 s, one sharded subscriber to `key`'s wake-ups shows on node `port`.
+async fn subscribed_on(cluster: &RedisCluster, port: u16, key: &str) -> bool {
+    eventually(Duration::from_secs(10), async || {
+        shard_subscribers(cluster, port, key).await == 1
+    })
+    .await
+}
+
 /// Sharded subscribers of `key`'s wake-up channel on `port` (`PUBSUB SHARDNUMSUB`).
 async fn shard_subscribers(cluster: &RedisCluster, port: u16, key: &str) -> i64 {
     let Ok(mut connection) = cluster
@@ -685,18 +704,9 @@ async fn woken_by_the_release(
     key: &str,
 ) -> Duration {
     let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
-    let waiter = tokio::spawn({
-        let locks = locks.clone();
-        let key = LockKey::new(key);
-        async move { locks.lock(&key, Duration::from_secs(20)).await }
-    });
+    let waiter = spawn_waiter(locks, key, Duration::from_secs(20));
     assert!(
-        eventually(Duration::from_secs(10), async || shard_subscribers(
-            cluster, port, key
-        )
-        .await
-            == 1)
-        .await,
+        subscribed_on(cluster, port, key).await,
         "{key}: no sharded subscriber on its primary {port}"
     );
     // Once subscribed, the waiter sleeps until the holder's lease ends: a polling waiter (10–50 ms)
@@ -767,13 +777,8 @@ async fn waiters_survive_the_sharded_subscriber_being_killed() {
     let locks = engine(&fixture).ttl(Duration::from_secs(30));
     let (port, key) = key_per_primary(cluster, "killed").await.remove(0);
     let holder = locks.try_lock(&LockKey::new(&key)).await.unwrap();
-    let waiter = tokio::spawn({
-        let locks = locks.clone();
-        let key = LockKey::new(&key);
-        async move { locks.lock(&key, Duration::from_secs(20)).await }
-    });
-    let subscribed = async || shard_subscribers(cluster, port, &key).await == 1;
-    assert!(eventually(Duration::from_secs(10), subscribed).await);
+    let waiter = spawn_waiter(&locks, &key, Duration::from_secs(20));
+    assert!(subscribed_on(cluster, port, &key).await);
     let mut connection = cluster.node(port).connection().await;
     let killed: i64 = redis::cmd("CLIENT")
         .arg("KILL")
@@ -784,7 +789,7 @@ async fn waiters_survive_the_sharded_subscriber_being_killed() {
         .unwrap();
     assert_eq!(killed, 1, "the sharded subscriber's connection");
     assert!(
-        eventually(Duration::from_secs(10), subscribed).await,
+        subscribed_on(cluster, port, &key).await,
         "not subscribed again"
     );
     // Confirmed again: the waiter sleeps instead of polling.
@@ -826,22 +831,8 @@ async fn a_waiter_follows_its_slot_to_the_new_primary_in_a_manual_failover() {
     let old = cluster.primary_of_slot(slot).await;
     let replica = replica_of(&cluster, old).await;
     let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
-    let waiter = tokio::spawn({
-        let locks = locks.clone();
-        async move {
-            locks
-                .lock(&LockKey::new(key), Duration::from_secs(25))
-                .await
-        }
-    });
-    assert!(
-        eventually(Duration::from_secs(10), async || shard_subscribers(
-            &cluster, old, key
-        )
-        .await
-            == 1)
-        .await
-    );
+    let waiter = spawn_waiter(&locks, key, Duration::from_secs(25));
+    assert!(subscribed_on(&cluster, old, key).await);
     let mut connection = cluster.node(replica).connection().await;
     let () = redis::cmd("CLUSTER")
         .arg("FAILOVER")
@@ -930,21 +921,9 @@ async fn after_a_primary_failover_waiters_are_pushed_again() {
     let slot = cluster.slot(lock_name(key).lock_key()).await;
     let doomed = cluster.primary_of_slot(slot).await;
     let holder = locks.try_lock(&LockKey::new(key)).await.unwrap();
-    let waiter = tokio::spawn({
-        let locks = locks.clone();
-        async move {
-            locks
-                .lock(&LockKey::new(key), Duration::from_secs(25))
-                .await
-        }
-    });
+    let waiter = spawn_waiter(&locks, key, Duration::from_secs(25));
     assert!(
-        eventually(Duration::from_secs(10), async || shard_subscribers(
-            &cluster, doomed, key
-        )
-        .await
-            == 1)
-        .await,
+        subscribed_on(&cluster, doomed, key).await,
         "no sharded subscriber on {doomed}"
     );
     // The replica has the lock and its counter (the only keys in this cluster).
