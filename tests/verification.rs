@@ -35,6 +35,19 @@ async fn pause(ms: u64) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+/// Kills every client connection of the node `admin` is connected to, except `admin` itself.
+async fn kill_client_connections(admin: &mut impl redis::aio::ConnectionLike) {
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(admin)
+        .await
+        .expect("CLIENT KILL");
+}
+
 /// The checker itself: without the lock, the same load must show overlaps and lost updates
 /// (so a passing scenario means something).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,15 +178,7 @@ async fn client_kill_of_the_servers_connections() {
                 let mut admin = world.admin().await;
                 for _ in 0..3 {
                     pause(500).await;
-                    let _: i64 = redis::cmd("CLIENT")
-                        .arg("KILL")
-                        .arg("TYPE")
-                        .arg("normal")
-                        .arg("SKIPME")
-                        .arg("yes")
-                        .query_async(&mut admin)
-                        .await
-                        .expect("CLIENT KILL");
+                    kill_client_connections(&mut admin).await;
                     world.fault_ended();
                 }
                 pause(1000).await;
@@ -808,15 +813,7 @@ mod cluster {
                             let Some(mut admin) = world.node_admin(i).await else {
                                 continue;
                             };
-                            let _: i64 = redis::cmd("CLIENT")
-                                .arg("KILL")
-                                .arg("TYPE")
-                                .arg("normal")
-                                .arg("SKIPME")
-                                .arg("yes")
-                                .query_async(&mut admin)
-                                .await
-                                .expect("CLIENT KILL");
+                            kill_client_connections(&mut admin).await;
                         }
                         world.fault_ended();
                     }
