@@ -705,3 +705,41 @@ mod multi_node_tls {
         says_tls(&backend_unavailable(untrusting.build().unwrap()).await);
     }
 }
+
+/// The harness's own promise for TLS fixtures: a `--tls-port` another process took between its
+/// pick and the server's start is picked again for the next attempt. Before, the TLS port was
+/// chosen once and every retry met the same taken port (a TLS cluster test failed in CI with
+/// "redis-server exited early" ten times).
+#[test]
+fn a_tls_port_taken_before_the_start_is_picked_again() {
+    let pki = common::tls::Pki::generate("taken");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+    let taken_port = taken.local_addr().expect("its address").port();
+    let attempts = std::cell::Cell::new(0);
+    let server = RedisServer::start_with_each(|| {
+        attempts.set(attempts.get() + 1);
+        let port = if attempts.get() == 1 {
+            taken_port
+        } else {
+            let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+            free.local_addr().expect("its address").port()
+        };
+        let path = |path: std::path::PathBuf| path.to_str().expect("utf-8").to_owned();
+        vec![
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            path(pki.cert_file()),
+            "--tls-key-file".to_owned(),
+            path(pki.key_file()),
+            "--tls-ca-cert-file".to_owned(),
+            path(pki.ca_file()),
+        ]
+    });
+    assert!(
+        attempts.get() >= 2,
+        "the taken port failed the first attempt"
+    );
+    let used = server.arg_port("--tls-port").expect("a TLS port");
+    assert_ne!(used, taken_port);
+}

@@ -46,20 +46,20 @@ impl RedisCluster {
             node_timeout_ms,
             |_| Vec::new(),
             &[],
-            None,
+            false,
         )
     }
 
-    /// A cluster whose nodes listen for TLS on `tls_ports[i]` besides their plain harness port,
-    /// talk TLS to one another (`node_args` must say `--tls-cluster yes` and give the
-    /// certificates), and are joined by `redis-cli` over TLS (`cli_args`: `--tls --cacert …`).
+    /// A cluster whose nodes listen for TLS on the `--tls-port` `node_args` gives them besides
+    /// their plain harness port (a new one for each attempt to start a node), talk TLS to one
+    /// another (`node_args` must say `--tls-cluster yes` and give the certificates), and are
+    /// joined by `redis-cli` over TLS, on their TLS ports (`cli_args`: `--tls --cacert …`).
     pub fn start_tls(
         primaries: usize,
-        tls_ports: &[u16],
         node_args: impl Fn(usize) -> Vec<String>,
         cli_args: &[String],
     ) -> Self {
-        Self::start_inner(primaries, 0, 5000, node_args, cli_args, Some(tls_ports))
+        Self::start_inner(primaries, 0, 5000, node_args, cli_args, true)
     }
 
     fn start_inner(
@@ -68,36 +68,43 @@ impl RedisCluster {
         node_timeout_ms: u64,
         node_args: impl Fn(usize) -> Vec<String>,
         cli_args: &[String],
-        create_ports: Option<&[u16]>,
+        over_tls: bool,
     ) -> Self {
         let timeout = node_timeout_ms.to_string();
         let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
             .map(|i| {
-                let mut args: Vec<String> = [
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    &timeout,
-                    // A replica always may take over, however long its link was down.
-                    "--cluster-replica-validity-factor",
-                    "0",
-                ]
-                .iter()
-                .map(|arg| arg.to_string())
-                .collect();
-                args.extend(node_args(i));
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                RedisServer::start_with(&args)
+                // `node_args` runs again for each attempt: a TLS port of its own is new each time.
+                RedisServer::start_with_each(|| {
+                    let mut args: Vec<String> = [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        &timeout,
+                        // A replica always may take over, however long its link was down.
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ]
+                    .iter()
+                    .map(|arg| arg.to_string())
+                    .collect();
+                    args.extend(node_args(i));
+                    args
+                })
             })
             .collect();
         let watchdog = watchdog(&nodes);
         let cluster = Self { nodes, watchdog };
         let mut create = Command::new("redis-cli");
         create.args(cli_args).arg("--cluster").arg("create");
-        for (i, node) in cluster.nodes.iter().enumerate() {
-            let port = create_ports.map_or(node.port(), |ports| ports[i]);
+        for node in &cluster.nodes {
+            let port = if over_tls {
+                node.arg_port("--tls-port")
+                    .expect("a TLS node has a --tls-port")
+            } else {
+                node.port()
+            };
             create.arg(format!("127.0.0.1:{port}"));
         }
         let output = create

@@ -56,6 +56,14 @@ impl RedisServer {
     /// A fresh server without persistence, configured further by `args`: `redis-server`
     /// command-line options (`["--maxmemory-policy", "allkeys-lru"]`), which take precedence.
     pub fn start_with(args: &[&str]) -> Self {
+        Self::start_with_each(|| args.iter().map(|arg| arg.to_string()).collect())
+    }
+
+    /// As [`start_with`](Self::start_with), with the arguments of each attempt made by `args`:
+    /// a port among them (`--tls-port`, whose cluster bus is that port + 10000) is picked again
+    /// for the next attempt, so that a port another test took between its pick and the start
+    /// does not fail every attempt. [`arg_port`](Self::arg_port) reads the one that was used.
+    pub fn start_with_each(args: impl Fn() -> Vec<String>) -> Self {
         let mut last_error = String::new();
         for _ in 0..10 {
             let port = free_port();
@@ -72,8 +80,8 @@ impl RedisServer {
                 dir,
                 args: NO_PERSISTENCE
                     .iter()
-                    .chain(args)
                     .map(|s| s.to_string())
+                    .chain(args())
                     .collect(),
                 child: None,
             };
@@ -83,6 +91,12 @@ impl RedisServer {
             }
         }
         panic!("could not start redis-server: {last_error}");
+    }
+
+    /// The port this server was started with for `flag` (`"--tls-port"`), if it was given one.
+    pub fn arg_port(&self, flag: &str) -> Option<u16> {
+        let at = self.args.iter().rposition(|arg| arg == flag)?;
+        self.args.get(at + 1)?.parse().ok()
     }
 
     fn spawn(&mut self) -> Result<(), String> {

@@ -113,6 +113,13 @@ fn tls_files(pki: &Pki) -> Vec<String> {
 }
 
 /// `rediss://127.0.0.1:PORT/` for each of `ports`, with `userinfo@` when given.
+/// The TLS port `server` was started with.
+fn tls_port(server: &RedisServer) -> u16 {
+    server
+        .arg_port("--tls-port")
+        .expect("a server started with --tls-port")
+}
+
 fn tls_urls(ports: &[u16], userinfo: Option<&str>) -> Vec<String> {
     let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
     ports
@@ -134,22 +141,19 @@ pub struct TlsCluster {
 impl TlsCluster {
     pub fn start() -> Self {
         let pki = Pki::generate("cluster");
-        // The bus port is the TLS port + 10000: keep both under 65536.
-        let tls_ports: Vec<u16> = (0..3)
-            .map(|_| {
-                loop {
-                    let port = free_port();
-                    if port < 55_000 {
-                        break port;
-                    }
-                }
-            })
-            .collect();
         let files = tls_files(&pki);
-        let node_args = |i: usize| {
+        // A TLS port for each attempt to start a node (see `RedisServer::start_with_each`). The
+        // bus port is the TLS port + 10000: keep both under 65536.
+        let node_args = |_: usize| {
+            let tls_port = loop {
+                let port = free_port();
+                if port < 55_000 {
+                    break port;
+                }
+            };
             let mut args = vec![
                 "--tls-port".to_owned(),
-                tls_ports[i].to_string(),
+                tls_port.to_string(),
                 "--tls-cluster".to_owned(),
                 "yes".to_owned(),
                 "--tls-replication".to_owned(),
@@ -160,7 +164,8 @@ impl TlsCluster {
         };
         let ca = pki.ca_file().to_str().expect("utf-8 temp path").to_owned();
         let cli = ["--tls".to_owned(), "--cacert".to_owned(), ca];
-        let cluster = RedisCluster::start_tls(3, &tls_ports, node_args, &cli);
+        let cluster = RedisCluster::start_tls(3, node_args, &cli);
+        let tls_ports = cluster.nodes.iter().map(tls_port).collect();
         Self {
             cluster,
             tls_ports,
@@ -190,18 +195,17 @@ impl TlsNodes {
     pub fn start_with(n: usize, extra: &[&str]) -> Self {
         let pki = Pki::generate("redlock");
         let files = tls_files(&pki);
-        let mut tls_ports = Vec::new();
-        let servers = (0..n)
+        let servers: Vec<RedisServer> = (0..n)
             .map(|_| {
-                let port = free_port();
-                tls_ports.push(port);
-                let mut args = vec!["--tls-port".to_owned(), port.to_string()];
-                args.extend(files.iter().cloned());
-                args.extend(extra.iter().map(|arg| arg.to_string()));
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                RedisServer::start_with(&args)
+                RedisServer::start_with_each(|| {
+                    let mut args = vec!["--tls-port".to_owned(), free_port().to_string()];
+                    args.extend(files.iter().cloned());
+                    args.extend(extra.iter().map(|arg| arg.to_string()));
+                    args
+                })
             })
             .collect();
+        let tls_ports = servers.iter().map(tls_port).collect();
         Self {
             servers,
             tls_ports,
@@ -226,26 +230,26 @@ pub struct TlsRedis {
 impl TlsRedis {
     pub fn start(args: &[&str]) -> Self {
         let pki = Pki::generate("server");
-        let tls_port = free_port();
         let path = |path: &Path| path.to_str().expect("utf-8 temp path").to_owned();
-        let mut all = vec![
-            "--tls-port".to_owned(),
-            tls_port.to_string(),
-            "--tls-cert-file".to_owned(),
-            path(&pki.cert_file()),
-            "--tls-key-file".to_owned(),
-            path(&pki.key_file()),
-            "--tls-ca-cert-file".to_owned(),
-            path(&pki.ca_file()),
-            "--tls-auth-clients".to_owned(),
-            "no".to_owned(),
-        ];
-        all.extend(args.iter().map(|arg| arg.to_string()));
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let server = RedisServer::start_with(&all);
+        let server = RedisServer::start_with_each(|| {
+            let mut all = vec![
+                "--tls-port".to_owned(),
+                free_port().to_string(),
+                "--tls-cert-file".to_owned(),
+                path(&pki.cert_file()),
+                "--tls-key-file".to_owned(),
+                path(&pki.key_file()),
+                "--tls-ca-cert-file".to_owned(),
+                path(&pki.ca_file()),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ];
+            all.extend(args.iter().map(|arg| arg.to_string()));
+            all
+        });
         Self {
+            tls_port: tls_port(&server),
             server,
-            tls_port,
             pki,
         }
     }
