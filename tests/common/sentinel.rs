@@ -32,12 +32,13 @@ pub struct SentinelProcess {
 impl SentinelProcess {
     /// A sentinel on a free port monitoring `primary_port` as [`MASTER`].
     fn start(primary_port: u16) -> Self {
-        Self::start_configured(primary_port, 2, "")
+        Self::start_configured(primary_port, 2, String::new)
     }
 
-    /// A sentinel monitoring `primary_port` with `quorum`, `extra` appended to its config
-    /// (TLS settings, say).
-    pub fn start_configured(primary_port: u16, quorum: u32, extra: &str) -> Self {
+    /// A sentinel monitoring `primary_port` with `quorum`, `extra()` appended to its config (TLS
+    /// settings, say). `extra` runs again for each attempt: a port it names (`tls-port`) is
+    /// picked again when an attempt fails.
+    pub fn start_configured(primary_port: u16, quorum: u32, extra: impl Fn() -> String) -> Self {
         let mut last_error = String::new();
         for _ in 0..10 {
             let port = free_port();
@@ -58,7 +59,8 @@ impl SentinelProcess {
                      sentinel down-after-milliseconds {MASTER} 1000\n\
                      sentinel failover-timeout {MASTER} 3000\n\
                      sentinel parallel-syncs {MASTER} 1\n{extra}",
-                    dir = dir.display()
+                    dir = dir.display(),
+                    extra = extra(),
                 ),
             )
             .expect("write sentinel.conf");

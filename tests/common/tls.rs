@@ -275,23 +275,28 @@ pub struct TlsSentinel {
 impl TlsSentinel {
     pub fn start() -> Self {
         let primary = TlsRedis::start(&[]);
-        let tls_port = free_port();
         let pki = &primary.pki;
         let path = |path: PathBuf| path.to_str().expect("utf-8 temp path").to_owned();
-        let extra = format!(
-            "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
-             tls-auth-clients no\ntls-replication yes\n",
-            path(pki.cert_file()),
-            path(pki.key_file()),
-            path(pki.ca_file()),
-        );
+        // A TLS port for each attempt; the last one picked is the one the sentinel started on.
+        let tls_port = std::cell::Cell::new(0);
+        let extra = || {
+            tls_port.set(free_port());
+            format!(
+                "tls-port {}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                 tls-auth-clients no\ntls-replication yes\n",
+                tls_port.get(),
+                path(pki.cert_file()),
+                path(pki.key_file()),
+                path(pki.ca_file()),
+            )
+        };
         // The sentinel monitors the primary's TLS port (quorum 1: it is alone).
         let sentinel =
-            super::sentinel::SentinelProcess::start_configured(primary.tls_port, 1, &extra);
+            super::sentinel::SentinelProcess::start_configured(primary.tls_port, 1, extra);
         Self {
             primary,
             sentinel,
-            tls_port,
+            tls_port: tls_port.get(),
         }
     }
 
